@@ -1,0 +1,313 @@
+"""inlet → stream → outlet over the simulator's real responses, as Open WebUI 0.12.4 calls them,
+checked against the ledger on both engines."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from openrouter_sim import OpenRouterSimulator
+from tests.conftest import EmitterRecorder, HookDriver
+from tests.unit.helpers import answer_text, as_owui_json, complete, outlet_body, stream_events, usage_from_events
+
+PICO = Decimal("1e-12")
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[OpenRouterSimulator]:
+    with OpenRouterSimulator() as simulator:
+        yield simulator
+
+
+def rows(plugin: types.ModuleType, url: str) -> list[dict[str, Any]]:
+    ledger = plugin.ledger_for(url)
+    ledger.ensure_schema()
+    with ledger.engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.select(plugin.ledger_table).order_by("id"))]
+
+
+def spend_of(sim: OpenRouterSimulator, *generation_ids: str) -> int:
+    total = sum((sim.generations[g].spend for g in generation_ids), Decimal(0))
+    return int(total / PICO)
+
+
+async def streamed_turn(
+    driver: HookDriver,
+    sim: OpenRouterSimulator,
+    text: str,
+    *,
+    chat_id: str = "chat-1",
+    message_id: str = "msg-1",
+    emitter: EmitterRecorder | None = None,
+    model: str = "openai/gpt-4o-mini",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    request = {"model": model, "stream": True, "messages": [{"role": "user", "content": text}]}
+    metadata = {"chat_id": chat_id, "message_id": message_id, "session_id": "s-1"}
+    sent = dict(request)
+    captured: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        body = await driver.call("inlet", sent, __metadata__=metadata, __model__=driver.model, __user__=driver.user)
+        captured.extend(stream_events(sim, body))
+        for chunk in captured:
+            await driver.call("stream", chunk, __metadata__=metadata)
+        outlet = outlet_body(request, answer_text(captured), usage_from_events(captured),
+                             message_id=message_id, chat_id=chat_id)
+        await driver.call("outlet", outlet, __metadata__=metadata, __user__=driver.user,
+                          __event_emitter__=emitter)
+
+    await run()
+    return sent, captured
+
+
+@pytest.mark.parametrize("shape", ["A", "B", "C"])
+async def test_every_streamed_usage_shape_is_recorded_exactly(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator, shape: str
+) -> None:
+    driver = HookDriver(plugin, valves={"database_url": database_url})
+    emitter = EmitterRecorder()
+    _, events = await streamed_turn(driver, sim, f"Explain WAL mode [sim:shape={shape}]", emitter=emitter)
+    generation_id = events[0]["id"]
+    (row,) = rows(plugin, database_url)
+    generation = sim.generations[generation_id]
+    assert row["message_id"] == "msg-1" and row["chat_id"] == "chat-1"
+    assert row["generation_ids"] == f'["{generation_id}"]'
+    assert row["cost_pico"] == int(generation.cost / PICO) == row["spend_pico"]
+    assert row["prompt_tokens"] == generation.usage["prompt_tokens"]
+    assert row["completion_tokens"] == generation.usage["completion_tokens"]
+    assert row["total_tokens"] == generation.usage["total_tokens"]
+    assert (row["provider"], row["served_model"], row["model"]) == ("OpenAI", "openai/gpt-4o-mini",
+                                                                    "openai/gpt-4o-mini")
+    assert row["user_id"] == "user-1" and row["user_name"] == "Ada" and row["status"] == "ok"
+    assert row["ttft_ms"] is not None and row["latency_ms"] >= row["ttft_ms"]
+    assert '"prompt_tokens_details"' in row["usage_json"]
+    (line,) = emitter.statuses
+    assert line.startswith("openai/gpt-4o-mini · OpenAI · ")
+    assert plugin.format_usd(row["spend_pico"]) in line
+    assert emitter.events[0]["data"]["done"] is True
+
+
+async def test_non_streaming_completion_is_recorded_from_the_outlet_alone(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
+) -> None:
+    driver = HookDriver(plugin, valves={"database_url": database_url})
+    request = {"model": "anthropic/claude-sonnet-4.5", "stream": False,
+               "messages": [{"role": "user", "content": "Say hi"}]}
+    metadata: dict[str, Any] = {"chat_id": "", "message_id": None, "session_id": None}
+    body = await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
+    assert "stream_options" not in body
+    response = as_owui_json(complete(sim, body).json())
+    outlet = outlet_body(request, response["choices"][0]["message"]["content"], response["usage"],
+                         message_id="msg_api_1", chat_id="")
+    await driver.call("outlet", outlet, __metadata__=metadata, __user__=driver.user, __event_emitter__=None)
+    (row,) = rows(plugin, database_url)
+    assert row["message_id"] == "msg_api_1" and row["chat_id"] == ""
+    assert row["spend_pico"] == spend_of(sim, response["id"])
+    assert row["generation_ids"] == "[]"  # non-streaming outlets carry no generation id
+
+
+async def test_byok_spend_adds_upstream_cost_and_non_byok_never_does(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
+) -> None:
+    driver = HookDriver(plugin, valves={"database_url": database_url})
+    _, byok_events = await streamed_turn(driver, sim, "Use my key [sim:byok]", message_id="m-byok")
+    _, plain_events = await streamed_turn(driver, sim, "Use credits", message_id="m-plain")
+    by_id = {r["message_id"]: r for r in rows(plugin, database_url)}
+    byok = sim.generations[byok_events[0]["id"]]
+    plain = sim.generations[plain_events[0]["id"]]
+    assert byok.is_byok and by_id["m-byok"]["is_byok"]
+    assert by_id["m-byok"]["spend_pico"] == int((byok.cost + byok.upstream_inference_cost) / PICO)
+    assert by_id["m-byok"]["upstream_cost_pico"] == int(byok.upstream_inference_cost / PICO)
+    assert plain.upstream_inference_cost == plain.cost  # filled on non-BYOK too, since early 2026
+    assert by_id["m-plain"]["spend_pico"] == int(plain.cost / PICO)
+
+
+async def test_tool_rounds_keep_every_generation_id_and_sum_exactly(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
+) -> None:
+    driver = HookDriver(plugin, valves={"database_url": database_url})
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    request = {"model": "openai/gpt-4o", "stream": True, "tools": tools,
+               "messages": [{"role": "user", "content": "What time is it? [sim:tool-call]"}]}
+    metadata: dict[str, Any] = {"chat_id": "chat-t", "message_id": "msg-t"}
+    body = await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
+    first = stream_events(sim, body)
+    call = next(c["choices"][0]["delta"]["tool_calls"][0] for c in first
+                if c.get("choices") and c["choices"][0]["delta"].get("tool_calls"))
+    follow_up = {**body, "messages": [*body["messages"],
+                                      {"role": "assistant", "content": "", "tool_calls": [call]},
+                                      {"role": "tool", "tool_call_id": call["id"], "content": "12:00"}]}
+    second = stream_events(sim, follow_up)
+    for chunk in [*first, *second]:
+        await driver.call("stream", chunk, __metadata__=metadata)
+    outlet = outlet_body(request, answer_text(second), usage_from_events([*first, *second]),
+                         message_id="msg-t", chat_id="chat-t")
+    await driver.call("outlet", outlet, __metadata__=metadata, __user__=driver.user)
+    (row,) = rows(plugin, database_url)
+    ids = [first[0]["id"], second[0]["id"]]
+    assert ids[0] != ids[1]
+    assert row["generation_ids"] == f'["{ids[0]}", "{ids[1]}"]'
+    assert row["spend_pico"] == spend_of(sim, *ids)
+    assert row["prompt_tokens"] == sum(sim.generations[g].usage["prompt_tokens"] for g in ids)
+
+
+async def test_a_second_outlet_for_the_same_message_never_double_counts(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
+) -> None:
+    driver = HookDriver(plugin, valves={"database_url": database_url})
+    emitter = EmitterRecorder()
+    request, events = await streamed_turn(driver, sim, "Hello", emitter=emitter)
+    legacy = outlet_body(request, answer_text(events), usage_from_events(events),
+                         message_id="msg-1", chat_id="chat-1")
+    # POST /api/chat/completed runs the outlet again, in a fresh request with fresh metadata.
+    await driver.call("outlet", legacy, __metadata__={"chat_id": "chat-1", "message_id": "msg-1"},
+                      __user__=driver.user, __event_emitter__=emitter)
+    assert len(rows(plugin, database_url)) == 1
+    assert len(emitter.statuses) == 1
+    # A regenerate is a new message and counts.
+    await streamed_turn(driver, sim, "Hello", message_id="msg-2", emitter=emitter)
+    assert len(rows(plugin, database_url)) == 2
+
+
+async def test_api_calls_without_an_emitter_are_recorded_and_nothing_fails(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
+) -> None:
+    driver = HookDriver(plugin, valves={"database_url": database_url})
+    request = {"model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "API"}]}
+    metadata: dict[str, Any] = {"chat_id": "", "message_id": None, "session_id": None}
+    body = await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
+    assert body["stream_options"] == {"include_usage": True}
+    events = stream_events(sim, body)
+    for chunk in events:
+        await driver.call("stream", chunk, __metadata__=metadata, __event_emitter__=None)
+    outlet = outlet_body(request, answer_text(events), usage_from_events(events), message_id="msg_generated",
+                         chat_id="")
+    await driver.call("outlet", outlet, __metadata__=metadata, __user__=driver.user, __event_emitter__=None)
+    (row,) = rows(plugin, database_url)
+    assert row["message_id"] == "msg_generated" and row["spend_pico"] == spend_of(sim, events[0]["id"])
+
+
+@pytest.mark.parametrize("code", ["502", "server_error"])
+async def test_a_mid_stream_error_marks_the_row_failed_and_keeps_its_usage(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator, code: str
+) -> None:
+    driver = HookDriver(plugin, valves={"database_url": database_url})
+    emitter = EmitterRecorder()
+    _, events = await streamed_turn(
+        driver, sim, f"Fail please [sim:midstream-error={code}] [sim:midstream-error-usage]", emitter=emitter
+    )
+    assert any("error" in e for e in events)
+    (row,) = rows(plugin, database_url)
+    assert row["status"] == "error" and row["error"].startswith(code)
+    assert row["spend_pico"] == spend_of(sim, events[0]["id"])
+    assert "failed:" in emitter.statuses[0]
+
+
+async def test_inlet_asks_openrouter_connections_for_usage(
+    plugin: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stand-in for Open WebUI's config store (open_webui.models.config.Config.get), which the
+    # plugin reads to learn which connection serves the model.
+    class Config:
+        @staticmethod
+        async def get(key: str, default: Any = None) -> Any:
+            return {"openai.api_base_urls": ["https://openrouter.ai/api/v1", "https://api.openai.com/v1"]}[key]
+
+    monkeypatch.setitem(sys.modules, "open_webui.models.config", types.SimpleNamespace(Config=Config))
+    plugin._base_urls_cache = (0.0, [])
+    driver = HookDriver(plugin)
+    openrouter = await driver.call("inlet", {"model": "x", "stream": True, "messages": []},
+                                   __metadata__={}, __model__={"id": "x", "urlIdx": 0})
+    assert openrouter["usage"] == {"include": True}
+    assert openrouter["stream_options"] == {"include_usage": True}
+    other = await driver.call("inlet", {"model": "y", "stream": False, "messages": []},
+                              __metadata__={}, __model__={"id": "y", "urlIdx": 1})
+    assert "usage" not in other and "stream_options" not in other
+
+
+async def test_other_connections_are_recorded_only_when_asked(
+    plugin: types.ModuleType, data_dir: Any
+) -> None:
+    url = f"sqlite:///{data_dir / 'l.sqlite3'}"
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    body = outlet_body({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}, "hello", usage,
+                       message_id="m-local", chat_id="c")
+    await HookDriver(plugin, valves={"database_url": url}).call("outlet", body, __metadata__={})
+    assert rows(plugin, url) == []
+    await HookDriver(plugin, valves={"database_url": url, "record_all_models": True}).call(
+        "outlet", body, __metadata__={})
+    (row,) = rows(plugin, url)
+    assert row["total_tokens"] == 15 and row["cost_pico"] is None and row["spend_pico"] == 0
+
+
+async def test_the_usage_line_shows_the_chat_total_of_both_turns(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
+) -> None:
+    driver = HookDriver(plugin, valves={"database_url": database_url})
+    emitter = EmitterRecorder()
+    request, first = await streamed_turn(driver, sim, "Turn one", message_id="m-1", emitter=emitter)
+    previous = [{"role": "user", "content": "Turn one"},
+                {"id": "m-1", "role": "assistant", "content": answer_text(first)},
+                {"role": "user", "content": "Turn two"}]
+    metadata: dict[str, Any] = {"chat_id": "chat-1", "message_id": "m-2"}
+    request2 = {"model": "openai/gpt-4o-mini", "stream": True, "messages": previous}
+    body = await driver.call("inlet", dict(request2), __metadata__=metadata, __model__=driver.model)
+    second = stream_events(sim, body)
+    for chunk in second:
+        await driver.call("stream", chunk, __metadata__=metadata)
+    await driver.call("outlet", outlet_body(request2, answer_text(second), usage_from_events(second),
+                                            message_id="m-2", chat_id="chat-1", previous=previous),
+                      __metadata__=metadata, __user__=driver.user, __event_emitter__=emitter)
+    total = spend_of(sim, first[0]["id"], second[0]["id"])
+    assert f"chat {plugin.format_usd(total)}" in emitter.statuses[-1]
+
+
+async def test_a_user_can_hide_the_line_and_admins_choose_its_parts(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
+) -> None:
+    hidden = EmitterRecorder()
+    await streamed_turn(HookDriver(plugin, valves={"database_url": database_url},
+                                   user_valves={"show_usage_line": False}), sim, "Hi", emitter=hidden)
+    assert hidden.statuses == []
+    trimmed = EmitterRecorder()
+    valves = {"database_url": database_url, "line_show_provider": False, "line_show_timing": False,
+              "line_show_speed": False, "line_show_chat_total": False, "line_show_today_total": True}
+    await streamed_turn(HookDriver(plugin, valves=valves), sim, "Hi", message_id="m-2", emitter=trimmed)
+    (line,) = trimmed.statuses
+    assert "OpenAI" not in line and " s ·" not in line and "tok/s" not in line and "chat $" not in line
+    assert "today $" in line
+    assert len(rows(plugin, database_url)) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, {}, {"messages": "nonsense"}, {"messages": [None, 3, {"role": "assistant", "usage": "bad"}]}],
+)
+async def test_malformed_bodies_and_missing_users_never_raise(
+    plugin: types.ModuleType, data_dir: Any, body: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    driver = HookDriver(plugin, valves={"database_url": f"sqlite:///{data_dir / 'l.sqlite3'}"})
+    assert await driver.call("inlet", body, __metadata__=None, __model__=None) == body
+    assert await driver.call("stream", body, __metadata__=None) == body
+    assert await driver.call("outlet", body, __metadata__=None, __user__=None) == body
+
+
+async def test_missing_user_and_missing_usage_are_recorded_and_logged(
+    plugin: types.ModuleType, data_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{data_dir / 'l.sqlite3'}"
+    driver = HookDriver(plugin, valves={"database_url": url})
+    metadata: dict[str, Any] = {}
+    await driver.call("stream", {"id": "gen-1-abc", "provider": "OpenAI", "model": "m", "choices": []},
+                      __metadata__=metadata)
+    body = outlet_body({"model": "m", "messages": []}, "x", None, message_id="m-nouser", chat_id="c")
+    await driver.call("outlet", body, __metadata__=metadata, __user__=None)
+    (row,) = rows(plugin, url)
+    assert row["user_id"] == "unknown" and row["total_tokens"] == 0 and row["cost_pico"] is None
+    assert "has no user" in caplog.text and "reported no usage" in caplog.text
