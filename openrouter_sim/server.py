@@ -646,6 +646,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "OpenRouterSim/1.0"
     sys_version = ""
     timeout = 120
+    disable_nagle_algorithm = True  # headers and body are separate writes: avoid 40 ms stalls
 
     _status: int = 0
     _headers_sent: bool = False
@@ -1574,7 +1575,7 @@ class OpenRouterSimulator:
         server = _SimHTTPServer((self.host, self.requested_port), self)
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="openrouter-sim", daemon=True
+            target=server.serve_forever, kwargs={"poll_interval": 0.01}, name="openrouter-sim", daemon=True
         )
         self._thread.start()
         log.info("OpenRouter simulator listening on %s", self.base_url)

@@ -1,10 +1,9 @@
 """
 title: OpenRouter Usage
 author: openrouter-usage
-author_url: https://github.com/openrouter-usage/openrouter-usage
 version: 1.0.0
 license: MIT
-description: Records the exact OpenRouter usage and billed cost of every chat completion in a durable ledger, shows a usage line under each answer, and reports spend to admins.
+description: Exact OpenRouter usage and cost for every chat completion: ledger, usage line, reports.
 required_open_webui_version: 0.10.0
 """
 
@@ -37,9 +36,9 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import csv
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
@@ -350,7 +349,8 @@ def _observe_first_token(state: CaptureState, chunk: dict[str, Any]) -> None:
 def _observe_usage_or_error(state: CaptureState, chunk: dict[str, Any]) -> None:
     raw = chunk.get("usage")
     if isinstance(raw, Mapping):
-        key = chunk.get("id") if isinstance(chunk.get("id"), str) else f"call-{len(state.raw_usages)}"
+        chunk_id = chunk.get("id")
+        key = chunk_id if isinstance(chunk_id, str) else f"call-{len(state.raw_usages)}"
         state.usage_by_generation[key] = parse_usage(raw)
         state.raw_usages.append(raw)
     error = chunk.get("error")
@@ -444,7 +444,9 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
     if not user.get("id"):
         log.warning("openrouter_usage: completion %s has no user; recorded as unknown", message_id)
     if raw is None:
-        log.warning("openrouter_usage: completion %s reported no usage; recorded with zero tokens", message_id)
+        log.warning(
+            "openrouter_usage: completion %s reported no usage; recorded with zero tokens", message_id
+        )
 
     error = state.error
     if not error and message.get("finish_reason") == "error":
@@ -972,9 +974,7 @@ class Ledger:
                 for name, apply in MIGRATIONS:
                     if name not in applied:
                         apply(conn)
-                        conn.execute(
-                            migrations_table.insert(), {"name": name, "applied_at": _utcnow_naive()}
-                        )
+                        conn.execute(migrations_table.insert(), {"name": name, "applied_at": _utcnow_naive()})
                         log.info("openrouter_usage: applied migration %s", name)
             self._schema_ready = True
 
@@ -1000,8 +1000,8 @@ class Ledger:
 
     # ── writes ──
     def write(self, records: Sequence[UsageRecord], zone: ZoneInfo) -> set[str]:
-        """Commit records (and any spooled ones) in one transaction; returns the message ids newly
-        inserted. Raises when the database cannot be written; nothing is then committed."""
+        """Commit records (and any spooled ones) in one transaction; returns the ids of `records`
+        newly inserted. Raises when the database cannot be written; nothing is then committed."""
         self.ensure_schema()
         claimed = self.spool.claim()
         replaying = [record for _, batch in claimed for record in batch]
@@ -1015,9 +1015,12 @@ class Ledger:
         self.spool.release(claimed, replayed=True)
         if replaying:
             log.info("openrouter_usage: replayed %d spooled record(s)", len(replaying))
-        return inserted
+        # A spooled record was already reported as recorded; its later duplicates are duplicates.
+        return inserted - {record.message_id for record in replaying}
 
-    def _insert_records(self, conn: sa.Connection, records: Sequence[UsageRecord], zone: ZoneInfo) -> set[str]:
+    def _insert_records(
+        self, conn: sa.Connection, records: Sequence[UsageRecord], zone: ZoneInfo
+    ) -> set[str]:
         unique: dict[str, UsageRecord] = {}
         for record in records:
             unique.setdefault(record.message_id, record)
@@ -1033,8 +1036,10 @@ class Ledger:
         _apply_rollups(
             conn,
             rollup_increments(
-                ((r.created_at, r.user_id, r.served_model, r.provider, r.message_id, record_measures(r))
-                 for r in fresh),
+                (
+                    (r.created_at, r.user_id, r.served_model, r.provider, r.message_id, record_measures(r))
+                    for r in fresh
+                ),
                 zone,
             ),
         )
@@ -1068,15 +1073,28 @@ class Ledger:
         started = time.monotonic()
         for table, _ in ROLLUP_TABLES:
             conn.execute(table.delete())
-        columns = [ledger_table.c[name] for name in ("created_at", "user_id", "served_model", "provider",
-                                                      "message_id", "status", *MEASURES[2:])]
+        columns = [
+            ledger_table.c[name]
+            for name in (
+                "created_at",
+                "user_id",
+                "served_model",
+                "provider",
+                "message_id",
+                "status",
+                *MEASURES[2:],
+            )
+        ]
         result = conn.execute(sa.select(*columns).order_by(ledger_table.c.id))
         while chunk := result.fetchmany(20_000):
             _apply_rollups(conn, rollup_increments((_measured(row) for row in chunk), zone))
         upsert = _insert(conn, meta_table).values(key="rollup_timezone", value=zone.key)
         conn.execute(upsert.on_conflict_do_update(index_elements=["key"], set_={"value": zone.key}))
-        log.info("openrouter_usage: rollups rebuilt for time zone %s in %.1f s", zone.key,
-                 time.monotonic() - started)
+        log.info(
+            "openrouter_usage: rollups rebuilt for time zone %s in %.1f s",
+            zone.key,
+            time.monotonic() - started,
+        )
 
     def claim_once(self, key: str) -> bool:
         """True for exactly one caller per key, across processes (used for one-time notices)."""
@@ -1137,8 +1155,14 @@ def _measured(row: Any) -> tuple[datetime, str, str, str, str, dict[str, int]]:
     measures = {name: int(mapping[name] or 0) for name in MEASURES[2:]}
     measures["requests"] = 1
     measures["failed"] = 0 if mapping["status"] == "ok" else 1
-    return (mapping["created_at"], mapping["user_id"], mapping["served_model"], mapping["provider"],
-            mapping["message_id"], measures)
+    return (
+        mapping["created_at"],
+        mapping["user_id"],
+        mapping["served_model"],
+        mapping["provider"],
+        mapping["message_id"],
+        measures,
+    )
 
 
 def _utcnow_naive() -> datetime:
@@ -1226,14 +1250,17 @@ class GroupCommitWriter:
     ) -> None:
         log.error(
             "openrouter_usage: ledger %s unavailable (%s); spooling %d record(s) for replay",
-            self.ledger.location, short_error(exc), len(batch),
+            self.ledger.location,
+            short_error(exc),
+            len(batch),
         )
         try:
             self.ledger.spool.append([request.record for request, _ in batch])
         except Exception as spool_exc:
             log.critical(
                 "openrouter_usage: could not spool either (%s); records: %s",
-                short_error(spool_exc), json.dumps([r.record.to_json() for r in batch], default=str),
+                short_error(spool_exc),
+                json.dumps([request.record.to_json() for request, _ in batch], default=str),
             )
             for _, future in batch:
                 future.set_exception(spool_exc)
@@ -1259,7 +1286,8 @@ class GroupCommitWriter:
                     WriteOutcome(
                         kind,
                         self.ledger.chat_spend_pico(conn, request.chat_message_ids)
-                        if request.chat_message_ids else None,
+                        if request.chat_message_ids
+                        else None,
                         self._user_today(conn, request) if request.want_user_today else None,
                     )
                     for (request, _), kind in zip(batch, stored, strict=True)
@@ -1324,7 +1352,7 @@ def format_count(value: int) -> str:
 
 
 def format_share(part: int, whole: int) -> str:
-    return f"{part * 100 / whole:.1f}%" if whole else "–"
+    return f"{part * 100 / whole:.1f}%" if whole else "-"
 
 
 _MARKDOWN_SPECIALS = re.compile(r"([!-/:-@\[-`{-~])")
@@ -1337,7 +1365,7 @@ def escape_markdown(text: str, limit: int = 60) -> str:
     flat = " ".join(str(text).split())
     if len(flat) > limit:
         flat = flat[: limit - 1] + "…"
-    return _MARKDOWN_SPECIALS.sub(r"\\\1", flat) or "–"
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", flat) or "-"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1371,7 +1399,11 @@ class UsageReport:
     spooled_files: int
 
 
-PERIODS: Final = (("today", "Today", 1), ("last_7_days", "Last 7 days", 7), ("last_30_days", "Last 30 days", 30))
+PERIODS: Final = (
+    ("today", "Today", 1),
+    ("last_7_days", "Last 7 days", 7),
+    ("last_30_days", "Last 30 days", 30),
+)
 
 
 def build_usage_report(ledger: Ledger, zone: ZoneInfo, rows: int, now: datetime | None = None) -> UsageReport:
@@ -1479,7 +1511,8 @@ def render_report_markdown(report: UsageReport) -> str:
     month = report.periods["last_30_days"]
     written = (
         f"{report.last_written_at.astimezone(zone):%Y-%m-%d %H:%M:%S} {report.timezone}"
-        if report.last_written_at else "never"
+        if report.last_written_at
+        else "never"
     )
     lines += [
         "",
@@ -1489,7 +1522,11 @@ def render_report_markdown(report: UsageReport) -> str:
         f"({format_count(report.periods['all_time'].failed)} all time)",
         "",
         f"Ledger last written: {written} · ledger: `{report.location}`"
-        + (f" · {report.spooled_files} spooled batch(es) waiting to be replayed" if report.spooled_files else ""),
+        + (
+            f" · {report.spooled_files} spooled batch(es) waiting to be replayed"
+            if report.spooled_files
+            else ""
+        ),
     ]
     return "\n".join(lines)
 
@@ -1507,14 +1544,22 @@ def report_as_dict(report: UsageReport) -> dict[str, Any]:
         "timezone": report.timezone,
         "periods": {key: totals_as_dict(totals) for key, totals in report.periods.items()},
         "top_users": [
-            {"user_id": u.user_id, "user_name": u.user_name, "spend_usd": decimal_text(pico_to_usd(u.spend_pico)),
-             "requests": u.requests}
+            {
+                "user_id": u.user_id,
+                "user_name": u.user_name,
+                "spend_usd": decimal_text(pico_to_usd(u.spend_pico)),
+                "requests": u.requests,
+            }
             for u in report.top_users
         ],
         "top_models": [
-            {"served_model": m.served_model, "provider": m.provider,
-             "spend_usd": decimal_text(pico_to_usd(m.spend_pico)), "total_tokens": m.total_tokens,
-             "requests": m.requests}
+            {
+                "served_model": m.served_model,
+                "provider": m.provider,
+                "spend_usd": decimal_text(pico_to_usd(m.spend_pico)),
+                "total_tokens": m.total_tokens,
+                "requests": m.requests,
+            }
             for m in report.top_models
         ],
         "last_written_at": report.last_written_at.isoformat() if report.last_written_at else None,
@@ -1544,8 +1589,11 @@ def breakdown_rows(ledger: Ledger, by: Breakdown, first_day: str, zone: ZoneInfo
     order = [table.c.day] if by == "day" else [spend.desc(), *group]
     with ledger.reading(zone) as conn:
         result = conn.execute(
-            sa.select(*keys, *_sums(table)).select_from(source).where(table.c.day >= first_day)
-            .group_by(*group).order_by(*order)
+            sa.select(*keys, *_sums(table))
+            .select_from(source)
+            .where(table.c.day >= first_day)
+            .group_by(*group)
+            .order_by(*order)
         )
         rows = []
         for row in result:
@@ -1555,7 +1603,9 @@ def breakdown_rows(ledger: Ledger, by: Breakdown, first_day: str, zone: ZoneInfo
     return rows
 
 
-def user_usage_summary(ledger: Ledger, user_id: str, zone: ZoneInfo, now: datetime | None = None) -> dict[str, Totals]:
+def user_usage_summary(
+    ledger: Ledger, user_id: str, zone: ZoneInfo, now: datetime | None = None
+) -> dict[str, Totals]:
     """One user's own totals for today and this calendar month: two index lookups."""
     today = date.fromisoformat(local_day(now or datetime.now(UTC), zone))
     with ledger.reading(zone) as conn:
@@ -1580,7 +1630,10 @@ class LineParts:
 
 
 def render_usage_line(
-    record: UsageRecord, parts: LineParts, chat_spend_pico: int | None = None, today_spend_pico: int | None = None
+    record: UsageRecord,
+    parts: LineParts,
+    chat_spend_pico: int | None = None,
+    today_spend_pico: int | None = None,
 ) -> str:
     usage = record.usage
     pieces: list[str] = []
@@ -1628,7 +1681,7 @@ BULK_SYNC_NOTICE: Final[dict[str, Any]] = {
 
 def bulk_sync_notice() -> dict[str, Any]:
     """A fresh copy of the deprecation notice (callers may mutate what they get)."""
-    return json.loads(json.dumps(BULK_SYNC_NOTICE))
+    return copy.deepcopy(BULK_SYNC_NOTICE)
 
 
 def bulk_sync_notice_markdown(requested_at: datetime | None = None) -> str:
@@ -1675,10 +1728,31 @@ class OpenRouterClient:
 # ── Admin CLI: `openrouter-usage export | report | sync` (same code as the settings panel) ──
 
 EXPORT_FIELDS: Final = (
-    "id", "created_at", "message_id", "chat_id", "user_id", "user_name", "model", "served_model", "provider",
-    "generation_ids", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
-    "cache_write_tokens", "reasoning_tokens", "cost_usd", "upstream_cost_usd", "spend_usd", "is_byok",
-    "status", "error", "latency_ms", "ttft_ms", "usage",
+    "id",
+    "created_at",
+    "message_id",
+    "chat_id",
+    "user_id",
+    "user_name",
+    "model",
+    "served_model",
+    "provider",
+    "generation_ids",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "upstream_cost_usd",
+    "spend_usd",
+    "is_byok",
+    "status",
+    "error",
+    "latency_ms",
+    "ttft_ms",
+    "usage",
 )
 _FORMULA_PREFIXES: Final = ("=", "+", "-", "@", "\t", "\r")
 
@@ -1696,11 +1770,30 @@ def export_rows(ledger: Ledger, since: datetime | None = None) -> Iterator[dict[
             yield {
                 "id": data["id"],
                 "created_at": created_at.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z"),
-                **{key: data[key] for key in ("message_id", "chat_id", "user_id", "user_name", "model",
-                                               "served_model", "provider")},
+                **{
+                    key: data[key]
+                    for key in (
+                        "message_id",
+                        "chat_id",
+                        "user_id",
+                        "user_name",
+                        "model",
+                        "served_model",
+                        "provider",
+                    )
+                },
                 "generation_ids": json.loads(data["generation_ids"] or "[]"),
-                **{key: data[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens",
-                                               "cached_tokens", "cache_write_tokens", "reasoning_tokens")},
+                **{
+                    key: data[key]
+                    for key in (
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "total_tokens",
+                        "cached_tokens",
+                        "cache_write_tokens",
+                        "reasoning_tokens",
+                    )
+                },
                 "cost_usd": _usd_or_none(data["cost_pico"]),
                 "upstream_cost_usd": _usd_or_none(data["upstream_cost_pico"]),
                 "spend_usd": decimal_text(pico_to_usd(data["spend_pico"])),
@@ -1741,8 +1834,10 @@ def write_csv(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], out: io.
 
 def write_table(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], out: Any) -> None:
     """An aligned plain-text table: numbers right-aligned, text left-aligned."""
-    cells = [[csv_cell(row.get(field)).removeprefix("'") if row.get(field) is not None else "" for field in fields]
-             for row in rows]
+    cells = [
+        [csv_cell(row.get(field)).removeprefix("'") if row.get(field) is not None else "" for field in fields]
+        for row in rows
+    ]
     numeric = [all(_looks_numeric(row[i]) for row in cells if row[i]) for i in range(len(fields))]
     widths = [max([len(field)] + [len(row[i]) for row in cells]) for i, field in enumerate(fields)]
 
@@ -1774,13 +1869,16 @@ def parse_since(text: str, zone: ZoneInfo, now: datetime | None = None) -> str:
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `openrouter-usage` console script."""
-    parser = argparse.ArgumentParser(prog="openrouter-usage", description=__doc__.split("description:")[1]
-                                     .split("\n")[0].strip() if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="openrouter-usage",
+        description=__doc__.split("description:")[1].split("\n")[0].strip() if __doc__ else None,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_database_option(command: argparse.ArgumentParser) -> None:
         command.add_argument(
-            "--database-url", default="",
+            "--database-url",
+            default="",
             help=f"SQLAlchemy URL of the ledger (default: ${DATABASE_URL_ENV}, else Open WebUI's PostgreSQL "
             f"$DATABASE_URL, else $DATA_DIR/{DEFAULT_SQLITE_NAME})",
         )
@@ -1838,23 +1936,39 @@ def print_report(
     usage_report: UsageReport, by: str, first_day: str, breakdown: list[dict[str, Any]], fmt: str, out: Any
 ) -> None:
     fields = {
-        "user": ["user_id", "user_name"], "model": ["served_model", "provider"], "day": ["day"],
+        "user": ["user_id", "user_name"],
+        "model": ["served_model", "provider"],
+        "day": ["day"],
         "provider": ["provider"],
-    }[by] + ["spend_usd", "requests", "failed", "prompt_tokens", "completion_tokens", "cached_tokens",
-             "reasoning_tokens", "total_tokens"]
+    }[by] + [
+        "spend_usd",
+        "requests",
+        "failed",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+        "total_tokens",
+    ]
     if fmt == "json":
-        json.dump(report_as_dict(usage_report) | {"breakdown": {"by": by, "since": first_day, "rows": breakdown}},
-                  out, indent=2)
+        json.dump(
+            report_as_dict(usage_report) | {"breakdown": {"by": by, "since": first_day, "rows": breakdown}},
+            out,
+            indent=2,
+        )
         out.write("\n")
         return
     if fmt == "csv":
         write_csv(breakdown, fields, out)
         return
     periods = [
-        {"period": label, "spend_usd": format_usd(usage_report.periods[key].spend_pico),
-         "requests": format_count(usage_report.periods[key].requests),
-         "tokens": format_count(usage_report.periods[key].total_tokens),
-         "failed": format_count(usage_report.periods[key].failed)}
+        {
+            "period": label,
+            "spend_usd": format_usd(usage_report.periods[key].spend_pico),
+            "requests": format_count(usage_report.periods[key].requests),
+            "tokens": format_count(usage_report.periods[key].total_tokens),
+            "failed": format_count(usage_report.periods[key].failed),
+        }
         for key, label in [(k, lbl) for k, lbl, _ in PERIODS] + [("all_time", "All time")]
     ]
     out.write(f"Ledger: {usage_report.location}   time zone: {usage_report.timezone}\n\n")
@@ -1926,13 +2040,16 @@ def admin_report_markdown() -> str:
     url = resolve_database_url(valves.database_url)
     try:
         report = run_off_loop(
-            lambda: build_usage_report(ledger_for(url), resolve_zone(valves.report_timezone),
-                                       min(max(valves.report_rows, 1), 100))
+            lambda: build_usage_report(
+                ledger_for(url), resolve_zone(valves.report_timezone), min(max(valves.report_rows, 1), 100)
+            )
         )
         return render_report_markdown(report)
     except concurrent.futures.TimeoutError:
-        return f"Usage report unavailable: the ledger did not answer within {PANEL_TIMEOUT_SECONDS:.0f} s " \
-               f"(`{masked_url(url)}`)."
+        return (
+            f"Usage report unavailable: the ledger did not answer within {PANEL_TIMEOUT_SECONDS:.0f} s "
+            f"(`{masked_url(url)}`)."
+        )
     except Exception as exc:
         return f"Usage report unavailable: {escape_markdown(short_error(exc), 200)} (`{masked_url(url)}`)."
 
@@ -1956,11 +2073,17 @@ def user_usage_options(user: Mapping[str, Any] | None) -> list[dict[str, str]]:
         return [{"value": "today", "label": "Your usage is unavailable right now"}]
     today, month = summary["today"], summary["month"]
     return [
-        {"value": "today", "label": f"Today: {format_usd(today.spend_pico)} · {format_count(today.requests)} "
-                                    f"requests · {format_count(today.total_tokens)} tokens"},
-        {"value": "month", "label": f"This month: {format_usd(month.spend_pico)} · "
-                                    f"{format_count(month.requests)} requests · "
-                                    f"{format_count(month.total_tokens)} tokens"},
+        {
+            "value": "today",
+            "label": f"Today: {format_usd(today.spend_pico)} · {format_count(today.requests)} "
+            f"requests · {format_count(today.total_tokens)} tokens",
+        },
+        {
+            "value": "month",
+            "label": f"This month: {format_usd(month.spend_pico)} · "
+            f"{format_count(month.requests)} requests · "
+            f"{format_count(month.total_tokens)} tokens",
+        },
     ]
 
 
@@ -2013,9 +2136,14 @@ def capture_state(metadata: Any) -> CaptureState:
 
 def line_parts(valves: Filter.Valves) -> LineParts:
     return LineParts(
-        model=valves.line_show_model, provider=valves.line_show_provider, tokens=valves.line_show_tokens,
-        cost=valves.line_show_cost, chat_total=valves.line_show_chat_total, timing=valves.line_show_timing,
-        speed=valves.line_show_speed, today_total=valves.line_show_today_total,
+        model=valves.line_show_model,
+        provider=valves.line_show_provider,
+        tokens=valves.line_show_tokens,
+        cost=valves.line_show_cost,
+        chat_total=valves.line_show_chat_total,
+        timing=valves.line_show_timing,
+        speed=valves.line_show_speed,
+        today_total=valves.line_show_today_total,
     )
 
 
@@ -2029,15 +2157,21 @@ async def record_completion(
     """outlet's work: build the record, commit it (durably), then show the usage line."""
     state = capture_state(metadata)
     context = CompletionContext(
-        body=body, user=user, metadata=metadata if isinstance(metadata, Mapping) else None,
-        record_all_models=valves.record_all_models, now=datetime.now(UTC), now_monotonic=time.monotonic(),
+        body=body,
+        user=user,
+        metadata=metadata if isinstance(metadata, Mapping) else None,
+        record_all_models=valves.record_all_models,
+        now=datetime.now(UTC),
+        now_monotonic=time.monotonic(),
     )
     record = build_record(state, context)
     if record is None:
         return None
     user_valves = (user or {}).get("valves")
     show_line = (
-        emitter is not None and valves.show_usage_line and getattr(user_valves, "show_usage_line", True) is not False
+        emitter is not None
+        and valves.show_usage_line
+        and getattr(user_valves, "show_usage_line", True) is not False
     )
     parts = line_parts(valves)
     request = WriteRequest(
@@ -2168,7 +2302,9 @@ class Filter:
             log.exception("openrouter_usage: inlet failed; the chat continues")
         return body
 
-    async def stream(self, event: dict[str, Any], __metadata__: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def stream(
+        self, event: dict[str, Any], __metadata__: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         try:
             observe_chunk(__metadata__[STATE_KEY], event)  # type: ignore[index]
         except Exception:

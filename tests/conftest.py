@@ -90,8 +90,11 @@ class HookDriver:
         self.plugin = plugin
         self.filter = plugin.Filter()
         self.valves = valves or {}
-        self.user = user if user is not None else {"id": "user-1", "name": "Ada", "email": "ada@example.com",
-                                                   "role": "user"}
+        self.user = (
+            user
+            if user is not None
+            else {"id": "user-1", "name": "Ada", "email": "ada@example.com", "role": "user"}
+        )
         self.user_valves = user_valves or {}
         self.model = model or {"id": "openai/gpt-4o-mini", "urlIdx": 0}
 

@@ -36,7 +36,10 @@ def owui_merge_usage(current: dict[str, Any] | None, incoming: dict[str, Any]) -
 
 def complete(sim: OpenRouterSimulator, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(
-        f"{sim.base_url}/chat/completions", json=body, headers={"Authorization": "Bearer sk-or-test"}, timeout=30
+        f"{sim.base_url}/chat/completions",
+        json=body,
+        headers={"Authorization": "Bearer sk-or-test"},
+        timeout=30,
     )
 
 
@@ -66,11 +69,18 @@ def outlet_body(
     finish_reason: str | None = "stop",
 ) -> dict[str, Any]:
     """The outlet body of utils/middleware.py::outlet_filter_handler for this turn."""
-    history = previous if previous is not None else [
-        {"role": m["role"], "content": m["content"]} for m in request["messages"]
-    ]
-    assistant: dict[str, Any] = {"id": message_id, "role": "assistant", "content": answer, "info": None,
-                                 "timestamp": 0}
+    history = (
+        previous
+        if previous is not None
+        else [{"role": m["role"], "content": m["content"]} for m in request["messages"]]
+    )
+    assistant: dict[str, Any] = {
+        "id": message_id,
+        "role": "assistant",
+        "content": answer,
+        "info": None,
+        "timestamp": 0,
+    }
     if usage:
         assistant["usage"] = usage
     if finish_reason:

@@ -14,7 +14,14 @@ import sqlalchemy as sa
 
 from openrouter_sim import OpenRouterSimulator
 from tests.conftest import EmitterRecorder, HookDriver
-from tests.unit.helpers import answer_text, as_owui_json, complete, outlet_body, stream_events, usage_from_events
+from tests.unit.helpers import (
+    answer_text,
+    as_owui_json,
+    complete,
+    outlet_body,
+    stream_events,
+    usage_from_events,
+)
 
 PICO = Decimal("1e-12")
 
@@ -53,14 +60,22 @@ async def streamed_turn(
     captured: list[dict[str, Any]] = []
 
     async def run() -> None:
-        body = await driver.call("inlet", sent, __metadata__=metadata, __model__=driver.model, __user__=driver.user)
+        body = await driver.call(
+            "inlet", sent, __metadata__=metadata, __model__=driver.model, __user__=driver.user
+        )
         captured.extend(stream_events(sim, body))
         for chunk in captured:
             await driver.call("stream", chunk, __metadata__=metadata)
-        outlet = outlet_body(request, answer_text(captured), usage_from_events(captured),
-                             message_id=message_id, chat_id=chat_id)
-        await driver.call("outlet", outlet, __metadata__=metadata, __user__=driver.user,
-                          __event_emitter__=emitter)
+        outlet = outlet_body(
+            request,
+            answer_text(captured),
+            usage_from_events(captured),
+            message_id=message_id,
+            chat_id=chat_id,
+        )
+        await driver.call(
+            "outlet", outlet, __metadata__=metadata, __user__=driver.user, __event_emitter__=emitter
+        )
 
     await run()
     return sent, captured
@@ -82,8 +97,11 @@ async def test_every_streamed_usage_shape_is_recorded_exactly(
     assert row["prompt_tokens"] == generation.usage["prompt_tokens"]
     assert row["completion_tokens"] == generation.usage["completion_tokens"]
     assert row["total_tokens"] == generation.usage["total_tokens"]
-    assert (row["provider"], row["served_model"], row["model"]) == ("OpenAI", "openai/gpt-4o-mini",
-                                                                    "openai/gpt-4o-mini")
+    assert (row["provider"], row["served_model"], row["model"]) == (
+        "OpenAI",
+        "openai/gpt-4o-mini",
+        "openai/gpt-4o-mini",
+    )
     assert row["user_id"] == "user-1" and row["user_name"] == "Ada" and row["status"] == "ok"
     assert row["ttft_ms"] is not None and row["latency_ms"] >= row["ttft_ms"]
     assert '"prompt_tokens_details"' in row["usage_json"]
@@ -97,14 +115,22 @@ async def test_non_streaming_completion_is_recorded_from_the_outlet_alone(
     plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
 ) -> None:
     driver = HookDriver(plugin, valves={"database_url": database_url})
-    request = {"model": "anthropic/claude-sonnet-4.5", "stream": False,
-               "messages": [{"role": "user", "content": "Say hi"}]}
+    request = {
+        "model": "anthropic/claude-sonnet-4.5",
+        "stream": False,
+        "messages": [{"role": "user", "content": "Say hi"}],
+    }
     metadata: dict[str, Any] = {"chat_id": "", "message_id": None, "session_id": None}
     body = await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
     assert "stream_options" not in body
     response = as_owui_json(complete(sim, body).json())
-    outlet = outlet_body(request, response["choices"][0]["message"]["content"], response["usage"],
-                         message_id="msg_api_1", chat_id="")
+    outlet = outlet_body(
+        request,
+        response["choices"][0]["message"]["content"],
+        response["usage"],
+        message_id="msg_api_1",
+        chat_id="",
+    )
     await driver.call("outlet", outlet, __metadata__=metadata, __user__=driver.user, __event_emitter__=None)
     (row,) = rows(plugin, database_url)
     assert row["message_id"] == "msg_api_1" and row["chat_id"] == ""
@@ -133,21 +159,38 @@ async def test_tool_rounds_keep_every_generation_id_and_sum_exactly(
 ) -> None:
     driver = HookDriver(plugin, valves={"database_url": database_url})
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
-    request = {"model": "openai/gpt-4o", "stream": True, "tools": tools,
-               "messages": [{"role": "user", "content": "What time is it? [sim:tool-call]"}]}
+    request = {
+        "model": "openai/gpt-4o",
+        "stream": True,
+        "tools": tools,
+        "messages": [{"role": "user", "content": "What time is it? [sim:tool-call]"}],
+    }
     metadata: dict[str, Any] = {"chat_id": "chat-t", "message_id": "msg-t"}
     body = await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
     first = stream_events(sim, body)
-    call = next(c["choices"][0]["delta"]["tool_calls"][0] for c in first
-                if c.get("choices") and c["choices"][0]["delta"].get("tool_calls"))
-    follow_up = {**body, "messages": [*body["messages"],
-                                      {"role": "assistant", "content": "", "tool_calls": [call]},
-                                      {"role": "tool", "tool_call_id": call["id"], "content": "12:00"}]}
+    call = next(
+        c["choices"][0]["delta"]["tool_calls"][0]
+        for c in first
+        if c.get("choices") and c["choices"][0]["delta"].get("tool_calls")
+    )
+    follow_up = {
+        **body,
+        "messages": [
+            *body["messages"],
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "12:00"},
+        ],
+    }
     second = stream_events(sim, follow_up)
     for chunk in [*first, *second]:
         await driver.call("stream", chunk, __metadata__=metadata)
-    outlet = outlet_body(request, answer_text(second), usage_from_events([*first, *second]),
-                         message_id="msg-t", chat_id="chat-t")
+    outlet = outlet_body(
+        request,
+        answer_text(second),
+        usage_from_events([*first, *second]),
+        message_id="msg-t",
+        chat_id="chat-t",
+    )
     await driver.call("outlet", outlet, __metadata__=metadata, __user__=driver.user)
     (row,) = rows(plugin, database_url)
     ids = [first[0]["id"], second[0]["id"]]
@@ -163,11 +206,17 @@ async def test_a_second_outlet_for_the_same_message_never_double_counts(
     driver = HookDriver(plugin, valves={"database_url": database_url})
     emitter = EmitterRecorder()
     request, events = await streamed_turn(driver, sim, "Hello", emitter=emitter)
-    legacy = outlet_body(request, answer_text(events), usage_from_events(events),
-                         message_id="msg-1", chat_id="chat-1")
+    legacy = outlet_body(
+        request, answer_text(events), usage_from_events(events), message_id="msg-1", chat_id="chat-1"
+    )
     # POST /api/chat/completed runs the outlet again, in a fresh request with fresh metadata.
-    await driver.call("outlet", legacy, __metadata__={"chat_id": "chat-1", "message_id": "msg-1"},
-                      __user__=driver.user, __event_emitter__=emitter)
+    await driver.call(
+        "outlet",
+        legacy,
+        __metadata__={"chat_id": "chat-1", "message_id": "msg-1"},
+        __user__=driver.user,
+        __event_emitter__=emitter,
+    )
     assert len(rows(plugin, database_url)) == 1
     assert len(emitter.statuses) == 1
     # A regenerate is a new message and counts.
@@ -179,15 +228,20 @@ async def test_api_calls_without_an_emitter_are_recorded_and_nothing_fails(
     plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
 ) -> None:
     driver = HookDriver(plugin, valves={"database_url": database_url})
-    request = {"model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "API"}]}
+    request = {
+        "model": "openai/gpt-4o-mini",
+        "stream": True,
+        "messages": [{"role": "user", "content": "API"}],
+    }
     metadata: dict[str, Any] = {"chat_id": "", "message_id": None, "session_id": None}
     body = await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
     assert body["stream_options"] == {"include_usage": True}
     events = stream_events(sim, body)
     for chunk in events:
         await driver.call("stream", chunk, __metadata__=metadata, __event_emitter__=None)
-    outlet = outlet_body(request, answer_text(events), usage_from_events(events), message_id="msg_generated",
-                         chat_id="")
+    outlet = outlet_body(
+        request, answer_text(events), usage_from_events(events), message_id="msg_generated", chat_id=""
+    )
     await driver.call("outlet", outlet, __metadata__=metadata, __user__=driver.user, __event_emitter__=None)
     (row,) = rows(plugin, database_url)
     assert row["message_id"] == "msg_generated" and row["spend_pico"] == spend_of(sim, events[0]["id"])
@@ -217,17 +271,27 @@ async def test_inlet_asks_openrouter_connections_for_usage(
     class Config:
         @staticmethod
         async def get(key: str, default: Any = None) -> Any:
-            return {"openai.api_base_urls": ["https://openrouter.ai/api/v1", "https://api.openai.com/v1"]}[key]
+            return {"openai.api_base_urls": ["https://openrouter.ai/api/v1", "https://api.openai.com/v1"]}[
+                key
+            ]
 
     monkeypatch.setitem(sys.modules, "open_webui.models.config", types.SimpleNamespace(Config=Config))
     plugin._base_urls_cache = (0.0, [])
     driver = HookDriver(plugin)
-    openrouter = await driver.call("inlet", {"model": "x", "stream": True, "messages": []},
-                                   __metadata__={}, __model__={"id": "x", "urlIdx": 0})
+    openrouter = await driver.call(
+        "inlet",
+        {"model": "x", "stream": True, "messages": []},
+        __metadata__={},
+        __model__={"id": "x", "urlIdx": 0},
+    )
     assert openrouter["usage"] == {"include": True}
     assert openrouter["stream_options"] == {"include_usage": True}
-    other = await driver.call("inlet", {"model": "y", "stream": False, "messages": []},
-                              __metadata__={}, __model__={"id": "y", "urlIdx": 1})
+    other = await driver.call(
+        "inlet",
+        {"model": "y", "stream": False, "messages": []},
+        __metadata__={},
+        __model__={"id": "y", "urlIdx": 1},
+    )
     assert "usage" not in other and "stream_options" not in other
 
 
@@ -236,12 +300,18 @@ async def test_other_connections_are_recorded_only_when_asked(
 ) -> None:
     url = f"sqlite:///{data_dir / 'l.sqlite3'}"
     usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-    body = outlet_body({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}, "hello", usage,
-                       message_id="m-local", chat_id="c")
+    body = outlet_body(
+        {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]},
+        "hello",
+        usage,
+        message_id="m-local",
+        chat_id="c",
+    )
     await HookDriver(plugin, valves={"database_url": url}).call("outlet", body, __metadata__={})
     assert rows(plugin, url) == []
     await HookDriver(plugin, valves={"database_url": url, "record_all_models": True}).call(
-        "outlet", body, __metadata__={})
+        "outlet", body, __metadata__={}
+    )
     (row,) = rows(plugin, url)
     assert row["total_tokens"] == 15 and row["cost_pico"] is None and row["spend_pico"] == 0
 
@@ -251,19 +321,32 @@ async def test_the_usage_line_shows_the_chat_total_of_both_turns(
 ) -> None:
     driver = HookDriver(plugin, valves={"database_url": database_url})
     emitter = EmitterRecorder()
-    request, first = await streamed_turn(driver, sim, "Turn one", message_id="m-1", emitter=emitter)
-    previous = [{"role": "user", "content": "Turn one"},
-                {"id": "m-1", "role": "assistant", "content": answer_text(first)},
-                {"role": "user", "content": "Turn two"}]
+    _, first = await streamed_turn(driver, sim, "Turn one", message_id="m-1", emitter=emitter)
+    previous = [
+        {"role": "user", "content": "Turn one"},
+        {"id": "m-1", "role": "assistant", "content": answer_text(first)},
+        {"role": "user", "content": "Turn two"},
+    ]
     metadata: dict[str, Any] = {"chat_id": "chat-1", "message_id": "m-2"}
     request2 = {"model": "openai/gpt-4o-mini", "stream": True, "messages": previous}
     body = await driver.call("inlet", dict(request2), __metadata__=metadata, __model__=driver.model)
     second = stream_events(sim, body)
     for chunk in second:
         await driver.call("stream", chunk, __metadata__=metadata)
-    await driver.call("outlet", outlet_body(request2, answer_text(second), usage_from_events(second),
-                                            message_id="m-2", chat_id="chat-1", previous=previous),
-                      __metadata__=metadata, __user__=driver.user, __event_emitter__=emitter)
+    await driver.call(
+        "outlet",
+        outlet_body(
+            request2,
+            answer_text(second),
+            usage_from_events(second),
+            message_id="m-2",
+            chat_id="chat-1",
+            previous=previous,
+        ),
+        __metadata__=metadata,
+        __user__=driver.user,
+        __event_emitter__=emitter,
+    )
     total = spend_of(sim, first[0]["id"], second[0]["id"])
     assert f"chat {plugin.format_usd(total)}" in emitter.statuses[-1]
 
@@ -272,12 +355,22 @@ async def test_a_user_can_hide_the_line_and_admins_choose_its_parts(
     plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
 ) -> None:
     hidden = EmitterRecorder()
-    await streamed_turn(HookDriver(plugin, valves={"database_url": database_url},
-                                   user_valves={"show_usage_line": False}), sim, "Hi", emitter=hidden)
+    await streamed_turn(
+        HookDriver(plugin, valves={"database_url": database_url}, user_valves={"show_usage_line": False}),
+        sim,
+        "Hi",
+        emitter=hidden,
+    )
     assert hidden.statuses == []
     trimmed = EmitterRecorder()
-    valves = {"database_url": database_url, "line_show_provider": False, "line_show_timing": False,
-              "line_show_speed": False, "line_show_chat_total": False, "line_show_today_total": True}
+    valves = {
+        "database_url": database_url,
+        "line_show_provider": False,
+        "line_show_timing": False,
+        "line_show_speed": False,
+        "line_show_chat_total": False,
+        "line_show_today_total": True,
+    }
     await streamed_turn(HookDriver(plugin, valves=valves), sim, "Hi", message_id="m-2", emitter=trimmed)
     (line,) = trimmed.statuses
     assert "OpenAI" not in line and " s ·" not in line and "tok/s" not in line and "chat $" not in line
@@ -304,8 +397,11 @@ async def test_missing_user_and_missing_usage_are_recorded_and_logged(
     url = f"sqlite:///{data_dir / 'l.sqlite3'}"
     driver = HookDriver(plugin, valves={"database_url": url})
     metadata: dict[str, Any] = {}
-    await driver.call("stream", {"id": "gen-1-abc", "provider": "OpenAI", "model": "m", "choices": []},
-                      __metadata__=metadata)
+    await driver.call(
+        "stream",
+        {"id": "gen-1-abc", "provider": "OpenAI", "model": "m", "choices": []},
+        __metadata__=metadata,
+    )
     body = outlet_body({"model": "m", "messages": []}, "x", None, message_id="m-nouser", chat_id="c")
     await driver.call("outlet", body, __metadata__=metadata, __user__=None)
     (row,) = rows(plugin, url)

@@ -6,6 +6,7 @@ import ast
 import json
 import math
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -40,6 +41,7 @@ SPEC_URI = "urn:openrouter-openapi"
 GEN_ID_RE = re.compile(r"^gen-\d{10}-[A-Za-z0-9]{20}$")
 KEY = "sk-or-v1-0123456789abcdefsimtest"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+_TLS = ssl.create_default_context()  # shared: building one per httpx.Client is slow
 
 Json = dict[str, Any]
 Validate = Callable[[str, Any], None]
@@ -68,10 +70,12 @@ def spec() -> Json:
     if not SPEC_PATH.exists():
         pytest.skip(f"OpenAPI spec not found at {SPEC_PATH}")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with SPEC_PATH.open(encoding="utf-8") as fh:
-        doc = yaml.load(fh, Loader=loader)  # noqa: S506 - a safe loader
+    text = SPEC_PATH.read_text(encoding="utf-8")
+    doc = yaml.load(text, Loader=loader)
     assert str(doc["openapi"]).startswith("3.1")
-    return _nullable_to_type(doc)  # type: ignore[no-any-return]
+    if re.search(r"^\s*nullable:", text, re.MULTILINE):
+        doc = _nullable_to_type(doc)
+    return doc  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +117,14 @@ def sim() -> Iterator[OpenRouterSimulator]:
 
 @pytest.fixture()
 def client(sim: OpenRouterSimulator) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=sim.base_url, headers=AUTH, timeout=10) as c:
+    with httpx.Client(base_url=sim.base_url, headers=AUTH, timeout=10, verify=_TLS) as c:
+        yield c
+
+
+@pytest.fixture()
+def anon(sim: OpenRouterSimulator) -> Iterator[httpx.Client]:
+    """A client that sends no API key."""
+    with httpx.Client(base_url=sim.base_url, timeout=10, verify=_TLS) as c:
         yield c
 
 
@@ -224,7 +235,10 @@ def test_detect_task_ignores_ordinary_chats_and_history() -> None:
     # a user message quoting a task-like JSON inside the chat history does not change the task
     text = TASK_SAMPLES["title"].replace("USER: hello", 'USER: give me { "tags": ["x"] } [sim:byok]')
     assert detect_task(text) == "title"
-    assert detect_task('### Task:\nRespond using the context.\n<chat_history>{ "title": 1 }</chat_history>') is None
+    assert (
+        detect_task('### Task:\nRespond using the context.\n<chat_history>{ "title": 1 }</chat_history>')
+        is None
+    )
 
 
 def test_detect_task_on_open_webui_default_templates() -> None:
@@ -256,8 +270,8 @@ def test_detect_task_on_open_webui_default_templates() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_models_list(sim: OpenRouterSimulator, validate: Validate) -> None:
-    response = httpx.get(f"{sim.base_url}/models")  # no key needed, as live
+def test_models_list(sim: OpenRouterSimulator, anon: httpx.Client, validate: Validate) -> None:
+    response = anon.get("/models")  # no key needed, as live
     assert response.status_code == 200
     payload = loads(response.text)
     validate(_schema("ModelsListResponse"), payload)
@@ -266,22 +280,37 @@ def test_models_list(sim: OpenRouterSimulator, validate: Validate) -> None:
     mini = by_id["openai/gpt-4o-mini"]
     assert mini["pricing"]["prompt"] == "0.00000015"
     assert mini["pricing"]["completion"] == "0.0000006"
-    assert Decimal(by_id["deepseek/deepseek-r1"]["pricing"]["prompt"]) == MODELS["deepseek/deepseek-r1"].prompt_price
+    assert (
+        Decimal(by_id["deepseek/deepseek-r1"]["pricing"]["prompt"])
+        == MODELS["deepseek/deepseek-r1"].prompt_price
+    )
     assert sim.requests[-1].path == "/api/v1/models"
 
 
-def test_generations_plural_and_unknown_paths_are_404_and_recorded(client: httpx.Client, sim: OpenRouterSimulator) -> None:
-    for method, path in [("GET", "/generations"), ("GET", "/nope"), ("POST", "/generation"), ("GET", "/credits")]:
+def test_generations_plural_and_unknown_paths_are_404_and_recorded(
+    client: httpx.Client, sim: OpenRouterSimulator
+) -> None:
+    for method, path in [
+        ("GET", "/generations"),
+        ("GET", "/nope"),
+        ("POST", "/generation"),
+        ("GET", "/credits"),
+    ]:
         response = client.request(method, path, params={"limit": "5"})
         assert response.status_code == 404
         assert response.json() == {"error": {"message": "Not Found", "code": 404}}
     paths = [(r.method, r.path, r.query) for r in sim.requests]
     assert paths[0] == ("GET", "/api/v1/generations", {"limit": "5"})
-    assert [p[1] for p in paths] == ["/api/v1/generations", "/api/v1/nope", "/api/v1/generation", "/api/v1/credits"]
+    assert [p[1] for p in paths] == [
+        "/api/v1/generations",
+        "/api/v1/nope",
+        "/api/v1/generation",
+        "/api/v1/credits",
+    ]
 
 
 def test_generation_lookup_404_window_then_data(
-    client: httpx.Client, sim: OpenRouterSimulator, validate: Validate
+    client: httpx.Client, anon: httpx.Client, sim: OpenRouterSimulator, validate: Validate
 ) -> None:
     sim.generation_ready_after_s = 0.3
     body = chat_body("Tell me something [sim:cached=8]", model="anthropic/claude-sonnet-4.5", user="u-42")
@@ -304,7 +333,10 @@ def test_generation_lookup_404_window_then_data(
     assert data["id"] == gen_id
     assert data["total_cost"] == data["usage"] == usage["cost"] == record.cost
     assert data["upstream_inference_cost"] == usage["cost_details"]["upstream_inference_cost"]
-    assert data["tokens_prompt"] == usage["prompt_tokens"] and data["tokens_completion"] == usage["completion_tokens"]
+    assert (
+        data["tokens_prompt"] == usage["prompt_tokens"]
+        and data["tokens_completion"] == usage["completion_tokens"]
+    )
     assert data["native_tokens_cached"] == 8
     # 8 cached tokens read at 0.0000003 instead of 0.000003
     assert data["cache_discount"] == 8 * (Decimal("0.000003") - Decimal("0.0000003"))
@@ -313,10 +345,12 @@ def test_generation_lookup_404_window_then_data(
     assert data["external_user"] == "u-42" and data["http_referer"] == "https://chat.example"
     assert data["is_byok"] is False
     assert client.get("/generation").status_code == 400
-    assert httpx.get(f"{sim.base_url}/generation", params={"id": gen_id}).status_code == 401
+    assert anon.get("/generation", params={"id": gen_id}).status_code == 401
 
 
-def test_key_sums_generations(client: httpx.Client, sim: OpenRouterSimulator, validate: Validate) -> None:
+def test_key_sums_generations(
+    client: httpx.Client, anon: httpx.Client, sim: OpenRouterSimulator, validate: Validate
+) -> None:
     a = loads(client.post("/chat/completions", json=chat_body("first")).text)["usage"]
     b = loads(client.post("/chat/completions", json=chat_body("second [sim:byok]")).text)["usage"]
     response = client.get("/key")
@@ -329,7 +363,7 @@ def test_key_sums_generations(client: httpx.Client, sim: OpenRouterSimulator, va
     assert data["byok_usage"] == b["cost_details"]["upstream_inference_cost"]
     assert data["limit"] is None and data["limit_remaining"] is None and data["is_free_tier"] is False
     assert data["label"].startswith(KEY[:8]) and "..." in data["label"]
-    assert httpx.get(f"{sim.base_url}/key").status_code == 401
+    assert anon.get("/key").status_code == 401
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +402,9 @@ def test_non_streaming_completion(client: httpx.Client, sim: OpenRouterSimulator
     assert usage["prompt_tokens"] == prompt_tokens_of(text)
     assert usage["completion_tokens"] == math.ceil(len(message["content"]) / 4)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    prompt_cost, completion_cost = expected_charge("openai/gpt-4o-mini", usage["prompt_tokens"], usage["completion_tokens"])
+    prompt_cost, completion_cost = expected_charge(
+        "openai/gpt-4o-mini", usage["prompt_tokens"], usage["completion_tokens"]
+    )
     assert usage["cost"] == prompt_cost + completion_cost
     assert usage["is_byok"] is False
     # non-BYOK: upstream_inference_cost repeats cost (live since early 2026); adding them double counts
@@ -429,16 +465,20 @@ def test_deterministic_answers_and_usage(client: httpx.Client) -> None:
     assert first["usage"] == second["usage"]
 
 
-def test_auth_and_bad_requests(sim: OpenRouterSimulator, client: httpx.Client, validate: Validate) -> None:
-    no_key = httpx.post(f"{sim.base_url}/chat/completions", json=chat_body("hi"))
+def test_auth_and_bad_requests(
+    sim: OpenRouterSimulator, client: httpx.Client, anon: httpx.Client, validate: Validate
+) -> None:
+    no_key = anon.post("/chat/completions", json=chat_body("hi"))
     assert no_key.status_code == 401
     validate(_chat_error_schema(401), no_key.json())
-    empty = httpx.post(f"{sim.base_url}/chat/completions", json=chat_body("hi"), headers={"Authorization": "Bearer"})
+    empty = anon.post("/chat/completions", json=chat_body("hi"), headers={"Authorization": "Bearer"})
     assert empty.status_code == 401
     assert sim.requests[0].path == "/api/v1/chat/completions"  # recorded even when refused
     bad_model = client.post("/chat/completions", json=chat_body("hi", model="nope/none"))
     assert bad_model.status_code == 400 and "not a valid model" in bad_model.json()["error"]["message"]
-    bad_json = client.post("/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    bad_json = client.post(
+        "/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert bad_json.status_code == 400 and sim.requests[-1].body is None
     assert not sim.generations
 
@@ -463,7 +503,9 @@ def test_stream_usage_shapes(
     shape: str | None, client: httpx.Client, sim: OpenRouterSimulator, validate: Validate
 ) -> None:
     directive = f" [sim:shape={shape}]" if shape else ""  # None: the default, which is B
-    response, raw, comments, events = stream_chat(client, chat_body(f"Explain streams{directive}", stream=True))
+    response, raw, comments, events = stream_chat(
+        client, chat_body(f"Explain streams{directive}", stream=True)
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert comments and all(c == ": OPENROUTER PROCESSING" for c in comments)
@@ -474,7 +516,9 @@ def test_stream_usage_shapes(
     for chunk in chunks:
         # top-level `provider` is absent from the spec's ChatStreamChunk but on every live chunk
         validate(_schema("ChatStreamChunk"), chunk)
-        assert chunk["id"] == gen_id and chunk["provider"] == "OpenAI" and chunk["model"] == "openai/gpt-4o-mini"
+        assert (
+            chunk["id"] == gen_id and chunk["provider"] == "OpenAI" and chunk["model"] == "openai/gpt-4o-mini"
+        )
         assert chunk["object"] == "chat.completion.chunk"
     with_usage = [i for i, c in enumerate(chunks) if "usage" in c]
     assert len(with_usage) == 1
@@ -509,7 +553,9 @@ def test_stream_chunk_count_directive(client: httpx.Client) -> None:
     contents = [
         c["choices"][0]["delta"]["content"]
         for c in events[:-1]
-        if c["choices"] and c["choices"][0]["finish_reason"] is None and c["choices"][0]["delta"].get("content")
+        if c["choices"]
+        and c["choices"][0]["finish_reason"] is None
+        and c["choices"][0]["delta"].get("content")
     ]
     assert len(contents) == 25
 
@@ -525,7 +571,9 @@ def test_stream_delay(sim: OpenRouterSimulator, client: httpx.Client) -> None:
 
 
 def test_reasoning_model_streams_reasoning_first(client: httpx.Client, validate: Validate) -> None:
-    response, _, comments, events = stream_chat(client, chat_body("Think", model="deepseek/deepseek-r1", stream=True))
+    _response, _, comments, events = stream_chat(
+        client, chat_body("Think", model="deepseek/deepseek-r1", stream=True)
+    )
     assert len(comments) == 2
     chunks = events[:-1]
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
@@ -542,19 +590,23 @@ def test_reasoning_model_streams_reasoning_first(client: httpx.Client, validate:
     validate(_schema("ChatResult"), forced)
     assert forced["usage"]["completion_tokens_details"]["reasoning_tokens"] == 120
     assert forced["choices"][0]["message"]["reasoning"]
-    assert forced["usage"]["completion_tokens"] == 120 + math.ceil(len(forced["choices"][0]["message"]["content"]) / 4)
+    assert forced["usage"]["completion_tokens"] == 120 + math.ceil(
+        len(forced["choices"][0]["message"]["content"]) / 4
+    )
 
 
 def test_byok_usage_and_spend(client: httpx.Client, sim: OpenRouterSimulator) -> None:
-    response, raw, _, events = stream_chat(client, chat_body("my own key [sim:byok]", model="openai/gpt-4o", stream=True))
+    response, _raw, _, events = stream_chat(
+        client, chat_body("my own key [sim:byok]", model="openai/gpt-4o", stream=True)
+    )
     usage = events[-2]["usage"]
     assert usage["is_byok"] is True
     details = usage["cost_details"]
     provider = details["upstream_inference_prompt_cost"] + details["upstream_inference_completions_cost"]
     assert details["upstream_inference_cost"] == provider
-    assert provider == expected_charge("openai/gpt-4o", usage["prompt_tokens"], usage["completion_tokens"])[0] + (
-        usage["completion_tokens"] * MODELS["openai/gpt-4o"].completion_price
-    )
+    assert provider == expected_charge("openai/gpt-4o", usage["prompt_tokens"], usage["completion_tokens"])[
+        0
+    ] + (usage["completion_tokens"] * MODELS["openai/gpt-4o"].completion_price)
     assert usage["cost"] == provider * Decimal("0.05")
     record = sim.generations[response.headers["X-Generation-Id"]]
     assert record.is_byok and record.cost == usage["cost"] and record.upstream_inference_cost == provider
@@ -574,17 +626,17 @@ def test_cached_tokens_discount(client: httpx.Client) -> None:
         + usage["completion_tokens"] * info.completion_price
     )
     assert usage["cost"] == expected
-    assert usage["cost"] < usage["prompt_tokens"] * info.prompt_price + usage["completion_tokens"] * info.completion_price
+    assert (
+        usage["cost"]
+        < usage["prompt_tokens"] * info.prompt_price + usage["completion_tokens"] * info.completion_price
+    )
 
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_null_cost_and_no_usage(stream: bool, client: httpx.Client, sim: OpenRouterSimulator) -> None:
     response = client.post("/chat/completions", json=chat_body("nothing [sim:null-cost]", stream=stream))
     gen_id = response.headers["X-Generation-Id"]
-    if stream:
-        usage = parse_sse(response.text)[1][-2]["usage"]
-    else:
-        usage = response.json()["usage"]
+    usage = parse_sse(response.text)[1][-2]["usage"] if stream else response.json()["usage"]
     assert usage["cost"] is None and usage["prompt_tokens"] > 0
     assert sim.generations[gen_id].cost is None and sim.generations[gen_id].spend == 0
 
@@ -621,7 +673,13 @@ def test_midstream_error(
     error_chunk = chunks[-1]
     assert error_chunk["error"]["code"] == code and error_chunk["error"]["message"]
     assert error_chunk["choices"] == [
-        {"index": 0, "delta": {"content": ""}, "finish_reason": "error", "native_finish_reason": "error", "logprobs": None}
+        {
+            "index": 0,
+            "delta": {"content": ""},
+            "finish_reason": "error",
+            "native_finish_reason": "error",
+            "logprobs": None,
+        }
     ]
     assert "usage" not in error_chunk
     content = [c for c in chunks[:-1] if c["choices"] and c["choices"][0]["delta"].get("content")]
@@ -638,7 +696,9 @@ def test_midstream_error(
     assert record.usage == {} and record.cost == 0  # errored completions are not billed
 
 
-def test_midstream_error_with_usage(client: httpx.Client, sim: OpenRouterSimulator, validate: Validate) -> None:
+def test_midstream_error_with_usage(
+    client: httpx.Client, sim: OpenRouterSimulator, validate: Validate
+) -> None:
     response, _, _, events = stream_chat(client, chat_body("break [sim:midstream-error-usage]", stream=True))
     error_chunk = events[-2]
     validate(_schema("ChatStreamChunk"), error_chunk)
@@ -695,7 +755,9 @@ def test_tool_call_round_trip(client: httpx.Client, sim: OpenRouterSimulator, va
     assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "get_weather"
     arguments = "".join(tc["function"].get("arguments", "") for tc in calls)
     assert json.loads(arguments) == {"city": "example"}
-    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    finish = [
+        c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]
+    ]
     assert finish == ["tool_calls"]
     first_usage = chunks[-1]["usage"]
     first_id = response.headers["X-Generation-Id"]
@@ -710,7 +772,11 @@ def test_tool_call_round_trip(client: httpx.Client, sim: OpenRouterSimulator, va
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
-                    {"id": calls[0]["id"], "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+                    {
+                        "id": calls[0]["id"],
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": arguments},
+                    }
                 ],
             },
             {"role": "tool", "tool_call_id": calls[0]["id"], "content": '{"temp": 21}'},
@@ -733,8 +799,12 @@ def test_tool_call_round_trip(client: httpx.Client, sim: OpenRouterSimulator, va
     assert plain["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
-@pytest.mark.parametrize(("task", "key"), [("title", "title"), ("tags", "tags"), ("follow_ups", "follow_ups")])
-def test_open_webui_task_requests(task: str, key: str, client: httpx.Client, sim: OpenRouterSimulator) -> None:
+@pytest.mark.parametrize(
+    ("task", "key"), [("title", "title"), ("tags", "tags"), ("follow_ups", "follow_ups")]
+)
+def test_open_webui_task_requests(
+    task: str, key: str, client: httpx.Client, sim: OpenRouterSimulator
+) -> None:
     # the embedded chat history carries the user's directives; task requests ignore them
     prompt = TASK_SAMPLES[task].replace("USER: ", "USER: [sim:error=502] [sim:no-usage] ")
     response = client.post("/chat/completions", json=chat_body(prompt))
@@ -763,7 +833,10 @@ def test_list_content_and_last_user_message(client: httpx.Client) -> None:
         "messages": [
             {"role": "user", "content": "earlier [sim:error=503]"},
             {"role": "assistant", "content": "ok"},
-            {"role": "user", "content": [{"type": "text", "text": "now"}, {"type": "text", "text": "[sim:byok]"}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "now"}, {"type": "text", "text": "[sim:byok]"}],
+            },
         ],
     }
     payload = client.post("/chat/completions", json=body).json()
@@ -777,9 +850,12 @@ def test_list_content_and_last_user_message(client: httpx.Client) -> None:
 
 def test_cancelled_stream_is_recorded(sim: OpenRouterSimulator) -> None:
     sim.chunk_delay_s = 0.02
-    with httpx.Client(base_url=sim.base_url, headers=AUTH) as c, c.stream(
-        "POST", "/chat/completions", json=chat_body("long [sim:chunks=200]", stream=True)
-    ) as response:
+    with (
+        httpx.Client(base_url=sim.base_url, headers=AUTH, verify=_TLS) as c,
+        c.stream(
+            "POST", "/chat/completions", json=chat_body("long [sim:chunks=200]", stream=True)
+        ) as response,
+    ):
         gen_id = response.headers["X-Generation-Id"]
         for line in response.iter_lines():
             if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
@@ -796,12 +872,12 @@ def test_lifecycle_snapshots_and_clear() -> None:
     simulator = OpenRouterSimulator(port=0)
     with pytest.raises(RuntimeError):
         _ = simulator.base_url
-    with simulator as sim:
+    with simulator as sim, httpx.Client(base_url=sim.base_url, headers=AUTH, verify=_TLS) as c:
         assert re.match(r"^http://127\.0\.0\.1:\d+/api/v1$", sim.base_url)
-        httpx.post(f"{sim.base_url}/chat/completions", json=chat_body("hi"), headers=AUTH)
+        c.post("/chat/completions", json=chat_body("hi"))
         snapshot = sim.requests
         generations = sim.generations
-        httpx.get(f"{sim.base_url}/models")
+        c.get("/models")
         assert len(snapshot) == 1 and len(sim.requests) == 2
         generations.clear()
         assert len(sim.generations) == 1
@@ -809,4 +885,4 @@ def test_lifecycle_snapshots_and_clear() -> None:
         assert sim.requests == [] and sim.generations == {}
         url = sim.base_url
     with pytest.raises(httpx.TransportError):
-        httpx.get(f"{url}/models", timeout=1)
+        httpx.get(f"{url}/models", timeout=1, verify=_TLS)

@@ -1,0 +1,207 @@
+"""The ledger's guarantees on both engines: migrations, idempotency, exact rollups, spool/replay,
+group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import types
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import sqlalchemy as sa
+
+UTC_ZONE = ZoneInfo("UTC")
+
+
+def make_record(plugin: types.ModuleType, index: int, **overrides: Any) -> Any:
+    rng = random.Random(index)
+    cost = rng.randrange(1, 10**10)
+    byok = rng.random() < 0.2
+    usage = plugin.Usage(
+        prompt_tokens=rng.randrange(1, 5000),
+        completion_tokens=rng.randrange(1, 2000),
+        total_tokens=0,
+        cached_tokens=rng.randrange(0, 100),
+        cache_write_tokens=rng.randrange(0, 10),
+        reasoning_tokens=rng.randrange(0, 50),
+        cost_pico=cost,
+        upstream_cost_pico=rng.randrange(1, 10**10) if byok else cost,
+        is_byok=byok,
+    )
+    fields: dict[str, Any] = {
+        "message_id": f"msg-{index}",
+        "chat_id": f"chat-{index % 7}",
+        "user_id": f"user-{index % 5}",
+        "user_name": f"User {index % 5}",
+        "generation_ids": (f"gen-{index}",),
+        "model": "openrouter/auto",
+        "served_model": f"vendor/model-{index % 3}",
+        "provider": f"Provider{index % 2}",
+        "usage": usage,
+        "status": "ok" if index % 11 else "error",
+        "error": "" if index % 11 else "502: upstream",
+        "latency_ms": 1000,
+        "ttft_ms": 100,
+        "raw_usage": {"cost": cost},
+        "created_at": datetime(2026, 10, 1, tzinfo=UTC) + timedelta(minutes=rng.randrange(0, 40 * 24 * 60)),
+    }
+    return plugin.UsageRecord(**(fields | overrides))
+
+
+def scan_rollups(plugin: types.ModuleType, url: str, zone: ZoneInfo) -> list[dict[Any, dict[str, int]]]:
+    """What the rollups must hold, computed the slow way: a full scan of the ledger."""
+    expected: list[dict[Any, dict[str, int]]] = [
+        defaultdict(lambda: dict.fromkeys(plugin.MEASURES, 0)) for _ in plugin.ROLLUP_TABLES
+    ]
+    with plugin.ledger_for(url).engine.connect() as conn:
+        for row in conn.execute(sa.select(plugin.ledger_table)):
+            r = row._mapping
+            day = plugin.local_day(r["created_at"], zone)
+            measures = {
+                "requests": 1,
+                "failed": int(r["status"] != "ok"),
+                **{m: int(r[m] or 0) for m in plugin.MEASURES[2:]},
+            }
+            for index, key in enumerate(
+                ((day,), (r["user_id"], day), (day, r["served_model"], r["provider"]))
+            ):
+                for name, value in measures.items():
+                    expected[index][key][name] += value
+    return [dict(e) for e in expected]
+
+
+def stored_rollups(plugin: types.ModuleType, url: str) -> list[dict[Any, dict[str, int]]]:
+    stored = []
+    with plugin.ledger_for(url).engine.connect() as conn:
+        for table, keys in plugin.ROLLUP_TABLES:
+            stored.append(
+                {
+                    tuple(row._mapping[k] for k in keys): {m: int(row._mapping[m]) for m in plugin.MEASURES}
+                    for row in conn.execute(sa.select(table))
+                }
+            )
+    return stored
+
+
+def write(plugin: types.ModuleType, url: str, records: list[Any], zone: ZoneInfo = UTC_ZONE) -> list[str]:
+    writer = plugin.writer_for(url)
+    futures = [writer.submit(plugin.WriteRequest(record=r, zone=zone)) for r in records]
+    return [f.result(timeout=60).stored for f in futures]
+
+
+def test_migrations_are_named_recorded_and_run_once(plugin: types.ModuleType, database_url: str) -> None:
+    ledger = plugin.Ledger(database_url)
+    ledger.ensure_schema()
+    names = [name for name, _ in plugin.MIGRATIONS]
+    assert ledger.applied_migrations() == names
+    again = plugin.Ledger(database_url)
+    again.ensure_schema()
+    assert again.applied_migrations() == names
+    ledger.dispose()
+    again.dispose()
+
+
+def test_rollups_equal_a_full_scan_after_duplicates_and_a_replayed_failure(
+    plugin: types.ModuleType, database_url: str, request: pytest.FixtureRequest, data_dir: Path
+) -> None:
+    records = [make_record(plugin, i) for i in range(400)]
+    duplicates = [make_record(plugin, i) for i in random.Random(7).sample(range(400), 60)]
+    workload = records[:150] + duplicates[:30] + records[150:]
+    first, outage, rest = workload[:100], workload[100:160], workload[160:]
+    assert set(write(plugin, database_url, first)) <= {"recorded", "duplicate"}
+
+    if database_url.startswith("sqlite"):
+        # The same file opened read-only: SQLite refuses every write, as on a read-only mount.
+        path = database_url.removeprefix("sqlite:///")
+        failing_url = f"sqlite:///file:{path}?mode=ro&uri=true"
+        assert set(write(plugin, failing_url, outage)) == {"spooled"}
+    else:
+        server = request.getfixturevalue("postgres_server")
+        server.stop()
+        try:
+            assert set(write(plugin, database_url, outage)) == {"spooled"}
+        finally:
+            server.start()
+    assert plugin.ledger_for(database_url).spool.pending_count() >= 1
+
+    write(plugin, database_url, rest + duplicates[30:])
+    assert plugin.ledger_for(database_url).spool.pending_count() == 0
+    with plugin.ledger_for(database_url).engine.connect() as conn:
+        ids = list(conn.execute(sa.select(plugin.ledger_table.c.message_id)).scalars())
+    assert sorted(ids) == sorted(r.message_id for r in records)  # every record, exactly once
+    assert stored_rollups(plugin, database_url) == scan_rollups(plugin, database_url, UTC_ZONE)
+
+
+def test_a_missing_directory_spools_and_the_next_write_replays(
+    plugin: types.ModuleType, data_dir: Path
+) -> None:
+    directory = data_dir / "not" / "yet"
+    url = f"sqlite:///{directory / 'ledger.sqlite3'}"
+    assert write(plugin, url, [make_record(plugin, 1), make_record(plugin, 2)]) == ["spooled", "spooled"]
+    directory.mkdir(parents=True)
+    assert write(plugin, url, [make_record(plugin, 3), make_record(plugin, 1)]) == ["recorded", "duplicate"]
+    with plugin.ledger_for(url).engine.connect() as conn:
+        ids = sorted(conn.execute(sa.select(plugin.ledger_table.c.message_id)).scalars())
+    assert ids == ["msg-1", "msg-2", "msg-3"]
+
+
+def test_a_claim_left_by_a_dead_process_is_replayed(plugin: types.ModuleType, database_url: str) -> None:
+    ledger = plugin.ledger_for(database_url)
+    path = ledger.spool.append([make_record(plugin, 5)])
+    os.rename(path, str(path) + ".claimed-999999999-1")  # no such pid
+    write(plugin, database_url, [make_record(plugin, 6)])
+    with ledger.engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(plugin.ledger_table.c.message_id)).scalars()) == [
+            "msg-5",
+            "msg-6",
+        ]
+    assert ledger.spool.pending_count() == 0
+
+
+def test_a_time_zone_change_rekeys_the_rollups_exactly(plugin: types.ModuleType, database_url: str) -> None:
+    write(plugin, database_url, [make_record(plugin, i) for i in range(120)])
+    tokyo = ZoneInfo("Asia/Tokyo")
+    report = plugin.build_usage_report(
+        plugin.ledger_for(database_url), tokyo, 5, now=datetime(2026, 11, 10, 20, 0, tzinfo=UTC)
+    )
+    assert report.timezone == "Asia/Tokyo"
+    assert stored_rollups(plugin, database_url) == scan_rollups(plugin, database_url, tokyo)
+    write(plugin, database_url, [make_record(plugin, i) for i in range(120, 160)], zone=tokyo)
+    assert stored_rollups(plugin, database_url) == scan_rollups(plugin, database_url, tokyo)
+
+
+async def test_concurrent_outlets_share_commits_and_are_durable_on_return(
+    plugin: types.ModuleType, database_url: str
+) -> None:
+    writer = plugin.writer_for(database_url)
+    writer.ledger.ensure_schema()
+    commits = 0
+
+    def count(_conn: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    sa.event.listen(writer.ledger.engine, "commit", count)
+    records = [make_record(plugin, i) for i in range(64)]
+    outcomes = await asyncio.gather(
+        *(asyncio.wrap_future(writer.submit(plugin.WriteRequest(record=r, zone=UTC_ZONE))) for r in records)
+    )
+    assert {o.stored for o in outcomes} == {"recorded"}
+    assert commits < len(records)  # group commit: one transaction served many outlets
+    fresh = sa.create_engine(plugin.normalize_database_url(database_url))
+    with fresh.connect() as conn:  # another connection sees every row: committed before returning
+        assert conn.execute(sa.select(sa.func.count()).select_from(plugin.ledger_table)).scalar_one() == 64
+    fresh.dispose()
+
+
+def test_money_survives_the_round_trip_exactly(plugin: types.ModuleType, database_url: str) -> None:
+    huge = make_record(plugin, 1, usage=plugin.Usage(cost_pico=175_335_609_900, upstream_cost_pico=None))
+    write(plugin, database_url, [huge])
+    (row,) = list(plugin.export_rows(plugin.ledger_for(database_url)))
+    assert row["cost_usd"] == "0.1753356099" and row["upstream_cost_usd"] is None
