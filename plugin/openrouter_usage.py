@@ -17,6 +17,7 @@ required_open_webui_version: 0.10.0
 #   responses. `outlet` runs server-side after every completion (0.9), API calls included (0.10);
 #   the legacy POST /api/chat/completed runs it again for the same message. No outlet runs for a
 #   stopped generation. Title, tag and follow-up generations never reach a function filter.
+#   A streamed `error` is shown to the user only when its chunk has no choices.
 # * The outlet body's last assistant message carries `usage` as Open WebUI merged it: it SUMS
 #   input_tokens/output_tokens/total_tokens/cost over tool rounds (as floats) and keeps the last
 #   round's other keys. Non-streaming outlets carry no generation id or provider.
@@ -356,6 +357,15 @@ def _observe_usage_or_error(state: CaptureState, chunk: dict[str, Any]) -> None:
     error = chunk.get("error")
     if error:
         state.error = describe_error(error)
+        surface_stream_error(chunk)
+
+
+def surface_stream_error(chunk: dict[str, Any]) -> None:
+    """Let Open WebUI show a mid-stream error. OpenRouter sends it beside a choice whose
+    finish_reason is "error", but Open WebUI 0.12.4 reads `error` only from chunks without
+    choices, so the answer would just stop, truncated, with no error shown."""
+    if chunk.get("choices"):
+        chunk["choices"] = []
 
 
 def final_assistant_message(body: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -27,9 +27,14 @@ from types import FrameType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO)]
+sys.path.insert(0, str(REPO))
 
-from owui import OpenWebUIClient, OpenWebUIError, OpenWebUIServer, ensure_openwebui  # noqa: E402
+from tests.e2e.owui import (  # noqa: E402
+    OpenWebUIClient,
+    OpenWebUIError,
+    OpenWebUIServer,
+    ensure_openwebui,
+)
 
 log = logging.getLogger("demo")
 

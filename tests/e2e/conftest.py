@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_REPO = Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:  # pyproject's pythonpath normally does this
+    sys.path.insert(0, str(_REPO))
 
-from owui import (
+from tests.e2e.owui import (  # noqa: E402
     DEFAULT_OPENWEBUI_VERSION,
     OpenWebUIClient,
     OpenWebUIServer,
@@ -84,6 +86,8 @@ def openwebui(
         openai_api_key="sk-or-v1-e2e-simulated",
         admin_email=ADMIN_EMAIL,
         admin_password=ADMIN_PASSWORD,
+        # Models are private to admins by default; a deployment shares them with its users.
+        extra_env={"BYPASS_MODEL_ACCESS_CONTROL": "true"},
     )
     try:
         server.start()

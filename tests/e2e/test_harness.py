@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from owui import OpenWebUIClient, OpenWebUIServer
+
+from tests.e2e.owui import OpenWebUIClient, OpenWebUIServer
 
 pytestmark = pytest.mark.e2e
 
@@ -101,7 +102,7 @@ def probe_log(server: OpenWebUIServer, function_id: str) -> list[dict[str, Any]]
 
 
 @pytest.fixture(scope="module")
-def probe(admin: OpenWebUIClient) -> str:
+def probe(admin: OpenWebUIClient) -> Iterator[str]:
     function_id = f"e2e_probe_{uuid.uuid4().hex[:8]}"
     created = admin.create_function(function_id, "E2E Probe", PROBE_SOURCE, {"description": "harness probe"})
     assert created["id"] == function_id
@@ -110,7 +111,8 @@ def probe(admin: OpenWebUIClient) -> str:
     assert state["is_active"] and state["is_global"]
     # Flipping is idempotent from the caller's side: a second call must not turn anything off.
     assert admin.activate_global(function_id)["is_global"]
-    return function_id
+    yield function_id
+    admin.delete_function(function_id)  # leave the server to the tests of the real plugin
 
 
 def test_valves_roundtrip(admin: OpenWebUIClient, probe: str) -> None:

@@ -1,0 +1,310 @@
+"""The real plugin inside a real Open WebUI 0.12.4, against the OpenRouter simulator.
+
+Each scenario asserts on the ledger (read through the CLI export, as an admin would) and on what
+the user sees (the saved message's statusHistory, the valve panels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import types
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scripts.build_manifest import MANIFEST, PLUGIN, build_manifest
+from tests.conftest import load_plugin_module
+from tests.e2e.owui import OpenWebUIClient, OpenWebUIHTTPError, OpenWebUIServer
+
+pytestmark = pytest.mark.e2e
+
+FUNCTION_ID = "openrouter_usage"
+MODEL = "openai/gpt-4o-mini"
+SOURCE = PLUGIN.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def plugin(openwebui: OpenWebUIServer) -> types.ModuleType:
+    """The plugin's own formatting helpers, for computing what the user should see."""
+    return load_plugin_module()
+
+
+def install(admin: OpenWebUIClient, item: dict[str, Any]) -> None:
+    created = admin.create_function(item["id"], item["name"], item["content"], item["meta"])
+    assert created["id"] == FUNCTION_ID and created["type"] == "filter"
+    state = admin.activate_global(FUNCTION_ID)
+    assert state["is_active"] and state["is_global"]
+    # The simulator listens on loopback; this makes it count as an OpenRouter connection, so
+    # inlet asks it for usage exactly as it would ask openrouter.ai.
+    admin.update_valves(FUNCTION_ID, {"openrouter_url_pattern": "openrouter.ai,127.0.0.1"})
+
+
+@pytest.fixture(scope="module")
+def installed(admin: OpenWebUIClient, simulator: Any) -> Iterator[None]:
+    """Installed the way an admin pastes the file: created from the plugin's content via the API."""
+    (item,) = build_manifest(SOURCE)
+    install(admin, {**item, "meta": {"description": item["meta"]["description"]}})
+    simulator.clear()  # from here on, every request the simulator sees went through the plugin
+    yield
+    admin.delete_function(FUNCTION_ID)
+
+
+def export(openwebui: OpenWebUIServer) -> list[dict[str, Any]]:
+    """The ledger, through the admin CLI, reading the default SQLite file in Open WebUI's DATA_DIR."""
+    script = shutil.which("openrouter-usage", path=str(Path(sys.executable).parent))
+    assert script
+    env = {**os.environ, "DATA_DIR": str(openwebui.data_dir)}
+    env.pop("OPENROUTER_USAGE_DATABASE_URL", None)
+    result = subprocess.run([script, "export", "--format", "json"], capture_output=True, text=True, env=env,
+                            timeout=60, check=True)
+    rows: list[dict[str, Any]] = json.loads(result.stdout)
+    return rows
+
+
+def generation_for(simulator: Any, marker: str) -> Any:
+    """The simulator's record of the chat completion whose last user message holds `marker`."""
+    chats = [
+        g for g in simulator.generations.values()
+        if g.task is None and marker in json.dumps(g.request_body.get("messages", [])[-1:])
+    ]
+    assert len(chats) == 1, f"expected one completion for {marker!r}, got {len(chats)}"
+    return chats[0]
+
+
+def usd(row_value: str | None) -> Decimal:
+    return Decimal(row_value or "0")
+
+
+def rows_by_message(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {row["message_id"]: row for row in rows}
+
+
+def usage_lines(message: dict[str, Any]) -> list[str]:
+    return [s.get("description", "") for s in message.get("statusHistory") or [] if s.get("done")]
+
+
+def wait_for_row(openwebui: OpenWebUIServer, message_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = rows_by_message(export(openwebui)).get(message_id)
+        if row is not None or time.monotonic() > deadline:
+            assert row is not None, f"no ledger row for {message_id}"
+            return row
+        time.sleep(0.2)
+
+
+def test_browser_streaming_chat_records_exactly_and_shows_the_line(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None, plugin: Any
+) -> None:
+    marker = f"browser-{uuid.uuid4().hex[:8]}"
+    chat_id, message_id = admin.browser_chat(MODEL, f"Tell me about ledgers {marker}")
+    row = wait_for_row(openwebui, message_id)
+    generation = generation_for(simulator, marker)
+    assert row["chat_id"] == chat_id and row["user_id"] == admin.user["id"]
+    assert usd(row["cost_usd"]) == generation.cost and usd(row["spend_usd"]) == generation.spend
+    assert row["prompt_tokens"] == generation.usage["prompt_tokens"]
+    assert row["completion_tokens"] == generation.usage["completion_tokens"]
+    assert row["generation_ids"] == [generation.id]
+    assert (row["provider"], row["served_model"], row["model"]) == ("OpenAI", MODEL, MODEL)
+    assert row["status"] == "ok"
+    message = admin.get_message(chat_id, message_id)
+    assert message is not None
+    (line,) = [line for line in usage_lines(message) if "$" in line]
+    assert line.startswith(f"{MODEL} · OpenAI · ")
+    spend_pico = int(generation.spend * 10**12)
+    assert plugin.format_usd(spend_pico) in line and f"chat {plugin.format_usd(spend_pico)}" in line
+
+
+def test_direct_api_calls_stream_and_not_each_give_one_exact_row(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None
+) -> None:
+    before = {row["message_id"] for row in export(openwebui)}
+    streamed_marker, plain_marker = f"api-s-{uuid.uuid4().hex[:8]}", f"api-n-{uuid.uuid4().hex[:8]}"
+    streamed = admin.chat_completion(MODEL, [{"role": "user", "content": streamed_marker}], stream=True)
+    assert streamed.done and streamed.content and not any("error" in e for e in streamed.events)
+    plain = admin.chat_completion(MODEL, [{"role": "user", "content": plain_marker}], stream=False)
+    assert plain["choices"][0]["message"]["content"]
+    new_rows = [row for row in export(openwebui) if row["message_id"] not in before]
+    assert len(new_rows) == 2
+    spends = sorted(usd(row["spend_usd"]) for row in new_rows)
+    expected = sorted(generation_for(simulator, m).spend for m in (streamed_marker, plain_marker))
+    assert spends == expected
+    assert all(row["chat_id"] == "" and row["message_id"].startswith("msg") for row in new_rows)
+
+
+@pytest.mark.parametrize("directive", ["[sim:shape=A]", "[sim:shape=B]", "[sim:shape=C]", "[sim:byok]"])
+def test_every_usage_shape_and_byok_is_exact(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None, directive: str
+) -> None:
+    marker = f"shape-{uuid.uuid4().hex[:8]}"
+    chat_id, message_id = admin.browser_chat(MODEL, f"{marker} {directive}")
+    row = wait_for_row(openwebui, message_id)
+    generation = generation_for(simulator, marker)
+    assert usd(row["spend_usd"]) == generation.spend
+    if directive == "[sim:byok]":
+        assert row["is_byok"] and generation.is_byok
+        assert usd(row["spend_usd"]) == generation.cost + generation.upstream_inference_cost
+    else:
+        assert not row["is_byok"] and usd(row["spend_usd"]) == generation.cost  # upstream never added
+
+
+def test_second_turn_line_shows_the_chat_total_of_both_turns(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None, plugin: Any
+) -> None:
+    first_marker, second_marker = f"turn1-{uuid.uuid4().hex[:8]}", f"turn2-{uuid.uuid4().hex[:8]}"
+    chat_id, first_id = admin.browser_chat(MODEL, first_marker)
+    _, second_id = admin.browser_chat(MODEL, second_marker, chat_id=chat_id)
+    rows = rows_by_message(export(openwebui))
+    total = usd(rows[first_id]["spend_usd"]) + usd(rows[second_id]["spend_usd"])
+    assert total == generation_for(simulator, first_marker).spend + generation_for(simulator, second_marker).spend
+    message = admin.get_message(chat_id, second_id)
+    assert message is not None
+    (line,) = [line for line in usage_lines(message) if "$" in line]
+    assert f"chat {plugin.format_usd(int(total * 10**12))}" in line
+
+
+def test_a_mid_stream_error_shows_open_webui_error_and_marks_the_row_failed(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None
+) -> None:
+    marker = f"fail-{uuid.uuid4().hex[:8]}"
+    chat_id, message_id = admin.browser_chat(MODEL, f"{marker} [sim:midstream-error] [sim:midstream-error-usage]")
+    message = admin.get_message(chat_id, message_id)
+    assert message is not None and message.get("error"), "Open WebUI shows its normal error under the message"
+    row = wait_for_row(openwebui, message_id)
+    assert row["status"] == "error" and row["error"]
+    assert usd(row["spend_usd"]) == generation_for(simulator, marker).spend
+
+
+def test_two_users_at_once_each_get_their_own_rows_and_figures(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None, plugin: Any
+) -> None:
+    email = f"bob-{uuid.uuid4().hex[:6]}@example.com"
+    admin.add_user("Bob Builder", email, "bob-password-e2e")
+    bob = OpenWebUIClient.login(openwebui.url, email, "bob-password-e2e")
+    results: dict[str, tuple[str, str]] = {}
+    markers = {"admin": f"two-a-{uuid.uuid4().hex[:8]}", "bob": f"two-b-{uuid.uuid4().hex[:8]}"}
+
+    def chat(name: str, client: OpenWebUIClient) -> None:
+        results[name] = client.browser_chat(MODEL, markers[name])
+
+    threads = [threading.Thread(target=chat, args=(n, c)) for n, c in (("admin", admin), ("bob", bob))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    rows = rows_by_message(export(openwebui))
+    admin_row, bob_row = rows[results["admin"][1]], rows[results["bob"][1]]
+    assert admin_row["user_id"] == admin.user["id"] and bob_row["user_id"] == bob.user["id"]
+    assert bob_row["user_name"] == "Bob Builder"
+    for name, row in (("admin", admin_row), ("bob", bob_row)):
+        assert usd(row["spend_usd"]) == generation_for(simulator, markers[name]).spend
+    bob_message = bob.get_message(*results["bob"])
+    assert bob_message is not None
+    (line,) = [line for line in usage_lines(bob_message) if "$" in line]
+    assert plugin.format_usd(int(usd(bob_row["spend_usd"]) * 10**12)) in line
+
+    # Issue 5: a user reads only their own figures; the admin spec is not theirs to read.
+    spec = bob.get_user_valves_spec(FUNCTION_ID)
+    assert spec is not None
+    labels = " ".join(o["label"] for o in spec["properties"]["my_usage"]["input"]["options"])
+    bob_spend = sum(usd(r["spend_usd"]) for r in rows.values() if r["user_id"] == bob.user["id"])
+    assert f"Today: {plugin.format_usd(int(bob_spend * 10**12))} · 1 requests" in labels
+    assert admin.user.get("name", "Admin") not in labels and "Admin" not in labels
+    with pytest.raises(OpenWebUIHTTPError) as denied:
+        bob.get_valves_spec(FUNCTION_ID)
+    assert denied.value.status_code == 401
+    bob.close()
+
+
+def test_the_legacy_completed_endpoint_does_not_double_count(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, installed: None
+) -> None:
+    chat_id, message_id = admin.browser_chat(MODEL, f"legacy-{uuid.uuid4().hex[:8]}")
+    wait_for_row(openwebui, message_id)
+    chat = admin.get_chat(chat_id)["chat"]
+    messages = [
+        {k: m.get(k) for k in ("id", "role", "content", "info", "timestamp", "usage") if k in m}
+        for m in chat["history"]["messages"].values()
+    ]
+    admin.chat_completed({"model": MODEL, "messages": messages, "chat_id": chat_id, "session_id": "legacy",
+                          "id": message_id})
+    assert [row["message_id"] for row in export(openwebui)].count(message_id) == 1
+
+
+def test_title_and_tag_generations_happen_but_are_not_rows(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None
+) -> None:
+    marker = f"tasks-{uuid.uuid4().hex[:8]}"
+    chat_id, message_id = admin.browser_chat(MODEL, marker)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        tasks = {r.task for r in simulator.requests if r.task and marker in json.dumps(r.body)}
+        if {"title", "tags"} <= tasks:
+            break
+        time.sleep(0.2)
+    assert {"title", "tags"} <= tasks, "Open WebUI generated a title and tags (the documented gap)"
+    rows_for_chat = [row for row in export(openwebui) if row["chat_id"] == chat_id]
+    assert [row["message_id"] for row in rows_for_chat] == [message_id]
+
+
+def test_the_simulator_was_asked_for_usage_and_never_for_a_bulk_listing(simulator: Any, installed: None) -> None:
+    chats = [r for r in simulator.requests if r.path.endswith("/chat/completions") and r.task is None]
+    assert chats
+    assert all(r.body["usage"] == {"include": True} for r in chats), "inlet asked OpenRouter for usage"
+    assert all(r.body["stream_options"]["include_usage"] for r in chats if r.body.get("stream"))
+    assert not [r for r in simulator.requests if r.path.endswith("/generations")]
+
+
+def test_bulk_sync_valve_round_trip_shows_the_notice_and_tracking_goes_on(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, installed: None
+) -> None:
+    admin.update_valves(FUNCTION_ID, {"bulk_sync": True}, merge=True)
+    valves = admin.get_valves(FUNCTION_ID)
+    assert valves["bulk_sync"] is False  # never suggests that a sync is running
+    assert "Bulk sync has been disabled" in valves["bulk_sync_notice"]
+    assert "GET /api/v1/generations does not exist" in valves["bulk_sync_notice"]
+    spec = admin.get_valves_spec(FUNCTION_ID)
+    assert spec is not None and spec["properties"]["bulk_sync"]["description"].startswith("Deprecated")
+    # A later save (the admin's next edit) is still accepted: stored valves stay valid.
+    admin.update_valves(FUNCTION_ID, {"report_rows": 5}, merge=True)
+    _, message_id = admin.browser_chat(MODEL, f"after-bulk-{uuid.uuid4().hex[:8]}")
+    wait_for_row(openwebui, message_id)
+
+
+def test_the_admin_panel_report_matches_the_ledger(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, installed: None, plugin: Any
+) -> None:
+    rows = export(openwebui)
+    spec = admin.get_valves_spec(FUNCTION_ID)
+    assert spec is not None
+    report = spec["properties"]["usage_report"]["description"]
+    total = sum(usd(row["spend_usd"]) for row in rows)
+    all_time = next(line for line in report.splitlines() if line.startswith("| All time |"))
+    assert all_time == (f"| All time | {plugin.format_usd(int(total * 10**12))} | {len(rows):,} | "
+                        f"{sum(r['total_tokens'] for r in rows):,} | "
+                        f"{sum(1 for r in rows if r['status'] != 'ok'):,} |")
+    assert "Bob Builder" in report and "openrouter_usage.sqlite3" in report
+
+
+def test_installed_from_manifest_like_the_import_button(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, installed: None
+) -> None:
+    admin.delete_function(FUNCTION_ID)
+    (created,) = admin.import_manifest(MANIFEST)
+    assert created["id"] == FUNCTION_ID
+    install_state = admin.activate_global(FUNCTION_ID)
+    assert install_state["is_active"] and install_state["is_global"]
+    function = admin.get_function(FUNCTION_ID)
+    assert function is not None and function["meta"]["manifest"]["version"]
+    _, message_id = admin.browser_chat(MODEL, f"manifest-{uuid.uuid4().hex[:8]}")
+    assert wait_for_row(openwebui, message_id)["status"] == "ok"
