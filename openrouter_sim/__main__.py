@@ -39,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         done.set()
 
+    # Handle SIGINT ourselves too: a shell starting us in the background sets it to "ignore".
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     sim.start()
     try:
         while not done.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
         logging.getLogger("openrouter_sim").info("shutting down")
         sim.stop()

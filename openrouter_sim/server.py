@@ -21,7 +21,7 @@ import socket
 import string
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -652,6 +652,9 @@ class _Handler(BaseHTTPRequestHandler):
     _headers_sent: bool = False
     _note: str = ""
 
+    def version_string(self) -> str:
+        return self.server_version
+
     @property
     def sim(self) -> OpenRouterSimulator:
         return cast(_SimHTTPServer, self.server).sim
@@ -773,6 +776,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         route = path.rstrip("/") if len(path) > 1 else path
         is_chat = self.command == "POST" and route == f"{API_PREFIX}/chat/completions"
+        read = self.command in ("GET", "HEAD")
         task = detect_task(_last_user_text(body)) if is_chat and isinstance(body, dict) else None
         self.sim._record_request(
             RecordedRequest(self.command, path, query, headers, body, task, received_at=started)
@@ -780,11 +784,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if is_chat:
                 self._chat(body, body_ok, headers, task)
-            elif self.command == "GET" and route == f"{API_PREFIX}/models":
+            elif read and route == f"{API_PREFIX}/models":
                 self._send_json(200, _models_payload())
-            elif self.command == "GET" and route == f"{API_PREFIX}/generation":
+            elif read and route == f"{API_PREFIX}/generation":
                 self._generation(query)
-            elif self.command == "GET" and route == f"{API_PREFIX}/key":
+            elif read and route == f"{API_PREFIX}/key":
                 self._key()
             else:
                 self._not_found()
@@ -1025,7 +1029,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.sim._store_generation(record)
             raise
 
-    def _stream_tool_call(self, plan: _Plan, emit: Any, delay: float) -> None:
+    def _stream_tool_call(self, plan: _Plan, emit: Callable[..., None], delay: float) -> None:
         call = plan.tool_call
         assert call is not None
         self._pause(delay)

@@ -65,8 +65,14 @@ def export(openwebui: OpenWebUIServer) -> list[dict[str, Any]]:
     assert script
     env = {**os.environ, "DATA_DIR": str(openwebui.data_dir)}
     env.pop("OPENROUTER_USAGE_DATABASE_URL", None)
-    result = subprocess.run([script, "export", "--format", "json"], capture_output=True, text=True, env=env,
-                            timeout=60, check=True)
+    result = subprocess.run(
+        [script, "export", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
     rows: list[dict[str, Any]] = json.loads(result.stdout)
     return rows
 
@@ -74,7 +80,8 @@ def export(openwebui: OpenWebUIServer) -> list[dict[str, Any]]:
 def generation_for(simulator: Any, marker: str) -> Any:
     """The simulator's record of the chat completion whose last user message holds `marker`."""
     chats = [
-        g for g in simulator.generations.values()
+        g
+        for g in simulator.generations.values()
         if g.task is None and marker in json.dumps(g.request_body.get("messages", [])[-1:])
     ]
     assert len(chats) == 1, f"expected one completion for {marker!r}, got {len(chats)}"
@@ -147,7 +154,7 @@ def test_every_usage_shape_and_byok_is_exact(
     admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None, directive: str
 ) -> None:
     marker = f"shape-{uuid.uuid4().hex[:8]}"
-    chat_id, message_id = admin.browser_chat(MODEL, f"{marker} {directive}")
+    _, message_id = admin.browser_chat(MODEL, f"{marker} {directive}")
     row = wait_for_row(openwebui, message_id)
     generation = generation_for(simulator, marker)
     assert usd(row["spend_usd"]) == generation.spend
@@ -166,7 +173,10 @@ def test_second_turn_line_shows_the_chat_total_of_both_turns(
     _, second_id = admin.browser_chat(MODEL, second_marker, chat_id=chat_id)
     rows = rows_by_message(export(openwebui))
     total = usd(rows[first_id]["spend_usd"]) + usd(rows[second_id]["spend_usd"])
-    assert total == generation_for(simulator, first_marker).spend + generation_for(simulator, second_marker).spend
+    assert (
+        total
+        == generation_for(simulator, first_marker).spend + generation_for(simulator, second_marker).spend
+    )
     message = admin.get_message(chat_id, second_id)
     assert message is not None
     (line,) = [line for line in usage_lines(message) if "$" in line]
@@ -177,7 +187,9 @@ def test_a_mid_stream_error_shows_open_webui_error_and_marks_the_row_failed(
     admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None
 ) -> None:
     marker = f"fail-{uuid.uuid4().hex[:8]}"
-    chat_id, message_id = admin.browser_chat(MODEL, f"{marker} [sim:midstream-error] [sim:midstream-error-usage]")
+    chat_id, message_id = admin.browser_chat(
+        MODEL, f"{marker} [sim:midstream-error] [sim:midstream-error-usage]"
+    )
     message = admin.get_message(chat_id, message_id)
     assert message is not None and message.get("error"), "Open WebUI shows its normal error under the message"
     row = wait_for_row(openwebui, message_id)
@@ -236,8 +248,9 @@ def test_the_legacy_completed_endpoint_does_not_double_count(
         {k: m.get(k) for k in ("id", "role", "content", "info", "timestamp", "usage") if k in m}
         for m in chat["history"]["messages"].values()
     ]
-    admin.chat_completed({"model": MODEL, "messages": messages, "chat_id": chat_id, "session_id": "legacy",
-                          "id": message_id})
+    admin.chat_completed(
+        {"model": MODEL, "messages": messages, "chat_id": chat_id, "session_id": "legacy", "id": message_id}
+    )
     assert [row["message_id"] for row in export(openwebui)].count(message_id) == 1
 
 
@@ -257,7 +270,9 @@ def test_title_and_tag_generations_happen_but_are_not_rows(
     assert [row["message_id"] for row in rows_for_chat] == [message_id]
 
 
-def test_the_simulator_was_asked_for_usage_and_never_for_a_bulk_listing(simulator: Any, installed: None) -> None:
+def test_the_simulator_was_asked_for_usage_and_never_for_a_bulk_listing(
+    simulator: Any, installed: None
+) -> None:
     chats = [r for r in simulator.requests if r.path.endswith("/chat/completions") and r.task is None]
     assert chats
     assert all(r.body["usage"] == {"include": True} for r in chats), "inlet asked OpenRouter for usage"
@@ -290,9 +305,11 @@ def test_the_admin_panel_report_matches_the_ledger(
     report = spec["properties"]["usage_report"]["description"]
     total = sum(usd(row["spend_usd"]) for row in rows)
     all_time = next(line for line in report.splitlines() if line.startswith("| All time |"))
-    assert all_time == (f"| All time | {plugin.format_usd(int(total * 10**12))} | {len(rows):,} | "
-                        f"{sum(r['total_tokens'] for r in rows):,} | "
-                        f"{sum(1 for r in rows if r['status'] != 'ok'):,} |")
+    assert all_time == (
+        f"| All time | {plugin.format_usd(int(total * 10**12))} | {len(rows):,} | "
+        f"{sum(r['total_tokens'] for r in rows):,} | "
+        f"{sum(1 for r in rows if r['status'] != 'ok'):,} |"
+    )
     assert "Bob Builder" in report and "openrouter_usage.sqlite3" in report
 
 

@@ -68,12 +68,16 @@ async def test_the_next_admin_chat_gets_the_notice_once_and_users_never(
     assert len(admin_events.statuses) == 2 and len(user_events.statuses) == 1
 
 
-def test_get_generations_answers_501_without_a_request(plugin: types.ModuleType, sim: OpenRouterSimulator) -> None:
+def test_get_generations_answers_501_without_a_request(
+    plugin: types.ModuleType, sim: OpenRouterSimulator
+) -> None:
     client = plugin.OpenRouterClient(api_key="sk-or-test", base_url=sim.base_url)
     answer = client.get_generations(date="2026-11-01", limit=100)
     assert answer["status_code"] == 501 and answer["status"] == "deprecated"
     assert answer["error"] == "Bulk sync disabled"
-    assert answer["message"] == NOTICE["message"] and answer["alternative"] == NOTICE["details"]["alternative"]
+    assert (
+        answer["message"] == NOTICE["message"] and answer["alternative"] == NOTICE["details"]["alternative"]
+    )
     assert sim.requests == []
 
 
@@ -84,8 +88,12 @@ def test_sync_openrouter_usage_returns_the_notice(plugin: types.ModuleType) -> N
 
 
 def test_the_cli_sync_prints_the_notice_and_exits_zero(data_dir: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "openrouter_usage", "sync", "--date", "2026-11-01"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "openrouter_usage", "sync", "--date", "2026-11-01"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0
     assert json.loads(result.stdout) == NOTICE
 

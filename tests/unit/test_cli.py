@@ -40,9 +40,20 @@ def test_export_json_has_one_exact_object_per_record(
         assert Decimal(row["spend_usd"]) == Decimal(record.usage.spend_pico) / 10**12
         assert row["generation_ids"] == list(record.generation_ids)
         assert row["created_at"].endswith("Z")
-        for field in ("chat_id", "user_id", "model", "served_model", "provider", "prompt_tokens",
-                      "completion_tokens", "cached_tokens", "reasoning_tokens", "upstream_cost_usd", "is_byok",
-                      "status"):
+        for field in (
+            "chat_id",
+            "user_id",
+            "model",
+            "served_model",
+            "provider",
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_tokens",
+            "reasoning_tokens",
+            "upstream_cost_usd",
+            "is_byok",
+            "status",
+        ):
             assert field in row
 
 
@@ -57,7 +68,10 @@ def test_export_since_keeps_later_records(
 
 
 def test_export_csv_is_quoted_and_neutralises_formulas(
-    plugin: types.ModuleType, data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    plugin: types.ModuleType,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url = f"sqlite:///{data_dir / 'x.sqlite3'}"
     monkeypatch.setenv("OPENROUTER_USAGE_DATABASE_URL", url)  # no --database-url: the env var
@@ -109,11 +123,19 @@ def test_report_formats_agree(
 def test_the_console_script_is_installed_and_works(data_dir: Path) -> None:
     script = shutil.which("openrouter-usage", path=str(Path(sys.executable).parent))
     assert script, "pip install -e . declares the console script"
-    result = subprocess.run([script, "report", "--format", "json"], capture_output=True, text=True,
-                            env={**os.environ, "DATA_DIR": str(data_dir)}, timeout=60, check=True)
+    result = subprocess.run(
+        [script, "report", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATA_DIR": str(data_dir)},
+        timeout=60,
+        check=True,
+    )
     assert json.loads(result.stdout)["periods"]["all_time"]["requests"] == 0
 
 
-def test_a_bad_database_url_is_a_clear_error(plugin: types.ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_database_url_is_a_clear_error(
+    plugin: types.ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = plugin.cli_main(["report", "--database-url", "mysql://x@localhost/db"])
     assert code == 2 and "SQLite and PostgreSQL" in capsys.readouterr().err

@@ -45,7 +45,11 @@ def test_imports_only_the_standard_library_and_what_open_webui_ships() -> None:
 
 def test_never_prints_and_never_sets_toggle() -> None:
     tree = ast.parse(SOURCE)
-    calls = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    calls = {
+        node.func.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    }
     assert "print" not in calls
     module = load_plugin_module()
     assert not getattr(module.Filter(), "toggle", None)

@@ -33,8 +33,14 @@ def test_money_has_sensible_precision(plugin: types.ModuleType, usd: str, text: 
 
 @pytest.mark.parametrize(
     "hostile",
-    ["[click](https://evil.example)", "<img src=x onerror=alert(1)>", "a | b\n| c |", "**bold** `code` ![i](x)",
-     "https://evil.example", "user@example.com"],
+    [
+        "[click](https://evil.example)",
+        "<img src=x onerror=alert(1)>",
+        "a | b\n| c |",
+        "**bold** `code` ![i](x)",
+        "https://evil.example",
+        "user@example.com",
+    ],
 )
 def test_user_controlled_text_cannot_form_markdown(plugin: types.ModuleType, hostile: str) -> None:
     escaped = plugin.escape_markdown(hostile)
@@ -45,10 +51,17 @@ def test_user_controlled_text_cannot_form_markdown(plugin: types.ModuleType, hos
 
 def records_for_report(plugin: types.ModuleType) -> list[object]:
     records = []
-    for index, (days_ago, user) in enumerate([(0, "a"), (0, "b"), (3, "a"), (10, "c"), (40, "a"), (400, "b")]):
+    for index, (days_ago, user) in enumerate(
+        [(0, "a"), (0, "b"), (3, "a"), (10, "c"), (40, "a"), (400, "b")]
+    ):
         records.append(
-            make_record(plugin, index, user_id=f"u-{user}", user_name=f"Name {user}",
-                        created_at=NOW - timedelta(days=days_ago, hours=1))
+            make_record(
+                plugin,
+                index,
+                user_id=f"u-{user}",
+                user_name=f"Name {user}",
+                created_at=NOW - timedelta(days=days_ago, hours=1),
+            )
         )
     return records
 
@@ -59,7 +72,9 @@ def test_report_periods_tops_and_location_are_exact(plugin: types.ModuleType, da
     report = plugin.build_usage_report(plugin.ledger_for(database_url), ZoneInfo("UTC"), 10, now=NOW)
 
     def spend(days: int | None) -> int:
-        return sum(r.usage.spend_pico for r in records if days is None or NOW - r.created_at < timedelta(days=days))
+        return sum(
+            r.usage.spend_pico for r in records if days is None or NOW - r.created_at < timedelta(days=days)
+        )
 
     assert report.periods["today"].spend_pico == spend(1)
     assert report.periods["today"].requests == 2
@@ -70,8 +85,9 @@ def test_report_periods_tops_and_location_are_exact(plugin: types.ModuleType, da
     top = {u.user_id: u for u in report.top_users}
     assert set(top) == {"u-a", "u-b", "u-c"}
     assert top["u-a"].spend_pico == sum(r.usage.spend_pico for r in records[:3] if r.user_id == "u-a")
-    assert [u.spend_pico for u in report.top_users] == sorted((u.spend_pico for u in report.top_users),
-                                                              reverse=True)
+    assert [u.spend_pico for u in report.top_users] == sorted(
+        (u.spend_pico for u in report.top_users), reverse=True
+    )
     assert report.last_written_at == max(r.created_at for r in records)
     assert report.location == plugin.masked_url(database_url)
     markdown = plugin.render_report_markdown(report)
@@ -89,10 +105,11 @@ def test_the_panel_report_follows_the_saved_valves(plugin: types.ModuleType, dat
     write(plugin, url, [make_record(plugin, 1, created_at=datetime.now(UTC))])
     plugin.Filter.Valves(database_url=url, report_rows=3)  # what Open WebUI builds on save and per hook
     description = plugin.Filter.Valves.model_json_schema()["properties"]["usage_report"]["description"]
-    assert "**Usage report**" in description and "| Today |" in description and "custom.sqlite3" in description
+    assert (
+        "**Usage report**" in description and "| Today |" in description and "custom.sqlite3" in description
+    )
     # A restart forgets the process memory; the settings file remembers.
-    fresh = types.SimpleNamespace(**vars(plugin))
-    assert fresh.SettingsMemory().recall()["database_url"] == url
+    assert plugin.SettingsMemory().recall()["database_url"] == url
 
 
 def test_an_unreadable_ledger_still_opens_the_panel_with_one_line(plugin: types.ModuleType) -> None:
@@ -105,8 +122,10 @@ def test_an_unreadable_ledger_still_opens_the_panel_with_one_line(plugin: types.
 def test_a_user_sees_only_their_own_figures(plugin: types.ModuleType, database_url: str) -> None:
     now = datetime.now(UTC)
     mine = [make_record(plugin, i, user_id="me", created_at=now) for i in range(3)]
-    theirs = [make_record(plugin, 10 + i, user_id="other", user_name="Other Person", created_at=now)
-              for i in range(2)]
+    theirs = [
+        make_record(plugin, 10 + i, user_id="other", user_name="Other Person", created_at=now)
+        for i in range(2)
+    ]
     write(plugin, database_url, mine + theirs)
     plugin.Filter.Valves(database_url=database_url)
     options = plugin.Filter.UserValves.my_usage_options(__user__={"id": "me", "name": "Me"})

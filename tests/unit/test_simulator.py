@@ -886,3 +886,45 @@ def test_lifecycle_snapshots_and_clear() -> None:
         url = sim.base_url
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/models", timeout=1, verify=_TLS)
+
+
+def test_non_streaming_midstream_error(client: httpx.Client, sim: OpenRouterSimulator) -> None:
+    # Without streaming the status is already committed too: 200 with a top-level error.
+    response = client.post("/chat/completions", json=chat_body("break [sim:midstream-error=server_error]"))
+    assert response.status_code == 200
+    payload = response.json()
+    assert payload["error"]["code"] == "server_error"
+    assert payload["choices"][0]["finish_reason"] == "error" and "usage" not in payload
+    record = sim.generations[response.headers["X-Generation-Id"]]
+    assert record.finish_reason == "error" and record.error == payload["error"] and record.spend == 0
+
+
+def test_max_tokens_truncates_with_length(client: httpx.Client) -> None:
+    payload = client.post("/chat/completions", json=chat_body("short please", max_tokens=3)).json()
+    assert payload["choices"][0]["finish_reason"] == "length"
+    assert payload["usage"]["completion_tokens"] == 3
+    assert len(payload["choices"][0]["message"]["content"]) == 12
+
+
+def test_cache_write_surcharge_in_generation(client: httpx.Client, validate: Validate) -> None:
+    body = chat_body("write the cache [sim:cache-write=100]", model="anthropic/claude-sonnet-4.5")
+    usage = loads(client.post("/chat/completions", json=body).text)
+    gen_id, usage = usage["id"], usage["usage"]
+    assert usage["prompt_tokens_details"]["cache_write_tokens"] == 100
+    info = MODELS["anthropic/claude-sonnet-4.5"]
+    assert usage["cost_details"]["upstream_inference_prompt_cost"] == (
+        (usage["prompt_tokens"] - 100) * info.prompt_price + 100 * Decimal("0.00000375")
+    )
+    payload = loads(client.get("/generation", params={"id": gen_id}).text)
+    validate(_schema("GenerationResponse"), payload)
+    assert payload["data"]["cache_discount"] == 100 * (Decimal("0.000003") - Decimal("0.00000375")) < 0
+
+
+def test_head_requests_are_recorded(client: httpx.Client, sim: OpenRouterSimulator) -> None:
+    response = client.head("/models")
+    assert response.status_code == 200 and response.content == b""
+    assert client.head("/generations").status_code == 404
+    assert [(r.method, r.path) for r in sim.requests] == [
+        ("HEAD", "/api/v1/models"),
+        ("HEAD", "/api/v1/generations"),
+    ]

@@ -1,0 +1,187 @@
+"""The admin panel report and the per-user read-out at 1,000,000 ledger rows, and at 1,000.
+
+Both read only the daily rollups (plus one indexed max(created_at)), so their cost should not
+grow with the ledger: targets are build_usage_report <= 50 ms at 1M rows, time(1M)/time(1K) <= 3,
+user_usage_summary <= 5 ms at 1M rows.
+
+Method: the fixtures come from bench/fixture.py (seeded, 200 users, 50 models, 400 days; the 1M
+one is cached in .cache/bench/). Each is opened with a fresh plugin.Ledger, called once as
+warm-up, then the calls alternate between the big and the small ledger so both see the same
+machine; median of the timed calls (perf_counter, wall time). Reports are asked "as of" the
+fixture's last day so today / 7 days / 30 days hold data; report_rows = 10 (the default valve).
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+from bench.common import (
+    BenchResult,
+    Figure,
+    at_most,
+    close_plugin,
+    command_for,
+    isolated_data_dir,
+    load_plugin,
+    main_for,
+    median,
+    progress,
+    spread,
+)
+from bench.fixture import REPORT_NOW, USERS, UTC_ZONE, FixtureInfo, expected_rows_ok, report_fixture, user_id
+
+NAME = "report_scale"
+BIG_ROWS = 1_000_000
+QUICK_BIG_ROWS = 100_000
+SMALL_ROWS = 1_000
+REPORT_TARGET_MS = 50.0
+RATIO_TARGET = 3.0
+USER_TARGET_MS = 5.0
+REPORT_ROWS = 10
+
+
+def _ms(work: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    work()
+    return (time.perf_counter() - started) * 1000
+
+
+def measure(plugin: types.ModuleType, big: FixtureInfo, small: FixtureInfo, calls: int) -> dict[str, list[float]]:
+    """Alternating timed calls on both fixtures: report and user read-out, in ms."""
+    ledgers = {"big": plugin.Ledger(big.url), "small": plugin.Ledger(small.url)}
+    times: dict[str, list[float]] = {f"{k}_{w}": [] for k in ledgers for w in ("report", "user", "cold")}
+    try:
+        for key, ledger in ledgers.items():
+            times[f"{key}_cold"].append(_ms(lambda ledger=ledger: plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)))
+            report = plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)
+            expected_rows_ok(report, big.rows if key == "big" else small.rows)
+            plugin.user_usage_summary(ledger, user_id(0), UTC_ZONE, REPORT_NOW)
+        for index in range(calls):
+            for key, ledger in ledgers.items():
+                times[f"{key}_report"].append(
+                    _ms(lambda ledger=ledger: plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW))
+                )
+            for key, ledger in ledgers.items():
+                who = user_id((index * 37) % USERS)
+                times[f"{key}_user"].append(
+                    _ms(lambda ledger=ledger, who=who: plugin.user_usage_summary(ledger, who, UTC_ZONE, REPORT_NOW))
+                )
+    finally:
+        for ledger in ledgers.values():
+            ledger.dispose()
+    return times
+
+
+def run(quick: bool) -> BenchResult:
+    result = BenchResult(NAME, quick, command_for(f"bench.{NAME}", quick))
+    big_rows = QUICK_BIG_ROWS if quick else BIG_ROWS
+    calls = 20 if quick else 40
+    label = f"{big_rows:,}"
+    with isolated_data_dir(NAME):
+        plugin = load_plugin()
+        try:
+            big = report_fixture(plugin, big_rows)
+            small = report_fixture(plugin, SMALL_ROWS)
+            progress(f"timing {calls} reports and read-outs on {label} and {SMALL_ROWS:,} rows")
+            times = measure(plugin, big, small, calls)
+        finally:
+            close_plugin(plugin)
+    quick_note = f"; quick run: {label} rows, the target is for 1,000,000" if quick else ""
+    big_report, small_report = median(times["big_report"]), median(times["small_report"])
+    result.add(
+        Figure(
+            "report_scale.report_big_ms",
+            f"panel report (build_usage_report) at {label} rows",
+            big_report,
+            "ms",
+            f"<= {REPORT_TARGET_MS:.0f} ms",
+            at_most(big_report, REPORT_TARGET_MS),
+            spread(times["big_report"], unit="ms") + quick_note,
+        )
+    )
+    result.add(
+        Figure(
+            "report_scale.report_small_ms",
+            f"panel report at {SMALL_ROWS:,} rows",
+            small_report,
+            "ms",
+            detail=spread(times["small_report"], unit="ms"),
+        )
+    )
+    ratio = big_report / small_report
+    result.add(
+        Figure(
+            "report_scale.report_ratio",
+            f"report time({label}) / time({SMALL_ROWS:,})",
+            ratio,
+            "x",
+            f"<= {RATIO_TARGET:.0f}",
+            at_most(ratio, RATIO_TARGET),
+            "medians of alternating calls" + quick_note,
+        )
+    )
+    big_user = median(times["big_user"])
+    result.add(
+        Figure(
+            "report_scale.user_big_ms",
+            f"per-user read-out (user_usage_summary) at {label} rows",
+            big_user,
+            "ms",
+            f"<= {USER_TARGET_MS:.0f} ms",
+            at_most(big_user, USER_TARGET_MS),
+            spread(times["big_user"], unit="ms") + quick_note,
+        )
+    )
+    result.add(
+        Figure(
+            "report_scale.user_small_ms",
+            f"per-user read-out at {SMALL_ROWS:,} rows",
+            median(times["small_user"]),
+            "ms",
+            detail=spread(times["small_user"], unit="ms"),
+        )
+    )
+    result.add(
+        Figure(
+            "report_scale.report_big_cold_ms",
+            f"first report on a fresh Ledger at {label} rows (schema check, connect)",
+            times["big_cold"][0],
+            "ms",
+            detail="single call, before the warm-up",
+        )
+    )
+    generated = "cached fixture, generated " + big.generated_at if big.cached else "generated in this run"
+    result.add(
+        Figure(
+            "report_scale.fixture_rate",
+            f"fixture generation at {label} rows (insert + rollup rebuild)",
+            big.rows_per_second,
+            "rows/s",
+            detail=f"{big.seconds:.0f} s: insert {big.insert_seconds:.0f} s, rollups {big.rollup_seconds:.0f} s; "
+            + generated,
+        )
+    )
+    result.add(
+        Figure(
+            "report_scale.rollup_rebuild_s",
+            f"  Ledger._rebuild_rollups at {label} rows",
+            big.rollup_seconds,
+            "s",
+            detail=f"{big.rows / big.rollup_seconds:,.0f} rows/s; runs on a report-time-zone change",
+        )
+    )
+    result.add(
+        Figure("report_scale.fixture_mb", f"SQLite file at {label} rows", big.size_mb, "MB", detail=str(big.path.name))
+    )
+    result.note(
+        f"fixture: {big.rows:,} rows, 200 users, 50 models, 400 days, seeded; reports as of {REPORT_NOW:%Y-%m-%d}; "
+        f"{calls} timed calls per figure after one warm-up, alternating big and small ledger."
+    )
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_for(NAME, run))
