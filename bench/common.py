@@ -167,7 +167,9 @@ def isolated_data_dir(prefix: str) -> Iterator[Path]:
 
     The directory lives on the machine's regular disk (tempfile's default), so SQLite's fsyncs
     are real ones."""
-    saved = {key: os.environ.get(key) for key in ("DATA_DIR", "OPENROUTER_USAGE_DATABASE_URL", "DATABASE_URL")}
+    saved = {
+        key: os.environ.get(key) for key in ("DATA_DIR", "OPENROUTER_USAGE_DATABASE_URL", "DATABASE_URL")
+    }
     directory = Path(tempfile.mkdtemp(prefix=f"bench-{prefix}-"))
     os.environ["DATA_DIR"] = str(directory)
     os.environ.pop("OPENROUTER_USAGE_DATABASE_URL", None)
@@ -249,7 +251,9 @@ def simulated_stream(content_chunks: int, model: str = "openai/gpt-4o-mini") -> 
 BENCH_USERS = 200
 
 
-def make_records(plugin: types.ModuleType, count: int, prefix: str, created_at: datetime | None = None) -> list[Any]:
+def make_records(
+    plugin: types.ModuleType, count: int, prefix: str, created_at: datetime | None = None
+) -> list[Any]:
     """`count` UsageRecords as tests/unit/test_ledger.py::make_record builds them, with unique
     message ids, 200 users, and (like live traffic) all created now, so they share today's rollups."""
     from tests.unit.test_ledger import make_record

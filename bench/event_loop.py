@@ -95,7 +95,9 @@ class Emitter:
 class CompletionRunner:
     """Runs whole completions through one Filter instance, as Open WebUI calls its hooks."""
 
-    def __init__(self, plugin: types.ModuleType, url: str, stream: SimulatedStream, selector: IdleMeasuringSelector):
+    def __init__(
+        self, plugin: types.ModuleType, url: str, stream: SimulatedStream, selector: IdleMeasuringSelector
+    ):
         from tests.unit.helpers import answer_text, usage_from_events
 
         self.plugin = plugin
@@ -107,7 +109,12 @@ class CompletionRunner:
         self.usage = usage_from_events(stream.chunks)
         self.selector = selector
         self.emitter = Emitter()
-        self.user: dict[str, Any] = {"id": "user-1", "name": "Ada", "email": "ada@example.com", "role": "user"}
+        self.user: dict[str, Any] = {
+            "id": "user-1",
+            "name": "Ada",
+            "email": "ada@example.com",
+            "role": "user",
+        }
         self.counter = 0
 
     def _rebuild_valves(self) -> None:
@@ -122,7 +129,9 @@ class CompletionRunner:
         chat_id = f"chat-{self.counter % 50}"
         metadata: dict[str, Any] = {"chat_id": chat_id, "message_id": message_id, "session_id": "s-1"}
         body = dict(self.stream.request)
-        outlet = outlet_body(self.stream.request, self.answer, self.usage, message_id=message_id, chat_id=chat_id)
+        outlet = outlet_body(
+            self.stream.request, self.answer, self.usage, message_id=message_id, chat_id=chat_id
+        )
         user = dict(self.user, valves=self.plugin.Filter.UserValves())
         rebuild: Callable[[], None] = self._rebuild_valves if rebuild_valves else _nothing
         hook, chunks = self.hook, self.stream.chunks
@@ -216,7 +225,7 @@ def run(quick: bool) -> BenchResult:
                     progress("the same with the writer's future already resolved (diagnostic)")
                     real_writer_for = plugin.writer_for
                     stub = ResolvedWriter(plugin, real_writer_for(plugin.resolve_database_url(url)).ledger)
-                    plugin.writer_for = lambda _url: stub
+                    plugin.writer_for = lambda _url, stub=stub: stub
                     try:
                         resolved = [loop.run_until_complete(runner.completion()) for _ in range(count // 2)]
                     finally:

@@ -41,7 +41,18 @@ FIRST_MOMENT = datetime(2026, 6, 30, tzinfo=UTC) - timedelta(days=DAYS - 1)
 INSERT_CHUNK = 100_000
 UTC_ZONE = ZoneInfo("UTC")
 
-_VENDORS = ("openai", "anthropic", "google", "meta-llama", "mistralai", "deepseek", "qwen", "x-ai", "cohere", "nvidia")
+_VENDORS = (
+    "openai",
+    "anthropic",
+    "google",
+    "meta-llama",
+    "mistralai",
+    "deepseek",
+    "qwen",
+    "x-ai",
+    "cohere",
+    "nvidia",
+)
 _PROVIDERS = (
     "OpenAI",
     "Anthropic",
@@ -90,7 +101,10 @@ def schema_digest(plugin: types.ModuleType) -> str:
     parts = [name for name, _ in plugin.MIGRATIONS]
     for table in plugin.schema.sorted_tables:
         parts.append(str(sa.schema.CreateTable(table).compile(dialect=dialect)))
-        parts.extend(str(sa.schema.CreateIndex(index).compile(dialect=dialect)) for index in sorted(table.indexes, key=lambda i: str(i.name)))
+        parts.extend(
+            str(sa.schema.CreateIndex(index).compile(dialect=dialect))
+            for index in sorted(table.indexes, key=lambda i: str(i.name))
+        )
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
@@ -104,8 +118,15 @@ def report_fixture(plugin: types.ModuleType, rows: int) -> FixtureInfo:
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        return FixtureInfo(path, rows, True, meta["generated_at"], meta["insert_seconds"], meta["rollup_seconds"],
-                           file_size_mb(path))
+        return FixtureInfo(
+            path,
+            rows,
+            True,
+            meta["generated_at"],
+            meta["insert_seconds"],
+            meta["rollup_seconds"],
+            file_size_mb(path),
+        )
     for stale in CACHE_DIR.glob(f"report-v*-{rows}.*"):
         stale.unlink()
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -115,15 +136,27 @@ def report_fixture(plugin: types.ModuleType, rows: int) -> FixtureInfo:
     progress(f"generating the {rows:,}-row report fixture (cached afterwards in {CACHE_DIR})")
     insert_seconds, rollup_seconds = _generate(plugin, building, rows)
     os.replace(building, path)
-    info = FixtureInfo(path, rows, False, datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), insert_seconds,
-                       rollup_seconds, file_size_mb(path))
-    meta_path.write_text(json.dumps({
-        "rows": rows,
-        "generated_at": info.generated_at,
-        "insert_seconds": insert_seconds,
-        "rollup_seconds": rollup_seconds,
-        "fixture_version": FIXTURE_VERSION,
-    }, indent=2))
+    info = FixtureInfo(
+        path,
+        rows,
+        False,
+        datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        insert_seconds,
+        rollup_seconds,
+        file_size_mb(path),
+    )
+    meta_path.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "generated_at": info.generated_at,
+                "insert_seconds": insert_seconds,
+                "rollup_seconds": rollup_seconds,
+                "fixture_version": FIXTURE_VERSION,
+            },
+            indent=2,
+        )
+    )
     return info
 
 
@@ -173,7 +206,9 @@ def _models(rng: random.Random) -> list[_Model]:
         vendor = _VENDORS[index % len(_VENDORS)]
         providers = tuple(rng.sample(_PROVIDERS, rng.randint(1, 3)))
         prompt = rng.choice((50_000, 150_000, 500_000, 1_000_000, 3_000_000, 15_000_000))  # $0.05..$15 / Mtok
-        models.append(_Model(f"{vendor}/model-{index:02d}", providers, prompt, prompt * rng.choice((2, 4, 5))))
+        models.append(
+            _Model(f"{vendor}/model-{index:02d}", providers, prompt, prompt * rng.choice((2, 4, 5)))
+        )
     return models
 
 
@@ -255,7 +290,9 @@ def generate_rows(rows: int, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
 # ── PostgreSQL ──
 
 
-def load_into_postgres(plugin: types.ModuleType, fixture: FixtureInfo, server: Any, dbname: str) -> dict[str, float]:
+def load_into_postgres(
+    plugin: types.ModuleType, fixture: FixtureInfo, server: Any, dbname: str
+) -> dict[str, float]:
     """Copy the fixture's ledger and users into a fresh PostgreSQL database (COPY), rebuild the
     rollups there with the ledger's own code, then VACUUM ANALYZE. Returns phase durations."""
     server.create_database(dbname)
@@ -267,10 +304,16 @@ def load_into_postgres(plugin: types.ModuleType, fixture: FixtureInfo, server: A
         started = time.perf_counter()
         columns = [column.name for column in plugin.ledger_table.columns]
         with contextlib.closing(sqlite3.connect(fixture.path)) as source, server.connect(dbname) as target:
-            for table, names in ((plugin.ledger_table, columns), (plugin.users_table, ["user_id", "user_name", "last_seen_at"])):
+            for table, names in (
+                (plugin.ledger_table, columns),
+                (plugin.users_table, ["user_id", "user_name", "last_seen_at"]),
+            ):
                 column_list = ", ".join(names)
-                with target.cursor() as cursor, cursor.copy(f"COPY {table.name} ({column_list}) FROM STDIN") as copy:
-                    for row in source.execute(f"SELECT {column_list} FROM {table.name}"):  # noqa: S608
+                with (
+                    target.cursor() as cursor,
+                    cursor.copy(f"COPY {table.name} ({column_list}) FROM STDIN") as copy,
+                ):
+                    for row in source.execute(f"SELECT {column_list} FROM {table.name}"):
                         copy.write_row(row)
             target.execute(
                 f"SELECT setval(pg_get_serial_sequence('{plugin.ledger_table.name}', 'id'), "

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import cProfile
+import pstats
 import time
 import types
 from collections.abc import Sequence
@@ -95,10 +97,60 @@ def baseline_run(plugin: types.ModuleType, url: str, records: Sequence[Any]) -> 
     return len(records) / seconds
 
 
-def _check(plugin: types.ModuleType, url: str, records: Sequence[Any], outcomes: collections.Counter[str]) -> None:
+def profile_writes(plugin: types.ModuleType, url: str, batches: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """Where Ledger.write spends its time (single thread, no asyncio): wall ms per write measured
+    without the profiler, then cProfile's self time bucketed by where the code lives."""
+    ledger = plugin.Ledger(url)
+    ledger.ensure_schema()
+    half = len(batches) // 2
+    try:
+        for batch in batches[:2]:  # warm-up
+            ledger.write(batch, UTC)
+        started = time.perf_counter()
+        for batch in batches[2:half]:
+            ledger.write(batch, UTC)
+        wall_ms = (time.perf_counter() - started) * 1000 / (half - 2)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for batch in batches[half:]:
+            ledger.write(batch, UTC)
+        profiler.disable()
+    finally:
+        ledger.dispose()
+    buckets: collections.Counter[str] = collections.Counter()
+    stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rollups = 0.0
+    for (filename, _line, function), (_cc, _nc, self_time, cumulative, _callers) in stats.items():
+        if "function_openrouter_usage" in filename and function == "_apply_rollups":
+            rollups = cumulative
+        if "/sqlalchemy/sql/" in filename:
+            bucket = "compile"  # statement construction and compilation
+        elif "sqlite3.Connection' objects" in function and "commit" in function:
+            bucket = "commit"
+        elif "sqlite3.Cursor' objects" in function or "sqlite3.Connection' objects" in function:
+            bucket = "sqlite"
+        elif "/sqlalchemy/" in filename:
+            bucket = "sqlalchemy_other"
+        elif "function_openrouter_usage" in filename:
+            bucket = "plugin"
+        else:
+            bucket = "other"
+        buckets[bucket] += self_time
+    total = sum(buckets.values())
+    shares = {key: value / total for key, value in buckets.items()}
+    shares["wall_ms"] = wall_ms
+    shares["rollups_cumulative"] = rollups / total
+    return shares
+
+
+def _check(
+    plugin: types.ModuleType, url: str, records: Sequence[Any], outcomes: collections.Counter[str]
+) -> None:
     stored = ledger_row_count(plugin, url)
     if stored != len(records) or outcomes["recorded"] != len(records):
-        raise RuntimeError(f"expected {len(records)} recorded rows, got {stored} rows and outcomes {dict(outcomes)}")
+        raise RuntimeError(
+            f"expected {len(records)} recorded rows, got {stored} rows and outcomes {dict(outcomes)}"
+        )
 
 
 def run(quick: bool) -> BenchResult:
@@ -114,7 +166,9 @@ def run(quick: bool) -> BenchResult:
             try:
                 records = make_records(plugin, count, f"r{index}")
                 progress(f"round {index + 1}/{rounds}: group commit, {count} records, {CONCURRENCY} outlets")
-                rate, batch = group_commit_run(plugin, sqlite_url(Path(data) / f"group-{index}.sqlite3"), records)
+                rate, batch = group_commit_run(
+                    plugin, sqlite_url(Path(data) / f"group-{index}.sqlite3"), records
+                )
                 progress(f"round {index + 1}/{rounds}: baseline, {count} records, one commit each")
                 baseline = baseline_run(plugin, sqlite_url(Path(data) / f"single-{index}.sqlite3"), records)
             finally:
@@ -166,7 +220,9 @@ def run(quick: bool) -> BenchResult:
             detail=f"cap {CONCURRENCY} (one per waiting outlet)",
         )
     )
-    result.note("SQLite file on the machine's ext4 disk; journal_mode=WAL, synchronous=FULL as the plugin sets them.")
+    result.note(
+        "SQLite file on the machine's ext4 disk; journal_mode=WAL, synchronous=FULL as the plugin sets them."
+    )
     return result
 
 

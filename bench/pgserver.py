@@ -34,7 +34,9 @@ def _bindir() -> Any:
         completed = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
         bindir = pg.find_bindir()
         if bindir is None:
-            raise PostgresUnavailable(f"PostgreSQL server binaries not found: {completed.stderr.strip()[-300:]}")
+            raise PostgresUnavailable(
+                f"PostgreSQL server binaries not found: {completed.stderr.strip()[-300:]}"
+            )
     return bindir
 
 
@@ -52,7 +54,9 @@ def durable_postgres() -> Iterator[Any]:
         pg.SERVER_OPTIONS = original
     try:
         with server.connect() as conn:
-            settings = {name: conn.execute(f"SHOW {name}").fetchone()[0] for name in ("fsync", "synchronous_commit")}
+            settings = {
+                name: conn.execute(f"SHOW {name}").fetchone()[0] for name in ("fsync", "synchronous_commit")
+            }
         if settings != {"fsync": "on", "synchronous_commit": "on"}:
             raise PostgresUnavailable(f"server is not durable: {settings}")
         yield server

@@ -18,6 +18,8 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy as sa
+
 from bench.common import (
     BenchResult,
     Figure,
@@ -49,30 +51,80 @@ def _ms(work: Callable[[], Any]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def measure(plugin: types.ModuleType, big: FixtureInfo, small: FixtureInfo, calls: int) -> dict[str, list[float]]:
+def measure(
+    plugin: types.ModuleType, big: FixtureInfo, small: FixtureInfo, calls: int
+) -> dict[str, list[float]]:
     """Alternating timed calls on both fixtures: report and user read-out, in ms."""
     ledgers = {"big": plugin.Ledger(big.url), "small": plugin.Ledger(small.url)}
     times: dict[str, list[float]] = {f"{k}_{w}": [] for k in ledgers for w in ("report", "user", "cold")}
     try:
         for key, ledger in ledgers.items():
-            times[f"{key}_cold"].append(_ms(lambda ledger=ledger: plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)))
+            times[f"{key}_cold"].append(
+                _ms(
+                    lambda ledger=ledger: plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)
+                )
+            )
             report = plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)
             expected_rows_ok(report, big.rows if key == "big" else small.rows)
             plugin.user_usage_summary(ledger, user_id(0), UTC_ZONE, REPORT_NOW)
         for index in range(calls):
             for key, ledger in ledgers.items():
                 times[f"{key}_report"].append(
-                    _ms(lambda ledger=ledger: plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW))
+                    _ms(
+                        lambda ledger=ledger: plugin.build_usage_report(
+                            ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW
+                        )
+                    )
                 )
             for key, ledger in ledgers.items():
                 who = user_id((index * 37) % USERS)
                 times[f"{key}_user"].append(
-                    _ms(lambda ledger=ledger, who=who: plugin.user_usage_summary(ledger, who, UTC_ZONE, REPORT_NOW))
+                    _ms(
+                        lambda ledger=ledger, who=who: plugin.user_usage_summary(
+                            ledger, who, UTC_ZONE, REPORT_NOW
+                        )
+                    )
                 )
     finally:
         for ledger in ledgers.values():
             ledger.dispose()
     return times
+
+
+def _statement_kind(statement: str) -> str:
+    if "rollup_user_day" in statement and "user_name" in statement:
+        return "top users"
+    if "rollup_model_day" in statement:
+        return "top models"
+    if "rollup_day" in statement:
+        return "period totals"
+    if "max(" in statement and "_ledger" in statement:
+        return "last written"
+    return "other"
+
+
+def statement_times(plugin: types.ModuleType, fixture: FixtureInfo, calls: int) -> dict[str, float]:
+    """Per report, ms spent executing each kind of statement (engine events; not in the timed runs)."""
+    ledger = plugin.Ledger(fixture.url)
+    spent: dict[str, float] = {}
+    started: dict[int, float] = {}
+
+    def before(conn: Any, _cursor: Any, _statement: str, *_args: Any) -> None:
+        started[id(conn)] = time.perf_counter()
+
+    def after(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        kind = _statement_kind(statement)
+        spent[kind] = spent.get(kind, 0.0) + (time.perf_counter() - started.pop(id(conn))) * 1000
+
+    try:
+        plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)
+        sa.event.listen(ledger.engine, "before_cursor_execute", before)
+        sa.event.listen(ledger.engine, "after_cursor_execute", after)
+        for _ in range(calls):
+            plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)
+    finally:
+        ledger.dispose()
+    return {kind: total / calls for kind, total in spent.items()}
 
 
 def run(quick: bool) -> BenchResult:
@@ -87,6 +139,9 @@ def run(quick: bool) -> BenchResult:
             small = report_fixture(plugin, SMALL_ROWS)
             progress(f"timing {calls} reports and read-outs on {label} and {SMALL_ROWS:,} rows")
             times = measure(plugin, big, small, calls)
+            statements = {
+                key: statement_times(plugin, f, calls // 2) for key, f in (("big", big), ("small", small))
+            }
         finally:
             close_plugin(plugin)
     quick_note = f"; quick run: {label} rows, the target is for 1,000,000" if quick else ""
@@ -123,6 +178,18 @@ def run(quick: bool) -> BenchResult:
             "medians of alternating calls" + quick_note,
         )
     )
+    for key, rows in (("big", label), ("small", f"{SMALL_ROWS:,}")):
+        kinds = sorted(statements[key].items(), key=lambda item: -item[1])
+        result.add(
+            Figure(
+                f"report_scale.slowest_statement_{key}_ms",
+                f"  slowest statement at {rows} rows: {kinds[0][0]} query",
+                kinds[0][1],
+                "ms",
+                detail="mean execute time per report; then "
+                + ", ".join(f"{kind} {ms:.2f}" for kind, ms in kinds[1:4]),
+            )
+        )
     big_user = median(times["big_user"])
     result.add(
         Figure(
@@ -160,8 +227,8 @@ def run(quick: bool) -> BenchResult:
             f"fixture generation at {label} rows (insert + rollup rebuild)",
             big.rows_per_second,
             "rows/s",
-            detail=f"{big.seconds:.0f} s: insert {big.insert_seconds:.0f} s, rollups {big.rollup_seconds:.0f} s; "
-            + generated,
+            detail=f"{big.seconds:.0f} s: insert {big.insert_seconds:.0f} s, "
+            f"rollups {big.rollup_seconds:.0f} s; {generated}",
         )
     )
     result.add(
@@ -174,11 +241,18 @@ def run(quick: bool) -> BenchResult:
         )
     )
     result.add(
-        Figure("report_scale.fixture_mb", f"SQLite file at {label} rows", big.size_mb, "MB", detail=str(big.path.name))
+        Figure(
+            "report_scale.fixture_mb",
+            f"SQLite file at {label} rows",
+            big.size_mb,
+            "MB",
+            detail=str(big.path.name),
+        )
     )
     result.note(
-        f"fixture: {big.rows:,} rows, 200 users, 50 models, 400 days, seeded; reports as of {REPORT_NOW:%Y-%m-%d}; "
-        f"{calls} timed calls per figure after one warm-up, alternating big and small ledger."
+        f"fixture: {big.rows:,} rows, 200 users, 50 models, 400 days, seeded; "
+        f"reports as of {REPORT_NOW:%Y-%m-%d}; {calls} timed calls per figure after one warm-up, "
+        "alternating big and small ledger."
     )
     return result
 

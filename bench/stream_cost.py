@@ -223,7 +223,9 @@ def run(quick: bool) -> BenchResult:
             "each, alternating order; inlet runs untimed before each hook pass; GC paused in timed loops."
         )
         if ratio > TARGET_RATIO:
-            result.note("target missed; profile of the hook (tottime):\n" + _profile_hook(plugin, sim.request, chunks))
+            result.note(
+                "target missed; profile of the hook (tottime):\n" + _profile_hook(plugin, sim.request, chunks)
+            )
     return result
 
 

@@ -1543,6 +1543,14 @@ def _key_payload(key: str, generations: Iterable[GenerationRecord]) -> dict[str,
 # --------------------------------------------------------------------------------------------
 
 
+# Every path any simulator in this process was asked for, kept through clear() and stop(): a test
+# session checks at its end that nothing ever asked for the non-existent bulk listing. Requests
+# marked with SELF_TEST_HEADER (the simulator's own tests of its 404s) are left out.
+PATHS_SEEN_BY_ANY_SIMULATOR: list[str] = []
+SELF_TEST_HEADER = "x-simulator-self-test"
+_PATHS_LOCK = threading.Lock()
+
+
 class OpenRouterSimulator:
     """An OpenRouter API simulator serving on loopback from a daemon thread.
 
@@ -1650,6 +1658,9 @@ class OpenRouterSimulator:
     def _record_request(self, request: RecordedRequest) -> None:
         with self._lock:
             self._requests.append(request)
+        if SELF_TEST_HEADER not in request.headers:
+            with _PATHS_LOCK:
+                PATHS_SEEN_BY_ANY_SIMULATOR.append(request.path)
 
     def _store_generation(self, record: GenerationRecord) -> None:
         with self._lock:

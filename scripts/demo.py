@@ -29,6 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from scripts.build_manifest import parse_frontmatter  # noqa: E402
 from tests.e2e.owui import (  # noqa: E402
     OpenWebUIClient,
     OpenWebUIError,
@@ -45,21 +46,6 @@ DEFAULT_ADMIN_EMAIL = "admin@example.com"
 DEFAULT_ADMIN_PASSWORD = "openrouter-usage-demo"
 SIM_CHUNK_DELAY_S = 0.04
 DEMO_MODEL = "openai/gpt-4o-mini"
-
-
-def read_frontmatter(source: str) -> dict[str, str]:
-    """The ``key: value`` lines of the leading docstring, as Open WebUI reads them."""
-    lines = source.splitlines()
-    if not lines or lines[0].strip() != '"""':
-        return {}
-    meta: dict[str, str] = {}
-    for line in lines[1:]:
-        if line.strip() == '"""':
-            break
-        key, sep, value = line.partition(":")
-        if sep:
-            meta[key.strip().lower()] = value.strip()
-    return meta
 
 
 def with_fragment(pattern: str, fragment: str) -> str:
@@ -91,7 +77,7 @@ def secret_key(data_dir: Path) -> str:
 
 def install_function(admin: OpenWebUIClient, url_fragment: str) -> None:
     source = PLUGIN_PATH.read_text(encoding="utf-8")
-    front = read_frontmatter(source)
+    front = parse_frontmatter(source)
     meta = {"description": front.get("description", "OpenRouter usage and cost per completion")}
     existed = admin.get_function(FUNCTION_ID) is not None
     admin.upsert_function(FUNCTION_ID, front.get("title", "OpenRouter Usage"), source, meta)

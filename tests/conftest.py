@@ -149,15 +149,26 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
     return events
 
 
-@pytest.fixture
-def require_component() -> Any:
-    """Skip for a missing component, but fail under CI=true, where everything must be present."""
+@pytest.fixture(scope="session")
+def openwebui_python() -> Path:
+    """The pinned Open WebUI's interpreter, in a cached venv built on first use."""
+    from tests.e2e.owui import DEFAULT_OPENWEBUI_VERSION, ensure_openwebui
 
-    def require(ok: bool, what: str) -> None:
-        if ok:
-            return
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{what} is missing, and CI=true requires it")
-        pytest.skip(f"{what} is missing")
+    version = os.environ.get("OPENWEBUI_VERSION", DEFAULT_OPENWEBUI_VERSION)
+    try:
+        return ensure_openwebui(version)
+    except Exception as exc:
+        message = f"cannot prepare Open WebUI {version}: {exc}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
 
-    return require
+
+@pytest.fixture(scope="session", autouse=True)
+def never_a_bulk_listing_request() -> Iterator[None]:
+    """Across the whole session, no simulator was ever asked for GET …/generations."""
+    yield
+    from openrouter_sim.server import PATHS_SEEN_BY_ANY_SIMULATOR
+
+    bulk = [path for path in PATHS_SEEN_BY_ANY_SIMULATOR if path.rstrip("/").endswith("/generations")]
+    assert not bulk, f"something asked for the non-existent bulk listing: {bulk}"

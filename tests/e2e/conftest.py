@@ -7,7 +7,6 @@ tests are skipped, except under ``CI=true`` where that is a failure.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -19,12 +18,7 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # pyproject's pythonpath normally does this
     sys.path.insert(0, str(_REPO))
 
-from tests.e2e.owui import (  # noqa: E402
-    DEFAULT_OPENWEBUI_VERSION,
-    OpenWebUIClient,
-    OpenWebUIServer,
-    ensure_openwebui,
-)
+from tests.e2e.owui import OpenWebUIClient, OpenWebUIServer  # noqa: E402
 
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "e2e-admin-password"
@@ -46,18 +40,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     server = item.config.stash.get(_SERVER_KEY, None)
     if report.failed and server is not None:
         report.sections.append(("open-webui log (tail)", server.log_tail(80)))
-
-
-@pytest.fixture(scope="session")
-def openwebui_python() -> Path:
-    version = os.environ.get("OPENWEBUI_VERSION", DEFAULT_OPENWEBUI_VERSION)
-    try:
-        return ensure_openwebui(version)
-    except Exception as exc:
-        message = f"cannot prepare Open WebUI {version}: {exc}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

@@ -130,7 +130,7 @@ def _run_logged(cmd: Sequence[str | os.PathLike[str]], what: str) -> None:
         raise OpenWebUIError(f"{what} failed (exit {proc.returncode}):\n{tail}")
 
 
-def _site_packages(python: Path) -> Path:
+def site_packages(python: Path) -> Path:
     out = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True,
@@ -195,7 +195,7 @@ def ensure_openwebui(version: str = DEFAULT_OPENWEBUI_VERSION) -> Path:
                 ],
                 f"uv pip install open-webui=={version}",
             )
-            requirements = _site_packages(tmp_python) / "requirements-slim.txt"
+            requirements = site_packages(tmp_python) / "requirements-slim.txt"
             if not requirements.is_file():
                 raise OpenWebUIError(f"open-webui {version} ships no requirements-slim.txt")
             _run_logged(

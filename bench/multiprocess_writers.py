@@ -1,0 +1,230 @@
+"""Several Open WebUI worker processes writing one ledger; and the report on PostgreSQL vs SQLite.
+
+Writers: 4 OS processes (multiprocessing, spawn), each loading its own plugin module instance
+(tests.conftest.load_plugin_module in the child) with its own group-commit writer, each submitting
+its records from 16 concurrent asyncio outlets. All children prepare (load, build records, create
+or check the schema) and then start together on an Event; records/s = all records / (last child's
+end - first child's start), CLOCK_MONOTONIC. The same run does it on one durable PostgreSQL ledger
+(a throwaway server from tests/pg.py's machinery, started with fsync=on and synchronous_commit=on)
+and on one SQLite WAL file (synchronous=FULL), alternating rounds, each on a fresh database.
+Every record must come back "recorded" and be in the ledger.
+
+Report ratio: the SQLite report fixture (bench/fixture.py, 1,000,000 rows) is copied into
+PostgreSQL with COPY, its rollups rebuilt there by Ledger._rebuild_rollups, then VACUUM ANALYZE;
+build_usage_report is timed on both engines, alternating calls, median of each, ratio PG/SQLite.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import time
+import types
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    BenchResult,
+    Figure,
+    close_plugin,
+    command_for,
+    isolated_data_dir,
+    ledger_row_count,
+    load_plugin,
+    main_for,
+    median,
+    number,
+    progress,
+    spread,
+    sqlite_url,
+)
+from bench.fixture import REPORT_NOW, UTC_ZONE, expected_rows_ok, load_into_postgres, report_fixture
+from bench.mp_worker import WorkerResult, WorkerSpec, writer_process
+from bench.pgserver import PostgresUnavailable, durable_postgres, server_version
+
+NAME = "multiprocess_writers"
+PROCESSES = 4
+CONCURRENCY = 16
+REPORT_ROWS = 10
+
+
+def writers_run(url: str, data_dir: Path, per_process: int, prefix: str) -> tuple[float, dict[str, int]]:
+    """records/s of PROCESSES spawned writer processes on `url`; raises when a record is missing."""
+    context = multiprocessing.get_context("spawn")
+    ready: Any = context.Queue()
+    results: Any = context.Queue()
+    go = context.Event()
+    specs = [WorkerSpec(i, url, str(data_dir), per_process, CONCURRENCY, prefix) for i in range(PROCESSES)]
+    processes = [context.Process(target=writer_process, args=(spec, ready, go, results)) for spec in specs]
+    for process in processes:
+        process.start()
+    try:
+        for _ in processes:
+            ready.get(timeout=300)
+        go.set()
+        done: list[WorkerResult] = [results.get(timeout=900) for _ in processes]
+    except queue.Empty as exc:
+        raise RuntimeError("a writer process did not report in time") from exc
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    errors = [r.error for r in done if r.error]
+    if errors:
+        raise RuntimeError("writer process failed:\n" + errors[0])
+    outcomes: dict[str, int] = {}
+    for r in done:
+        for kind, count in r.outcomes.items():
+            outcomes[kind] = outcomes.get(kind, 0) + count
+    total = PROCESSES * per_process
+    seconds = (max(r.finished_ns for r in done) - min(r.started_ns for r in done)) / 1e9
+    return total / seconds, outcomes
+
+
+def _verify(plugin: types.ModuleType, url: str, total: int, outcomes: dict[str, int]) -> None:
+    stored = ledger_row_count(plugin, url)
+    if outcomes.get("recorded") != total or stored != total:
+        raise RuntimeError(
+            f"expected {total} recorded rows; outcomes {outcomes}, {stored} rows in the ledger"
+        )
+
+
+def report_ratio(plugin: types.ModuleType, server: Any, rows: int, calls: int, result: BenchResult) -> None:
+    fixture = report_fixture(plugin, rows)
+    progress(f"loading the {rows:,}-row fixture into PostgreSQL (COPY, rollup rebuild, VACUUM ANALYZE)")
+    timings = load_into_postgres(plugin, fixture, server, "report_fixture")
+    ledgers = {"pg": plugin.Ledger(server.url_for("report_fixture")), "sqlite": plugin.Ledger(fixture.url)}
+    times: dict[str, list[float]] = {f"{key}_{what}": [] for key in ledgers for what in ("report", "user")}
+    try:
+        for ledger in ledgers.values():
+            expected_rows_ok(plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW), rows)
+        progress(f"timing {calls} reports on each engine")
+        for index in range(calls):
+            for key, ledger in ledgers.items():
+                started = time.perf_counter()
+                plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)
+                times[f"{key}_report"].append((time.perf_counter() - started) * 1000)
+            for key, ledger in ledgers.items():
+                started = time.perf_counter()
+                plugin.user_usage_summary(ledger, f"user-{index % 200:03d}", UTC_ZONE, REPORT_NOW)
+                times[f"{key}_user"].append((time.perf_counter() - started) * 1000)
+    finally:
+        for ledger in ledgers.values():
+            ledger.dispose()
+    label = f"{rows:,}"
+    pg_ms, sqlite_ms = median(times["pg_report"]), median(times["sqlite_report"])
+    result.add(
+        Figure(
+            "multiprocess_writers.report_pg_over_sqlite",
+            f"panel report at {label} rows: PostgreSQL / SQLite",
+            pg_ms / sqlite_ms,
+            "x",
+            detail=f"medians of {calls} alternating calls",
+        )
+    )
+    result.add(
+        Figure(
+            "multiprocess_writers.report_pg_ms",
+            f"  panel report on PostgreSQL at {label} rows",
+            pg_ms,
+            "ms",
+            detail=spread(times["pg_report"], unit="ms"),
+        )
+    )
+    result.add(
+        Figure(
+            "multiprocess_writers.report_sqlite_ms",
+            f"  panel report on SQLite at {label} rows",
+            sqlite_ms,
+            "ms",
+            detail=spread(times["sqlite_report"], unit="ms"),
+        )
+    )
+    result.add(
+        Figure(
+            "multiprocess_writers.user_pg_ms",
+            f"  per-user read-out on PostgreSQL at {label} rows",
+            median(times["pg_user"]),
+            "ms",
+            detail=spread(times["pg_user"], unit="ms"),
+        )
+    )
+    result.add(
+        Figure(
+            "multiprocess_writers.pg_load_s",
+            f"  PostgreSQL fixture load at {label} rows",
+            timings["copy_seconds"] + timings["rollup_seconds"],
+            "s",
+            detail=f"COPY {timings['copy_seconds']:.0f} s, "
+            f"Ledger._rebuild_rollups {timings['rollup_seconds']:.0f} s, "
+            f"VACUUM ANALYZE {timings['vacuum_seconds']:.0f} s",
+        )
+    )
+
+
+def run(quick: bool) -> BenchResult:
+    result = BenchResult(NAME, quick, command_for(f"bench.{NAME}", quick))
+    per_process, rounds, fixture_rows, calls = (1000, 1, 100_000, 20) if quick else (5000, 3, 1_000_000, 30)
+    rates: dict[str, list[float]] = {"postgresql": [], "sqlite": []}
+    with isolated_data_dir(NAME) as data:
+        plugin = load_plugin()
+        try:
+            with durable_postgres() as server:
+                version = server_version(server)
+                for index in range(rounds):
+                    for engine in ("postgresql", "sqlite") if index % 2 == 0 else ("sqlite", "postgresql"):
+                        if engine == "postgresql":
+                            dbname = f"writers_{uuid.uuid4().hex[:8]}"
+                            server.create_database(dbname)
+                            url = server.url_for(dbname)
+                        else:
+                            url = sqlite_url(data / f"writers-{index}.sqlite3")
+                        progress(
+                            f"round {index + 1}/{rounds}: {PROCESSES} processes x {per_process} records "
+                            f"x {CONCURRENCY} outlets on {engine}"
+                        )
+                        rate, outcomes = writers_run(url, data, per_process, f"r{index}")
+                        _verify(plugin, url, PROCESSES * per_process, outcomes)
+                        progress(f"  {rate:,.0f} records/s")
+                        rates[engine].append(rate)
+                report_ratio(plugin, server, fixture_rows, calls, result)
+        except PostgresUnavailable as exc:
+            result.error = f"PostgreSQL unavailable: {exc}"
+        finally:
+            close_plugin(plugin)
+    for position, (engine, label) in enumerate(
+        (("postgresql", "PostgreSQL (durable)"), ("sqlite", "SQLite WAL file"))
+    ):
+        if not rates[engine]:
+            continue
+        result.figures.insert(
+            position,
+            Figure(
+                f"multiprocess_writers.{engine}_rate",
+                f"{PROCESSES} writer processes x {CONCURRENCY} outlets, one {label}",
+                median(rates[engine]),
+                "records/s",
+                detail=f"{rounds} round(s) of {PROCESSES} x {per_process:,} records: "
+                + ", ".join(number(r) for r in rates[engine]),
+            ),
+        )
+    if rates["postgresql"] and rates["sqlite"]:
+        result.figures.insert(
+            2,
+            Figure(
+                "multiprocess_writers.pg_over_sqlite_rate",
+                "  writer throughput PostgreSQL / SQLite",
+                median(rates["postgresql"]) / median(rates["sqlite"]),
+                "x",
+            ),
+        )
+        result.note(
+            f"PostgreSQL {version}, fsync=on, synchronous_commit=on, on the same disk as the SQLite file."
+        )
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_for(NAME, run))
