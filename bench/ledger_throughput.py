@@ -119,10 +119,12 @@ def profile_writes(plugin: types.ModuleType, url: str, batches: Sequence[Sequenc
         ledger.dispose()
     buckets: collections.Counter[str] = collections.Counter()
     stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    rollups = 0.0
+    rollups = inserts = 0.0
     for (filename, _line, function), (_cc, _nc, self_time, cumulative, _callers) in stats.items():
         if "function_openrouter_usage" in filename and function == "_apply_rollups":
             rollups = cumulative
+        if "function_openrouter_usage" in filename and function == "_insert_records":
+            inserts = cumulative
         if "/sqlalchemy/sql/" in filename:
             bucket = "compile"  # statement construction and compilation
         elif "sqlite3.Connection' objects" in function and "commit" in function:
@@ -140,7 +142,20 @@ def profile_writes(plugin: types.ModuleType, url: str, batches: Sequence[Sequenc
     shares = {key: value / total for key, value in buckets.items()}
     shares["wall_ms"] = wall_ms
     shares["rollups_cumulative"] = rollups / total
+    shares["inserts_cumulative"] = inserts / total
     return shares
+
+
+def _profile_detail(shares: dict[str, float]) -> str:
+    other = shares.get("sqlalchemy_other", 0) + shares.get("other", 0)
+    return (
+        f"{shares.get('compile', 0):.0%} SQLAlchemy statement build+compile, "
+        f"{shares.get('sqlite', 0):.0%} sqlite3 execute, "
+        f"{shares.get('commit', 0):.0%} commit (fsync), "
+        f"{shares.get('plugin', 0):.0%} plugin code, {other:.0%} other (cProfile self time); "
+        f"cumulative: _insert_records {shares['inserts_cumulative']:.0%}, "
+        f"of which _apply_rollups {shares['rollups_cumulative']:.0%}"
+    )
 
 
 def _check(
@@ -220,6 +235,30 @@ def run(quick: bool) -> BenchResult:
             detail=f"cap {CONCURRENCY} (one per waiting outlet)",
         )
     )
+    with isolated_data_dir(NAME) as data:
+        plugin = load_plugin()
+        try:
+            progress("profiling Ledger.write: batches of 64 and single records")
+            records = make_records(plugin, 64 * 24 + 48, "profile")
+            batches = [records[i : i + 64] for i in range(0, 64 * 24, 64)]
+            batched = profile_writes(plugin, sqlite_url(Path(data) / "profile-64.sqlite3"), batches)
+            singles = [[record] for record in records[64 * 24 :]]
+            single = profile_writes(plugin, sqlite_url(Path(data) / "profile-1.sqlite3"), singles)
+        finally:
+            close_plugin(plugin)
+    for key, label, shares in (
+        ("batch64", "a 64-record batch", batched),
+        ("single", "a 1-record write", single),
+    ):
+        result.add(
+            Figure(
+                f"ledger_throughput.write_{key}_ms",
+                f"Ledger.write of {label} (one thread, wall)",
+                shares["wall_ms"],
+                "ms",
+                detail=_profile_detail(shares),
+            )
+        )
     result.note(
         "SQLite file on the machine's ext4 disk; journal_mode=WAL, synchronous=FULL as the plugin sets them."
     )
