@@ -567,40 +567,30 @@ users_table = sa.Table(
     sa.Column("user_name", sa.Text, nullable=False),
     sa.Column("last_seen_at", sa.DateTime, nullable=False),
 )
+
+
+def _rollup_table(name: str, *keys: str, extra: Sequence[sa.Index] = ()) -> sa.Table:
+    """A rollup: text key columns (the primary key) and one integer column per measure."""
+    key_columns = [sa.Column(key, sa.Text, primary_key=True) for key in keys]
+    return sa.Table(f"{TABLE_PREFIX}{name}", schema, *key_columns, *_measure_columns(), *extra)
+
+
 # Rollups are keyed by the calendar day in the report time zone (meta key "rollup_timezone") and
 # updated in the same transaction as the ledger rows they count, so reports never scan the ledger.
-rollup_day_table = sa.Table(
-    f"{TABLE_PREFIX}rollup_day",
-    schema,
-    sa.Column("day", sa.Text, primary_key=True),
-    *_measure_columns(),
+rollup_day_table = _rollup_table("rollup_day", "day")
+rollup_user_day_table = _rollup_table(
+    "rollup_user_day", "user_id", "day", extra=[sa.Index(f"{TABLE_PREFIX}rollup_user_day_day", "day")]
 )
-rollup_user_day_table = sa.Table(
-    f"{TABLE_PREFIX}rollup_user_day",
-    schema,
-    sa.Column("user_id", sa.Text, primary_key=True),
-    sa.Column("day", sa.Text, primary_key=True),
-    *_measure_columns(),
-    sa.Index(f"{TABLE_PREFIX}rollup_user_day_day", "day"),
-)
-rollup_model_day_table = sa.Table(
-    f"{TABLE_PREFIX}rollup_model_day",
-    schema,
-    sa.Column("day", sa.Text, primary_key=True),
-    sa.Column("served_model", sa.Text, primary_key=True),
-    sa.Column("provider", sa.Text, primary_key=True),
-    *_measure_columns(),
-)
+rollup_model_day_table = _rollup_table("rollup_model_day", "day", "served_model", "provider")
 meta_table = sa.Table(
     f"{TABLE_PREFIX}meta",
     schema,
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
-ROLLUP_TABLES: Final = (
-    (rollup_day_table, ("day",)),
-    (rollup_user_day_table, ("user_id", "day")),
-    (rollup_model_day_table, ("day", "served_model", "provider")),
+ROLLUP_TABLES: Final = tuple(
+    (table, tuple(column.name for column in table.primary_key.columns))
+    for table in (rollup_day_table, rollup_user_day_table, rollup_model_day_table)
 )
 
 
