@@ -1810,18 +1810,22 @@ def _usd_or_none(pico: int | None) -> str | None:
     return decimal_text(pico_to_usd(pico)) if pico is not None else None
 
 
-def csv_cell(value: Any) -> str:
-    """Text for a CSV cell that a spreadsheet will not run as a formula."""
+def cell_text(value: Any) -> str:
+    """One value as the text of a table or CSV cell."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        text = " ".join(str(item) for item in value)
-    elif isinstance(value, dict):
-        text = json.dumps(value, sort_keys=True)
-    else:
-        text = str(value)
+        return " ".join(str(item) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def csv_cell(value: Any) -> str:
+    """Text for a CSV cell that a spreadsheet will not run as a formula."""
+    text = cell_text(value)
     return "'" + text if text.startswith(_FORMULA_PREFIXES) else text
 
 
@@ -1834,9 +1838,9 @@ def write_csv(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], out: io.
 
 def write_table(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], out: Any) -> None:
     """An aligned plain-text table: numbers right-aligned, text left-aligned."""
+    # Control characters are dropped: a user name must not be able to drive the admin's terminal.
     cells = [
-        [csv_cell(row.get(field)).removeprefix("'") if row.get(field) is not None else "" for field in fields]
-        for row in rows
+        ["".join(c for c in cell_text(row.get(field)) if c.isprintable()) for field in fields] for row in rows
     ]
     numeric = [all(_looks_numeric(row[i]) for row in cells if row[i]) for i in range(len(fields))]
     widths = [max([len(field)] + [len(row[i]) for row in cells]) for i, field in enumerate(fields)]
@@ -1854,7 +1858,7 @@ def write_table(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], out: A
 
 
 def _looks_numeric(text: str) -> bool:
-    return bool(re.fullmatch(r"-?[\d,]+(\.\d+)?", text))
+    return bool(re.fullmatch(r"-?\$?[\d,]+(\.\d+)?", text))
 
 
 def parse_since(text: str, zone: ZoneInfo, now: datetime | None = None) -> str:
@@ -1871,7 +1875,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `openrouter-usage` console script."""
     parser = argparse.ArgumentParser(
         prog="openrouter-usage",
-        description=__doc__.split("description:")[1].split("\n")[0].strip() if __doc__ else None,
+        description="Read the OpenRouter usage ledger that the Open WebUI filter keeps.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
