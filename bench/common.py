@@ -50,10 +50,11 @@ class Figure:
     def value_text(self) -> str:
         return format_value(self.value, self.unit)
 
-    def verdict_text(self) -> str:
+    def verdict_text(self, quick: bool = False) -> str:
+        """PASS / MISS against the target; '(quick)' when measured at the smaller quick sizes."""
         if self.passed is None:
             return "info"
-        return "PASS" if self.passed else "MISS"
+        return ("PASS" if self.passed else "MISS") + (" (quick)" if quick else "")
 
 
 @dataclasses.dataclass(slots=True)
@@ -312,7 +313,10 @@ def print_result(result: BenchResult, out: Any = None) -> None:
     out.write(f"\n== {result.name} [{mode}] ==\n")
     if result.error:
         out.write(f"ERROR: {result.error}\n")
-    rows = [(f.label, f.value_text(), f.target or "-", f.verdict_text(), f.detail) for f in result.figures]
+    rows = [
+        (f.label, f.value_text(), f.target or "-", f.verdict_text(result.quick), f.detail)
+        for f in result.figures
+    ]
     write_table(["figure", "value", "target", "verdict", "detail"], rows, out)
     for note in result.notes:
         out.write(f"  * {note}\n")

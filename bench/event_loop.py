@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
+import json
 import resource
 import selectors
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench.common import (
@@ -35,6 +37,7 @@ from bench.common import (
     at_most,
     close_plugin,
     command_for,
+    gc_paused,
     isolated_data_dir,
     load_plugin,
     main_for,
@@ -175,6 +178,17 @@ class ResolvedWriter:
         return future
 
 
+@contextlib.contextmanager
+def stubbed_writer(plugin: types.ModuleType, stub: ResolvedWriter) -> Iterator[None]:
+    """Point this plugin instance's writer_for at `stub` (the module object only; no file edits)."""
+    real = plugin.writer_for
+    setattr(plugin, "writer_for", lambda _url: stub)  # noqa: B010 - a ModuleType attribute
+    try:
+        yield
+    finally:
+        setattr(plugin, "writer_for", real)  # noqa: B010
+
+
 def _thread_rusage() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_THREAD)
     return usage.ru_utime, usage.ru_stime
@@ -184,94 +198,161 @@ def _us(samples: list[Sample], field: Callable[[Sample], int]) -> list[float]:
     return [field(s) / 1000 for s in samples]
 
 
+@dataclasses.dataclass(slots=True)
+class Collected:
+    real: dict[int, list[Sample]] = dataclasses.field(default_factory=lambda: {100: [], 2000: []})
+    resolved: list[Sample] = dataclasses.field(default_factory=list)
+    with_valves: list[Sample] = dataclasses.field(default_factory=list)
+    concurrent_us: list[float] = dataclasses.field(default_factory=list)
+    json_ns: list[float] = dataclasses.field(default_factory=list)
+    handoff_us: list[float] = dataclasses.field(default_factory=list)
+    cpu: dict[int, list[float]] = dataclasses.field(
+        default_factory=lambda: {100: [0.0, 0.0], 2000: [0.0, 0.0]}
+    )
+
+
 def run(quick: bool) -> BenchResult:
     result = BenchResult(NAME, quick, command_for(f"bench.{NAME}", quick))
-    sizes = {100: 100 if quick else 400, 2000: 15 if quick else 60}
+    rounds = 1 if quick else 3
+    per_round = {100: 100 if quick else 150, 2000: 15 if quick else 20}
     warmup = 10 if quick else 30
+    collected = Collected()
     with isolated_data_dir(NAME) as data:
         plugin = load_plugin()
         url = sqlite_url(data / "ledger.sqlite3")
-        streams = {n: simulated_stream(n) for n in sizes}
+        streams = {n: simulated_stream(n) for n in per_round}
         selector = IdleMeasuringSelector()
         loop = asyncio.SelectorEventLoop(selector)
+        runners = {n: CompletionRunner(plugin, url, streams[n], selector) for n in per_round}
+        stub = ResolvedWriter(plugin, plugin.writer_for(plugin.resolve_database_url(url)).ledger)
         try:
-            for chunks, count in sizes.items():
-                runner = CompletionRunner(plugin, url, streams[chunks], selector)
+            for runner in runners.values():
                 for _ in range(warmup):
                     loop.run_until_complete(runner.completion())
-                progress(f"{count} completions of {chunks} chunks")
-                user0, system0 = _thread_rusage()
-                samples = [loop.run_until_complete(runner.completion()) for _ in range(count)]
-                user1, system1 = _thread_rusage()
-                _report(result, chunks, samples, target=chunks == 100)
-                cpu = (user1 - user0) + (system1 - system0)
-                result.note(
-                    f"{chunks} chunks: loop-thread CPU is {100 * (system1 - system0) / cpu:.0f}% system time "
-                    f"(getrusage RUSAGE_THREAD over the {count} completions)"
+            for index in range(rounds):
+                progress(
+                    f"round {index + 1}/{rounds}: {per_round[100]} completions of 100 chunks (and every "
+                    f"variant as a block), {per_round[2000]} of 2000 chunks"
                 )
-                if chunks == 100:
-                    progress("the same with Open WebUI's per-hook valves rebuild")
-                    rebuilt = [loop.run_until_complete(runner.completion(True)) for _ in range(count // 2)]
-                    total = _us(rebuilt, lambda s: s.total_ns)
-                    result.add(
-                        Figure(
-                            "event_loop.completion_100_with_valves_us",
-                            "100 chunks, incl. Open WebUI's Valves(**saved) before every hook",
-                            median(total),
-                            "µs",
-                            detail=spread(total, unit="µs"),
-                        )
-                    )
-                    progress("the same with the writer's future already resolved (diagnostic)")
-                    real_writer_for = plugin.writer_for
-                    stub = ResolvedWriter(plugin, real_writer_for(plugin.resolve_database_url(url)).ledger)
-                    plugin.writer_for = lambda _url, stub=stub: stub
-                    try:
-                        resolved = [loop.run_until_complete(runner.completion()) for _ in range(count // 2)]
-                    finally:
-                        plugin.writer_for = real_writer_for
-                    outlet = _us(resolved, lambda s: s.outlet_ns)
-                    result.add(
-                        Figure(
-                            "event_loop.outlet_no_handoff_us",
-                            "  outlet with no thread hand-off (writer stubbed, diagnostic)",
-                            median(outlet),
-                            "µs",
-                            detail=spread(outlet, unit="µs"),
-                        )
-                    )
-            loop.run_until_complete(_pure_handoff(result, 60 if quick else 200))
+                _round(loop, plugin, runners, stub, per_round, collected)
         finally:
             loop.close()
             close_plugin(plugin)
-    result.note(
-        "total = loop-thread CPU from inlet to outlet's return (time.thread_time_ns); 'net' subtracts the "
-        "CPU this VM charges the loop thread inside blocking epoll waits (idle, waiting for the writer)."
+    for chunks in per_round:
+        _report(result, chunks, collected.real[chunks], target=chunks == 100)
+        user, system = collected.cpu[chunks]
+        result.note(
+            f"{chunks} chunks: {100 * system / (user + system):.0f}% of the loop thread's CPU is system time "
+            "(getrusage RUSAGE_THREAD)"
+        )
+    outlet = _us(collected.resolved, lambda s: s.outlet_ns)
+    total = _us(collected.with_valves, lambda s: s.total_ns)
+    result.add(
+        Figure(
+            "event_loop.outlet_no_handoff_us",
+            "  outlet with the writer stubbed (future already resolved)",
+            median(outlet),
+            "µs",
+            detail=spread(outlet, unit="µs"),
+        )
     )
-    return result
-
-
-async def _pure_handoff(result: BenchResult, count: int) -> None:
-    """The loop-thread CPU of awaiting one future resolved by another thread after 2 ms: what any
-    off-loop hand-off costs on this machine, independent of the plugin."""
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    samples = []
-    try:
-        for _ in range(count):
-            started = time.thread_time_ns()
-            await asyncio.wrap_future(pool.submit(time.sleep, 0.002))
-            samples.append((time.thread_time_ns() - started) / 1000)
-    finally:
-        pool.shutdown()
     result.add(
         Figure(
             "event_loop.bare_handoff_us",
             "await of a future another thread resolves after 2 ms (no plugin)",
-            median(samples),
+            median(collected.handoff_us),
             "µs",
-            detail=spread(samples, unit="µs"),
+            detail=spread(collected.handoff_us, unit="µs"),
         )
     )
+    result.add(
+        Figure(
+            "event_loop.concurrent_16_us",
+            "100 chunks, 16 completions at once: loop CPU per completion",
+            median(collected.concurrent_us),
+            "µs",
+            detail=spread(collected.concurrent_us, unit="µs") + "; one batch's loop CPU / 16",
+        )
+    )
+    result.add(
+        Figure(
+            "event_loop.completion_100_with_valves_us",
+            "100 chunks, incl. Open WebUI's Valves(**saved) before every hook",
+            median(total),
+            "µs",
+            detail=spread(total, unit="µs"),
+        )
+    )
+    result.add(
+        Figure(
+            "event_loop.json_loads_ns",
+            "calibration: json.loads of one chunk, same run",
+            median(collected.json_ns),
+            "ns/chunk",
+            detail="what Open WebUI pays per chunk anyway; shows how fast the machine was",
+        )
+    )
+    result.note(
+        "total = loop-thread CPU from inlet to outlet's return (time.thread_time_ns); 'net' subtracts the "
+        "CPU this VM charges the loop thread inside blocking epoll waits (idle, waiting for the writer). "
+        f"{rounds} round(s), each running every variant as a block."
+    )
+    return result
+
+
+def _round(
+    loop: asyncio.AbstractEventLoop,
+    plugin: types.ModuleType,
+    runners: dict[int, CompletionRunner],
+    stub: ResolvedWriter,
+    per_round: dict[int, int],
+    collected: Collected,
+) -> None:
+    """One block of each variant, back to back (blocks rather than completion-by-completion
+    interleaving, so that no variant runs in the wake of another's writer-thread activity)."""
+    for chunks in (100, 2000):
+        user0, system0 = _thread_rusage()
+        for _ in range(per_round[chunks]):
+            collected.real[chunks].append(loop.run_until_complete(runners[chunks].completion()))
+        user1, system1 = _thread_rusage()
+        collected.cpu[chunks][0] += user1 - user0
+        collected.cpu[chunks][1] += system1 - system0
+    runner, count = runners[100], per_round[100]
+    with stubbed_writer(plugin, stub):
+        for _ in range(count // 2):
+            collected.resolved.append(loop.run_until_complete(runner.completion()))
+    for _ in range(count // 2):
+        collected.with_valves.append(loop.run_until_complete(runner.completion(rebuild_valves=True)))
+    for _ in range(count // 3):
+        collected.handoff_us.append(loop.run_until_complete(_bare_handoff()))
+    for _ in range(max(count // 20, 3)):
+        collected.concurrent_us.append(loop.run_until_complete(_concurrent(runner, 16)))
+    payloads = runner.stream.payloads
+    for _ in range(20):
+        with gc_paused():
+            started = time.perf_counter_ns()
+            for payload in payloads:
+                json.loads(payload)
+            collected.json_ns.append((time.perf_counter_ns() - started) / len(payloads))
+
+
+_HANDOFF_POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bench-handoff")
+
+
+async def _bare_handoff() -> float:
+    """Loop-thread CPU (µs) of awaiting one future another thread resolves after 2 ms: what any
+    off-loop hand-off costs on this machine, independent of the plugin."""
+    started = time.thread_time_ns()
+    await asyncio.wrap_future(_HANDOFF_POOL.submit(time.sleep, 0.002))
+    return (time.thread_time_ns() - started) / 1000
+
+
+async def _concurrent(runner: CompletionRunner, count: int) -> float:
+    """Loop-thread CPU (µs) per completion when `count` completions run at once (their outlets
+    share group commits and wake-ups)."""
+    started = time.thread_time_ns()
+    await asyncio.gather(*(runner.completion() for _ in range(count)))
+    return (time.thread_time_ns() - started) / 1000 / count
 
 
 def _report(result: BenchResult, chunks: int, samples: list[Sample], target: bool) -> None:

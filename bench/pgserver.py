@@ -54,9 +54,7 @@ def durable_postgres() -> Iterator[Any]:
         pg.SERVER_OPTIONS = original
     try:
         with server.connect() as conn:
-            settings = {
-                name: conn.execute(f"SHOW {name}").fetchone()[0] for name in ("fsync", "synchronous_commit")
-            }
+            settings = {name: _show(conn, name) for name in ("fsync", "synchronous_commit")}
         if settings != {"fsync": "on", "synchronous_commit": "on"}:
             raise PostgresUnavailable(f"server is not durable: {settings}")
         yield server
@@ -64,6 +62,11 @@ def durable_postgres() -> Iterator[Any]:
         server.cleanup()
 
 
+def _show(conn: Any, name: str) -> str:
+    row = conn.execute(f"SHOW {name}").fetchone()
+    return str(row[0]) if row else ""
+
+
 def server_version(server: Any) -> str:
     with server.connect() as conn:
-        return str(conn.execute("SHOW server_version").fetchone()[0])
+        return _show(conn, "server_version")

@@ -13,6 +13,7 @@ fixture's last day so today / 7 days / 30 days hold data; report_rows = 10 (the 
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 from collections.abc import Callable
@@ -57,34 +58,19 @@ def measure(
     """Alternating timed calls on both fixtures: report and user read-out, in ms."""
     ledgers = {"big": plugin.Ledger(big.url), "small": plugin.Ledger(small.url)}
     times: dict[str, list[float]] = {f"{k}_{w}": [] for k in ledgers for w in ("report", "user", "cold")}
+    report = functools.partial(plugin.build_usage_report, zone=UTC_ZONE, rows=REPORT_ROWS, now=REPORT_NOW)
+    summary = functools.partial(plugin.user_usage_summary, zone=UTC_ZONE, now=REPORT_NOW)
     try:
         for key, ledger in ledgers.items():
-            times[f"{key}_cold"].append(
-                _ms(
-                    lambda ledger=ledger: plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)
-                )
-            )
-            report = plugin.build_usage_report(ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW)
-            expected_rows_ok(report, big.rows if key == "big" else small.rows)
-            plugin.user_usage_summary(ledger, user_id(0), UTC_ZONE, REPORT_NOW)
+            times[f"{key}_cold"].append(_ms(functools.partial(report, ledger)))
+            expected_rows_ok(report(ledger), big.rows if key == "big" else small.rows)
+            summary(ledger, user_id(0))
         for index in range(calls):
             for key, ledger in ledgers.items():
-                times[f"{key}_report"].append(
-                    _ms(
-                        lambda ledger=ledger: plugin.build_usage_report(
-                            ledger, UTC_ZONE, REPORT_ROWS, REPORT_NOW
-                        )
-                    )
-                )
+                times[f"{key}_report"].append(_ms(functools.partial(report, ledger)))
             for key, ledger in ledgers.items():
                 who = user_id((index * 37) % USERS)
-                times[f"{key}_user"].append(
-                    _ms(
-                        lambda ledger=ledger, who=who: plugin.user_usage_summary(
-                            ledger, who, UTC_ZONE, REPORT_NOW
-                        )
-                    )
-                )
+                times[f"{key}_user"].append(_ms(functools.partial(summary, ledger, who)))
     finally:
         for ledger in ledgers.values():
             ledger.dispose()

@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     figure.label.strip(),
                     figure.value_text(),
                     figure.target or "-",
-                    figure.verdict_text(),
+                    figure.verdict_text(result.quick),
                 ]
             )
     write_table(["benchmark", "figure", "value", "target", "verdict"], rows, sys.stdout)

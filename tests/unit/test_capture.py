@@ -408,3 +408,19 @@ async def test_missing_user_and_missing_usage_are_recorded_and_logged(
     (row,) = rows(plugin, url)
     assert row["user_id"] == "unknown" and row["total_tokens"] == 0 and row["cost_pico"] is None
     assert "has no user" in caplog.text and "reported no usage" in caplog.text
+
+
+async def test_when_even_the_spool_fails_the_record_is_logged_and_the_chat_goes_on(
+    plugin: types.ModuleType, data_dir: Any, sim: OpenRouterSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{data_dir / 'missing' / 'ledger.sqlite3'}"
+    blocker = data_dir / "not-a-directory"
+    blocker.write_text("")
+    plugin.writer_for(url).ledger.spool.directory = blocker / "spool"  # cannot be created
+    driver = HookDriver(plugin, valves={"database_url": url})
+    emitter = EmitterRecorder()
+    _, events = await streamed_turn(driver, sim, "Hello", message_id="m-lost", emitter=emitter)
+    assert "could not spool either" in caplog.text
+    assert '"message_id": "m-lost"' in caplog.text  # the whole record is in the log, nothing lost
+    assert "could not record a completion; the chat continues" in caplog.text
+    assert emitter.statuses == []
