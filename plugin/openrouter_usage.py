@@ -1477,7 +1477,7 @@ def _period_totals(conn: sa.Connection, first_day: str | None) -> Totals:
 def render_report_markdown(report: UsageReport) -> str:
     zone = ZoneInfo(report.timezone)
     lines = [
-        f"**Usage report** · {report.generated_at.astimezone(zone):%Y-%m-%d %H:%M} {report.timezone}",
+        f"Generated {report.generated_at.astimezone(zone):%Y-%m-%d %H:%M} {report.timezone}.",
         "",
         "| Period | Spend | Requests | Tokens | Failed |",
         "|---|--:|--:|--:|--:|",
@@ -1684,20 +1684,31 @@ def bulk_sync_notice() -> dict[str, Any]:
     return copy.deepcopy(BULK_SYNC_NOTICE)
 
 
-def bulk_sync_notice_markdown(requested_at: datetime | None = None) -> str:
+def bulk_sync_notice_markdown() -> str:
+    """The notice as the settings panel renders it (a field description is Markdown)."""
     details = BULK_SYNC_NOTICE["details"]
-    lines = [
-        f"**Deprecated.** {BULK_SYNC_NOTICE['message']}",
-        "",
-        f"- **Reason:** {details['reason']}",
-        f"- **Alternative:** {details['alternative']}",
-        f"- **Impact:** {details['impact']}",
-        "",
-        "No bulk sync ran and none will: the switch turns itself back off.",
-    ]
-    if requested_at is not None:
-        lines.append(f"Requested {requested_at:%Y-%m-%d %H:%M:%S} UTC.")
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            f"**Deprecated.** {BULK_SYNC_NOTICE['message']}",
+            "",
+            f"- **Reason:** {details['reason']}",
+            f"- **Alternative:** {details['alternative']}",
+            f"- **Impact:** {details['impact']}",
+            "",
+            "No bulk sync ran and none will: the switch turns itself back off. Clear this field and save "
+            "to dismiss the notice.",
+        ]
+    )
+
+
+def bulk_sync_notice_text(requested_at: datetime) -> str:
+    """The notice as stored in the `bulk_sync_notice` valve: plain text, for a text box."""
+    details = BULK_SYNC_NOTICE["details"]
+    return (
+        f"Deprecated. {BULK_SYNC_NOTICE['message']} Reason: {details['reason']} "
+        f"Alternative: {details['alternative']} Impact: {details['impact']} "
+        f"(bulk sync requested {requested_at:%Y-%m-%d %H:%M:%S} UTC; nothing was run.)"
+    )
 
 
 def sync_openrouter_usage(*_args: Any, **_kwargs: Any) -> dict[str, Any]:
@@ -2062,6 +2073,11 @@ def _admin_report_schema(schema: dict[str, Any]) -> None:
     schema["description"] = admin_report_markdown()
 
 
+def _bulk_sync_notice_schema(schema: dict[str, Any]) -> None:
+    if SETTINGS.recall().get("bulk_sync_notice"):
+        schema["description"] = bulk_sync_notice_markdown()
+
+
 def user_usage_options(user: Mapping[str, Any] | None) -> list[dict[str, str]]:
     """The user's own read-out, as the options of a dropdown in their valves panel."""
     user_id = str((user or {}).get("id") or "")
@@ -2217,9 +2233,12 @@ class Filter:
     """Open WebUI entry point. Each hook delegates to the named functions above and never raises."""
 
     class Valves(BaseModel):
-        priority: int = Field(default=0, description="Order among filters (lower runs first).")
+        priority: int = Field(
+            default=0, title="Priority", description="Order among filters (lower runs first)."
+        )
         database_url: str = Field(
             default="",
+            title="Ledger database URL",
             description="Ledger database as an SQLAlchemy URL (`sqlite:///…` or `postgresql://…`). Empty: "
             "`$OPENROUTER_USAGE_DATABASE_URL`, else Open WebUI's own PostgreSQL database, else "
             "`openrouter_usage.sqlite3` in Open WebUI's data directory.",
@@ -2227,38 +2246,56 @@ class Filter:
         )
         openrouter_url_pattern: str = Field(
             default="openrouter.ai",
+            title="OpenRouter URL pattern",
             description="Connections whose base URL contains one of these comma-separated fragments are "
             "OpenRouter. Responses with OpenRouter's signature (gen- ids, provider, usage.cost) count too.",
         )
         record_all_models: bool = Field(
-            default=False, description="Also record other connections: tokens always, cost where reported."
+            default=False,
+            title="Record all models",
+            description="Also record other connections: tokens always, cost where reported.",
         )
-        show_usage_line: bool = Field(default=True, description="Show the usage line under each answer.")
-        line_show_model: bool = Field(default=True, description="Usage line: the model that served.")
-        line_show_provider: bool = Field(default=True, description="Usage line: the provider.")
-        line_show_tokens: bool = Field(default=True, description="Usage line: tokens in and out.")
-        line_show_cost: bool = Field(default=True, description="Usage line: this answer's cost.")
-        line_show_chat_total: bool = Field(default=True, description="Usage line: the chat's total cost.")
-        line_show_today_total: bool = Field(default=False, description="Usage line: the user's spend today.")
-        line_show_timing: bool = Field(default=True, description="Usage line: time to the full answer.")
-        line_show_speed: bool = Field(default=True, description="Usage line: output tokens per second.")
-        report_timezone: str = Field(default="UTC", description="Time zone for 'today' and days (IANA name).")
-        report_rows: int = Field(default=10, description="Rows in the report's top users and top models.")
+        show_usage_line: bool = Field(
+            default=True, title="Usage line", description="Show the usage line under each answer."
+        )
+        line_show_model: bool = Field(default=True, title="Line: model", description="The model that served.")
+        line_show_provider: bool = Field(default=True, title="Line: provider", description="The provider.")
+        line_show_tokens: bool = Field(default=True, title="Line: tokens", description="Tokens in and out.")
+        line_show_cost: bool = Field(default=True, title="Line: cost", description="This answer's cost.")
+        line_show_chat_total: bool = Field(
+            default=True, title="Line: chat total", description="The chat's total cost."
+        )
+        line_show_today_total: bool = Field(
+            default=False, title="Line: today's total", description="The user's own spend today."
+        )
+        line_show_timing: bool = Field(
+            default=True, title="Line: time", description="Time to the full answer."
+        )
+        line_show_speed: bool = Field(
+            default=True, title="Line: speed", description="Output tokens per second."
+        )
+        report_timezone: str = Field(
+            default="UTC", title="Report time zone", description="IANA name; decides what 'today' means."
+        )
+        report_rows: int = Field(
+            default=10, title="Report rows", description="Rows in the report's top users and top models."
+        )
         usage_report: str = Field(
             default="",
-            title="Usage report",
-            description="(computed each time this panel opens)",
+            title="Usage report (read-only: computed each time this panel opens)",
             json_schema_extra=_admin_report_schema,
         )
         bulk_sync: bool = Field(
             default=False,
-            description="Deprecated, does nothing: OpenRouter has no endpoint listing past generations. "
+            title="Bulk sync (deprecated)",
+            description="Does nothing: OpenRouter has no endpoint listing past generations. "
             "Usage is recorded in real time at every completion.",
         )
         bulk_sync_notice: str = Field(
             default="",
             title="Bulk sync notice",
-            description="Filled in when bulk sync is switched on; clear it to dismiss.",
+            description="Filled in when bulk sync is switched on.",
+            json_schema_extra=_bulk_sync_notice_schema,
         )
 
         @model_validator(mode="after")
@@ -2267,17 +2304,19 @@ class Filter:
             # flips back off and the notice is stored in a field the panel displays.
             if self.bulk_sync:
                 self.bulk_sync = False
-                self.bulk_sync_notice = bulk_sync_notice_markdown(datetime.now(UTC))
+                self.bulk_sync_notice = bulk_sync_notice_text(datetime.now(UTC))
             if self.model_fields_set:
                 SETTINGS.remember(self.model_dump(exclude={"usage_report"}))
             return self
 
     class UserValves(BaseModel):
-        show_usage_line: bool = Field(default=True, description="Show the usage line under my answers.")
+        show_usage_line: bool = Field(
+            default=True, title="Usage line", description="Show the usage line under my answers."
+        )
         my_usage: str = Field(
             default="today",
             title="My usage",
-            description="Your own spend, from the usage ledger.",
+            description="Your own spend, from the usage ledger (click Default to show it).",
             json_schema_extra={"input": {"type": "select", "options": "my_usage_options"}},
         )
 

@@ -289,7 +289,10 @@ def test_bulk_sync_valve_round_trip_shows_the_notice_and_tracking_goes_on(
     assert "Bulk sync has been disabled" in valves["bulk_sync_notice"]
     assert "GET /api/v1/generations does not exist" in valves["bulk_sync_notice"]
     spec = admin.get_valves_spec(FUNCTION_ID)
-    assert spec is not None and spec["properties"]["bulk_sync"]["description"].startswith("Deprecated")
+    assert spec is not None and spec["properties"]["bulk_sync"]["title"] == "Bulk sync (deprecated)"
+    notice = spec["properties"]["bulk_sync_notice"]["description"]
+    assert notice.startswith("**Deprecated.** Bulk sync has been disabled")
+    assert "- **Impact:** No data loss" in notice
     # A later save (the admin's next edit) is still accepted: stored valves stay valid.
     admin.update_valves(FUNCTION_ID, {"report_rows": 5}, merge=True)
     _, message_id = admin.browser_chat(MODEL, f"after-bulk-{uuid.uuid4().hex[:8]}")

@@ -43,8 +43,12 @@ def test_saving_the_switch_on_stores_the_notice_and_a_valid_off_switch(plugin: t
     assert "GET /api/v1/generations does not exist" in stored["bulk_sync_notice"]
     reloaded = plugin.Filter.Valves(**stored)  # every later hook and save re-validates the stored dict
     assert reloaded.bulk_sync is False and reloaded.bulk_sync_notice == stored["bulk_sync_notice"]
-    description = plugin.Filter.Valves.model_json_schema()["properties"]["bulk_sync"]["description"]
-    assert description.startswith("Deprecated")
+    properties = plugin.Filter.Valves.model_json_schema()["properties"]
+    assert properties["bulk_sync"]["title"] == "Bulk sync (deprecated)"
+    # The panel renders the notice as Markdown in the notice field's description.
+    assert properties["bulk_sync_notice"]["description"].startswith(
+        "**Deprecated.** Bulk sync has been disabled"
+    )
 
 
 async def test_the_next_admin_chat_gets_the_notice_once_and_users_never(

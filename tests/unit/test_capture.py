@@ -419,7 +419,7 @@ async def test_when_even_the_spool_fails_the_record_is_logged_and_the_chat_goes_
     plugin.writer_for(url).ledger.spool.directory = blocker / "spool"  # cannot be created
     driver = HookDriver(plugin, valves={"database_url": url})
     emitter = EmitterRecorder()
-    _, events = await streamed_turn(driver, sim, "Hello", message_id="m-lost", emitter=emitter)
+    await streamed_turn(driver, sim, "Hello", message_id="m-lost", emitter=emitter)
     assert "could not spool either" in caplog.text
     assert '"message_id": "m-lost"' in caplog.text  # the whole record is in the log, nothing lost
     assert "could not record a completion; the chat continues" in caplog.text
