@@ -11,12 +11,14 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 import platform
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +86,7 @@ class BenchResult:
             "figures": [dataclasses.asdict(f) for f in self.figures],
             "notes": self.notes,
             "machine": machine_note(),
+            "plugin": plugin_version(),
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         }
 
@@ -300,6 +303,18 @@ def machine_note() -> str:
     )
 
 
+def plugin_version() -> str:
+    """Which plugin source was measured: git HEAD, and the file's own digest (it may be uncommitted)."""
+    source = REPO / "plugin" / "openrouter_usage.py"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    head = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    return f"plugin sha256 {digest} (git HEAD {head or '?'})"
+
+
 def command_for(module: str, quick: bool) -> str:
     python = Path(sys.executable)
     with contextlib.suppress(ValueError):
@@ -320,7 +335,7 @@ def print_result(result: BenchResult, out: Any = None) -> None:
     write_table(["figure", "value", "target", "verdict", "detail"], rows, out)
     for note in result.notes:
         out.write(f"  * {note}\n")
-    out.write(f"command: {result.command}   ({result.seconds:.0f} s; {machine_note()})\n")
+    out.write(f"command: {result.command}   ({result.seconds:.0f} s; {machine_note()}; {plugin_version()})\n")
     out.flush()
 
 

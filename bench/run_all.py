@@ -20,7 +20,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.common import CACHE_DIR, REPO, BenchResult, command_for, machine_note, write_table
+from bench.common import (
+    CACHE_DIR,
+    REPO,
+    BenchResult,
+    command_for,
+    machine_note,
+    plugin_version,
+    write_table,
+)
 
 BENCHMARKS = ("stream_cost", "event_loop", "ledger_throughput", "report_scale", "multiprocess_writers")
 TIMEOUT_SECONDS = {"full": 900, "quick": 240}
@@ -60,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(run_one(name, args.quick, Path(scratch)))
     elapsed = time.monotonic() - started
     mode = "QUICK: smaller sizes, not the target sizes" if args.quick else "full sizes"
-    print(f"\n==== Results ({mode}) — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine_note()} ====")
+    print(f"\n==== Results ({mode}) — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ====")
+    print(f"{machine_note()}; {plugin_version()}")
     rows = []
     for result in results:
         if result.error:

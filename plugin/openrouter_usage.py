@@ -40,6 +40,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -569,18 +570,23 @@ users_table = sa.Table(
 )
 
 
-def _rollup_table(name: str, *keys: str, extra: Sequence[sa.Index] = ()) -> sa.Table:
-    """A rollup: text key columns (the primary key) and one integer column per measure."""
+def _rollup_table(name: str, *keys: str) -> sa.Table:
+    """A rollup: text key columns (the primary key, day first) and one integer column per measure.
+
+    On SQLite the table is stored in key order (WITHOUT ROWID), so a range of days is one
+    contiguous read that already holds every measure; and no index leads with another column,
+    which would tempt SQLite's planner into scanning every day to avoid a sort.
+    """
     key_columns = [sa.Column(key, sa.Text, primary_key=True) for key in keys]
-    return sa.Table(f"{TABLE_PREFIX}{name}", schema, *key_columns, *_measure_columns(), *extra)
+    return sa.Table(
+        f"{TABLE_PREFIX}{name}", schema, *key_columns, *_measure_columns(), sqlite_with_rowid=False
+    )
 
 
 # Rollups are keyed by the calendar day in the report time zone (meta key "rollup_timezone") and
 # updated in the same transaction as the ledger rows they count, so reports never scan the ledger.
 rollup_day_table = _rollup_table("rollup_day", "day")
-rollup_user_day_table = _rollup_table(
-    "rollup_user_day", "user_id", "day", extra=[sa.Index(f"{TABLE_PREFIX}rollup_user_day_day", "day")]
-)
+rollup_user_day_table = _rollup_table("rollup_user_day", "day", "user_id")
 rollup_model_day_table = _rollup_table("rollup_model_day", "day", "served_model", "provider")
 meta_table = sa.Table(
     f"{TABLE_PREFIX}meta",
@@ -602,11 +608,24 @@ def _create_tables(*tables: sa.Table) -> Callable[[sa.Connection], None]:
     return apply
 
 
+def _recreate_rollup(table: sa.Table) -> Callable[[sa.Connection], None]:
+    """Rollups are derived data: drop and recreate one in its current layout, and mark all
+    rollups stale, so the next write or report recounts them from the ledger."""
+
+    def apply(conn: sa.Connection) -> None:
+        table.drop(conn, checkfirst=True)
+        table.create(conn)
+        conn.execute(meta_table.delete().where(meta_table.c.key == "rollup_timezone"))
+
+    return apply
+
+
 # Named and append-only: a released migration is never edited; changes come as new entries.
 MIGRATIONS: Final[tuple[tuple[str, Callable[[sa.Connection], None]], ...]] = (
     ("0001_ledger_and_users", _create_tables(ledger_table, users_table)),
     ("0002_daily_rollups", _create_tables(rollup_day_table, rollup_user_day_table, rollup_model_day_table)),
     ("0003_meta", _create_tables(meta_table)),
+    ("0004_rollup_user_day_keyed_by_day", _recreate_rollup(rollup_user_day_table)),
 )
 
 
@@ -704,13 +723,40 @@ def _begin_sqlite_transaction(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
 
 
-def _insert(conn: sa.Connection, table: sa.Table) -> Any:
-    dialect = conn.dialect.name
+def _insert(dialect: str, table: sa.Table) -> Any:
     if dialect == "sqlite":
         return sqlite_dialect.insert(table)
     if dialect == "postgresql":
         return pg_dialect.insert(table)
     raise UnsupportedDatabase(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
+
+
+# The write path's statements are built once per dialect: building and compiling them for every
+# batch cost more than executing them.
+@functools.lru_cache(maxsize=8)
+def _ledger_insert(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (message_id) DO NOTHING RETURNING message_id: idempotent by constraint."""
+    stmt = _insert(dialect, ledger_table).on_conflict_do_nothing(index_elements=["message_id"])
+    return stmt.returning(ledger_table.c.message_id)
+
+
+@functools.lru_cache(maxsize=8)
+def _rollup_upsert(dialect: str, table: sa.Table) -> Any:
+    """INSERT … ON CONFLICT (key) DO UPDATE adding every measure: exact under concurrent writers."""
+    stmt = _insert(dialect, table)
+    return stmt.on_conflict_do_update(
+        index_elements=[column.name for column in table.primary_key.columns],
+        set_={name: table.c[name] + stmt.excluded[name] for name in MEASURES},
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _users_upsert(dialect: str) -> Any:
+    stmt = _insert(dialect, users_table)
+    return stmt.on_conflict_do_update(
+        index_elements=["user_id"],
+        set_={"user_name": stmt.excluded.user_name, "last_seen_at": stmt.excluded.last_seen_at},
+    )
 
 
 def _advisory_lock(conn: sa.Connection, key: int, *, shared: bool = False) -> None:
@@ -790,7 +836,7 @@ def rollup_increments(
     sums: list[dict[RollupKey, dict[str, int]]] = [{} for _ in ROLLUP_TABLES]
     for created_at, user_id, served_model, provider, _, measures in rows:
         day = local_day(created_at, zone)
-        for index, key in enumerate(((day,), (user_id, day), (day, served_model, provider))):
+        for index, key in enumerate(((day,), (day, user_id), (day, served_model, provider))):
             bucket = sums[index].setdefault(key, dict.fromkeys(MEASURES, 0))
             for name, value in measures.items():
                 bucket[name] += value
@@ -803,12 +849,7 @@ def _apply_rollups(conn: sa.Connection, increments: list[dict[RollupKey, dict[st
             continue
         # Sorted keys give concurrent PostgreSQL writers one lock order: no deadlocks.
         rows = [dict(zip(key_columns, key, strict=True)) | sums[key] for key in sorted(sums)]
-        stmt = _insert(conn, table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=list(key_columns),
-            set_={name: table.c[name] + stmt.excluded[name] for name in MEASURES},
-        )
-        conn.execute(stmt, rows)
+        conn.execute(_rollup_upsert(conn.dialect.name, table), rows)
 
 
 class Spool:
@@ -1027,9 +1068,8 @@ class Ledger:
         if not unique:
             return set()
         rows = [ledger_row(unique[key]) for key in sorted(unique)]
-        stmt = _insert(conn, ledger_table).values(rows)
-        stmt = stmt.on_conflict_do_nothing(index_elements=["message_id"]).returning(ledger_table.c.message_id)
-        inserted = set(conn.execute(stmt).scalars())
+        # Executed over many parameter sets, it goes out as multi-row INSERTs ("insertmanyvalues").
+        inserted = set(conn.execute(_ledger_insert(conn.dialect.name), rows).scalars())
         if not inserted:
             return inserted
         fresh = [unique[key] for key in sorted(inserted)]
@@ -1046,13 +1086,8 @@ class Ledger:
         latest: dict[str, UsageRecord] = {}
         for record in fresh:
             latest[record.user_id] = record
-        user_stmt = _insert(conn, users_table)
-        user_stmt = user_stmt.on_conflict_do_update(
-            index_elements=["user_id"],
-            set_={"user_name": user_stmt.excluded.user_name, "last_seen_at": user_stmt.excluded.last_seen_at},
-        )
         conn.execute(
-            user_stmt,
+            _users_upsert(conn.dialect.name),
             [
                 {"user_id": uid, "user_name": r.user_name, "last_seen_at": _naive_utc(r.created_at)}
                 for uid, r in sorted(latest.items())
@@ -1088,7 +1123,7 @@ class Ledger:
         result = conn.execute(sa.select(*columns).order_by(ledger_table.c.id))
         while chunk := result.fetchmany(20_000):
             _apply_rollups(conn, rollup_increments((_measured(row) for row in chunk), zone))
-        upsert = _insert(conn, meta_table).values(key="rollup_timezone", value=zone.key)
+        upsert = _insert(conn.dialect.name, meta_table).values(key="rollup_timezone", value=zone.key)
         conn.execute(upsert.on_conflict_do_update(index_elements=["key"], set_={"value": zone.key}))
         log.info(
             "openrouter_usage: rollups rebuilt for time zone %s in %.1f s",
@@ -1100,7 +1135,7 @@ class Ledger:
         """True for exactly one caller per key, across processes (used for one-time notices)."""
         self.ensure_schema()
         with self._write_transaction() as conn:
-            stmt = _insert(conn, meta_table).values(key=key, value=_utcnow_naive().isoformat())
+            stmt = _insert(conn.dialect.name, meta_table).values(key=key, value=_utcnow_naive().isoformat())
             stmt = stmt.on_conflict_do_nothing(index_elements=["key"]).returning(meta_table.c.key)
             return conn.execute(stmt).first() is not None
 
@@ -1418,21 +1453,25 @@ def build_usage_report(ledger: Ledger, zone: ZoneInfo, rows: int, now: datetime 
         }
         periods["all_time"] = _period_totals(conn, None)
         user_table, model_table = rollup_user_day_table, rollup_model_day_table
-        user_spend = sa.func.sum(user_table.c.spend_pico)
+        # Rank on the rollup alone, then join names for the few rows kept.
+        ranked = (
+            sa.select(
+                user_table.c.user_id,
+                sa.func.sum(user_table.c.spend_pico).label("spend"),
+                sa.func.sum(user_table.c.requests).label("requests"),
+            )
+            .where(user_table.c.day >= first_30)
+            .group_by(user_table.c.user_id)
+            .order_by(sa.desc("spend"), user_table.c.user_id)
+            .limit(rows)
+            .subquery()
+        )
         top_users = [
             UserSpend(row.user_id, row.user_name or row.user_id, int(row.spend), int(row.requests))
             for row in conn.execute(
-                sa.select(
-                    user_table.c.user_id,
-                    users_table.c.user_name,
-                    user_spend.label("spend"),
-                    sa.func.sum(user_table.c.requests).label("requests"),
-                )
-                .select_from(user_table.outerjoin(users_table, users_table.c.user_id == user_table.c.user_id))
-                .where(user_table.c.day >= first_30)
-                .group_by(user_table.c.user_id, users_table.c.user_name)
-                .order_by(user_spend.desc(), user_table.c.user_id)
-                .limit(rows)
+                sa.select(ranked, users_table.c.user_name)
+                .select_from(ranked.outerjoin(users_table, users_table.c.user_id == ranked.c.user_id))
+                .order_by(ranked.c.spend.desc(), ranked.c.user_id)
             )
         ]
         model_spend = sa.func.sum(model_table.c.spend_pico)

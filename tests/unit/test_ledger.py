@@ -69,7 +69,7 @@ def scan_rollups(plugin: types.ModuleType, url: str, zone: ZoneInfo) -> list[dic
                 **{m: int(r[m] or 0) for m in plugin.MEASURES[2:]},
             }
             for index, key in enumerate(
-                ((day,), (r["user_id"], day), (day, r["served_model"], r["provider"]))
+                ((day,), (day, r["user_id"]), (day, r["served_model"], r["provider"]))
             ):
                 for name, value in measures.items():
                     expected[index][key][name] += value
@@ -205,3 +205,19 @@ def test_money_survives_the_round_trip_exactly(plugin: types.ModuleType, databas
     write(plugin, database_url, [huge])
     (row,) = list(plugin.export_rows(plugin.ledger_for(database_url)))
     assert row["cost_usd"] == "0.1753356099" and row["upstream_cost_usd"] is None
+
+
+def test_an_older_ledger_upgrades_and_its_rollups_are_recounted_exactly(
+    plugin: types.ModuleType, database_url: str
+) -> None:
+    write(plugin, database_url, [make_record(plugin, i) for i in range(50)])
+    ledger = plugin.ledger_for(database_url)
+    latest = plugin.MIGRATIONS[-1][0]
+    with ledger.engine.begin() as conn:  # as if the newest migration had never run
+        conn.execute(plugin.migrations_table.delete().where(plugin.migrations_table.c.name == latest))
+    upgraded = plugin.Ledger(database_url)
+    upgraded.ensure_schema()
+    assert upgraded.applied_migrations() == [name for name, _ in plugin.MIGRATIONS]
+    plugin.build_usage_report(upgraded, UTC_ZONE, 5)  # the first read recounts stale rollups
+    assert stored_rollups(plugin, database_url) == scan_rollups(plugin, database_url, UTC_ZONE)
+    upgraded.dispose()
