@@ -9,10 +9,11 @@ required_open_webui_version: 0.10.0
 
 # ── The Open WebUI contract this file relies on (checked against 0.12.4) ──────────────────────────
 # * Loading: the source text is exec'd into a fresh module (no usable __file__); certain import
-#   spellings are rewritten on load, so this file imports only the standard library, pydantic,
-#   httpx and SQLAlchemy, all shipped with Open WebUI. One Filter instance serves every user and
+#   spellings are rewritten on load, so this file imports only the standard library, pydantic
+#   and SQLAlchemy, both shipped with Open WebUI. One Filter instance serves every user and
 #   request, so per-request state lives in __metadata__ (one dict shared by inlet, stream, outlet).
-# * Hooks: only parameters named in a signature are passed. `stream` sees each upstream SSE chunk
+# * Hooks: only parameters named in a signature are passed; coroutine functions are awaited and
+#   plain functions called directly (`stream` is plain here). `stream` sees each upstream SSE chunk
 #   as a dict, for every model call of a turn (tool rounds included), never for non-streaming
 #   responses. `outlet` runs server-side after every completion (0.9), API calls included (0.10);
 #   the legacy POST /api/chat/completed runs it again for the same message. No outlet runs for a
@@ -2344,8 +2345,8 @@ class Filter:
             if self.bulk_sync:
                 self.bulk_sync = False
                 self.bulk_sync_notice = bulk_sync_notice_text(datetime.now(UTC))
-            if self.model_fields_set:
-                SETTINGS.remember(self.model_dump(exclude={"usage_report"}))
+            if self.model_fields_set:  # Valves() with no saved settings teaches nothing
+                SETTINGS.remember({k: v for k, v in self.__dict__.items() if k != "usage_report"})
             return self
 
     class UserValves(BaseModel):
@@ -2384,9 +2385,9 @@ class Filter:
             log.exception("openrouter_usage: inlet failed; the chat continues")
         return body
 
-    async def stream(
-        self, event: dict[str, Any], __metadata__: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
+    def stream(self, event: dict[str, Any], __metadata__: dict[str, Any] | None = None) -> dict[str, Any]:
+        # A plain function, not a coroutine: it never waits, and creating a coroutine for every
+        # chunk would cost more than the work it does.
         try:
             observe_chunk(__metadata__[STATE_KEY], event)  # type: ignore[index]
         except Exception:

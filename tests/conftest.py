@@ -109,7 +109,12 @@ class HookDriver:
         return params
 
     async def call(self, hook: str, payload: Any, **extra: Any) -> Any:
-        return await getattr(self.filter, hook)(**self._params(hook, payload, extra))
+        """As utils/filter.py::run_filter_handler: await coroutine functions, call the others."""
+        handler = getattr(self.filter, hook)
+        params = self._params(hook, payload, extra)
+        if inspect.iscoroutinefunction(handler):
+            return await handler(**params)
+        return handler(**params)
 
     async def run(
         self,

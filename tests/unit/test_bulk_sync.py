@@ -8,11 +8,11 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from openrouter_sim import OpenRouterSimulator
+from scripts.build_manifest import PLUGIN
 from tests.conftest import EmitterRecorder, HookDriver
 
 NOTICE = {
@@ -102,6 +102,8 @@ def test_the_cli_sync_prints_the_notice_and_exits_zero(data_dir: Path) -> None:
     assert json.loads(result.stdout) == NOTICE
 
 
-def test_no_code_path_builds_a_bulk_listing_request(plugin: types.ModuleType) -> None:
-    source: Any = Path(plugin.__name__ and "plugin/openrouter_usage.py").read_text(encoding="utf-8")
-    assert "httpx" not in source.split("import sqlalchemy as sa")[1]  # no HTTP client anywhere
+def test_the_plugin_has_no_http_client_at_all() -> None:
+    """Bulk sync cannot call a listing endpoint: the plugin imports no HTTP client whatsoever."""
+    source = PLUGIN.read_text(encoding="utf-8")
+    for client in ("import httpx", "import urllib", "import http.client", "from urllib", "from http"):
+        assert client not in source
