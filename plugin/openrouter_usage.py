@@ -58,7 +58,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
@@ -640,7 +640,7 @@ def data_dir() -> Path:
     configured = getattr(owui_env, "DATA_DIR", None)
     if configured is not None:
         return Path(configured)
-    return Path(os.environ.get("DATA_DIR") or "data").resolve()
+    return Path(os.path.abspath(os.environ.get("DATA_DIR") or "data"))
 
 
 def normalize_database_url(url: str) -> str:
@@ -1226,6 +1226,39 @@ class WriteOutcome:
     user_today: Totals | None = None
 
 
+class Reply(Protocol):
+    """Where the writer thread delivers a request's outcome (a concurrent Future fits)."""
+
+    def set_result(self, result: WriteOutcome, /) -> None: ...
+
+    def set_exception(self, exception: BaseException | None, /) -> None: ...
+
+
+class LoopReply:
+    """Delivers an outcome to an asyncio future from the writer thread, waking its loop once
+    (cheaper on the loop than chaining a concurrent Future with asyncio.wrap_future)."""
+
+    __slots__ = ("_future", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[WriteOutcome]) -> None:
+        self._loop = loop
+        self._future = future
+
+    def set_result(self, result: WriteOutcome, /) -> None:
+        self._deliver(self._future.set_result, result)
+
+    def set_exception(self, exception: BaseException | None, /) -> None:
+        self._deliver(self._future.set_exception, exception)
+
+    def _deliver(self, setter: Callable[[Any], None], value: Any) -> None:
+        def settle() -> None:
+            if not self._future.done():  # the waiting outlet may have been cancelled
+                setter(value)
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self._loop.call_soon_threadsafe(settle)
+
+
 class GroupCommitWriter:
     """Commits records off the event loop, sharing one transaction among all waiting outlets.
 
@@ -1237,20 +1270,29 @@ class GroupCommitWriter:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self._queue: queue.SimpleQueue[tuple[WriteRequest, concurrent.futures.Future[WriteOutcome]]] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[tuple[WriteRequest, Reply]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
+    async def write(self, request: WriteRequest) -> WriteOutcome:
+        """Commit `request` and return once it is durable; the event loop only waits."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[WriteOutcome] = loop.create_future()
+        self._enqueue(request, LoopReply(loop, future))
+        return await future
+
     def submit(self, request: WriteRequest) -> concurrent.futures.Future[WriteOutcome]:
+        """The same for callers outside an event loop (the CLI, tests, benchmarks)."""
         future: concurrent.futures.Future[WriteOutcome] = concurrent.futures.Future()
-        self._queue.put((request, future))
+        self._enqueue(request, future)
+        return future
+
+    def _enqueue(self, request: WriteRequest, reply: Reply) -> None:
+        self._queue.put((request, reply))
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="openrouter_usage_writer", daemon=True)
                 self._thread.start()
-        return future
 
     def _run(self) -> None:
         while True:
@@ -1270,7 +1312,7 @@ class GroupCommitWriter:
                     break
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[WriteRequest, concurrent.futures.Future[WriteOutcome]]]) -> None:
+    def _commit(self, batch: list[tuple[WriteRequest, Reply]]) -> None:
         records = [request.record for request, _ in batch]
         try:
             inserted = self.ledger.write(records, batch[-1][0].zone)
@@ -1278,12 +1320,10 @@ class GroupCommitWriter:
             self._spool(batch, exc)
             return
         outcomes = self._outcomes(batch, inserted)
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            future.set_result(outcome)
+        for (_, reply), outcome in zip(batch, outcomes, strict=True):
+            reply.set_result(outcome)
 
-    def _spool(
-        self, batch: list[tuple[WriteRequest, concurrent.futures.Future[WriteOutcome]]], exc: Exception
-    ) -> None:
+    def _spool(self, batch: list[tuple[WriteRequest, Reply]], exc: Exception) -> None:
         log.error(
             "openrouter_usage: ledger %s unavailable (%s); spooling %d record(s) for replay",
             self.ledger.location,
@@ -1298,15 +1338,13 @@ class GroupCommitWriter:
                 short_error(spool_exc),
                 json.dumps([request.record.to_json() for request, _ in batch], default=str),
             )
-            for _, future in batch:
-                future.set_exception(spool_exc)
+            for _, reply in batch:
+                reply.set_exception(spool_exc)
             return
-        for _, future in batch:
-            future.set_result(WriteOutcome("spooled"))
+        for _, reply in batch:
+            reply.set_result(WriteOutcome("spooled"))
 
-    def _outcomes(
-        self, batch: list[tuple[WriteRequest, concurrent.futures.Future[WriteOutcome]]], inserted: set[str]
-    ) -> list[WriteOutcome]:
+    def _outcomes(self, batch: list[tuple[WriteRequest, Reply]], inserted: set[str]) -> list[WriteOutcome]:
         claimed: set[str] = set()
         stored: list[Literal["recorded", "duplicate"]] = []
         for request, _ in batch:
@@ -2241,7 +2279,7 @@ async def record_completion(
         want_user_today=show_line and parts.today_total,
     )
     writer = writer_for(resolve_database_url(valves.database_url))
-    outcome: WriteOutcome = await asyncio.wrap_future(writer.submit(request))
+    outcome = await writer.write(request)
     if outcome.stored == "duplicate":
         log.info("openrouter_usage: message %s was already recorded; not counted again", record.message_id)
         return outcome
