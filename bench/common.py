@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -68,6 +69,7 @@ class BenchResult:
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     error: str = ""
+    plugin: str = ""  # which plugin source was measured (see measured_plugin)
 
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)
@@ -86,7 +88,7 @@ class BenchResult:
             "figures": [dataclasses.asdict(f) for f in self.figures],
             "notes": self.notes,
             "machine": machine_note(),
-            "plugin": plugin_version(),
+            "plugin": self.plugin or measured_plugin(),
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         }
 
@@ -100,6 +102,7 @@ class BenchResult:
             notes=list(data["notes"]),
             seconds=float(data["seconds"]),
             error=data.get("error", ""),
+            plugin=data.get("plugin", ""),
         )
 
 
@@ -189,16 +192,29 @@ def isolated_data_dir(prefix: str) -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+_LOADED_PLUGIN: list[str] = []  # the version of the first plugin source this process loaded
+
+
 def load_plugin() -> types.ModuleType:
     """The plugin as Open WebUI loads it: its source text exec'd into a fresh module."""
     from tests.conftest import load_plugin_module
 
+    if not _LOADED_PLUGIN:
+        _LOADED_PLUGIN.append(plugin_version())
     return load_plugin_module()
 
 
 def close_plugin(plugin: types.ModuleType) -> None:
     for writer in list(plugin._LEDGERS.values()):
         writer.ledger.dispose()
+
+
+async def call_hook(handler: Callable[..., Any], **params: Any) -> Any:
+    """Call a filter hook as Open WebUI 0.12.4's utils/filter.py::run_filter_handler does: await it
+    when it is a coroutine function, call it directly otherwise."""
+    if inspect.iscoroutinefunction(handler):
+        return await handler(**params)
+    return handler(**params)
 
 
 def sqlite_url(path: Path) -> str:
@@ -315,6 +331,10 @@ def plugin_version() -> str:
     return f"plugin sha256 {digest} (git HEAD {head or '?'})"
 
 
+def measured_plugin() -> str:
+    return _LOADED_PLUGIN[0] if _LOADED_PLUGIN else plugin_version()
+
+
 def command_for(module: str, quick: bool) -> str:
     python = Path(sys.executable)
     with contextlib.suppress(ValueError):
@@ -335,7 +355,9 @@ def print_result(result: BenchResult, out: Any = None) -> None:
     write_table(["figure", "value", "target", "verdict", "detail"], rows, out)
     for note in result.notes:
         out.write(f"  * {note}\n")
-    out.write(f"command: {result.command}   ({result.seconds:.0f} s; {machine_note()}; {plugin_version()})\n")
+    out.write(
+        f"command: {result.command}   ({result.seconds:.0f} s; {machine_note()}; {measured_plugin()})\n"
+    )
     out.flush()
 
 

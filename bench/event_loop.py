@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import inspect
 import json
 import resource
 import selectors
@@ -35,6 +36,7 @@ from bench.common import (
     Figure,
     SimulatedStream,
     at_most,
+    call_hook,
     close_plugin,
     command_for,
     gc_paused,
@@ -151,19 +153,28 @@ class CompletionRunner:
         idle_before = self.selector.idle_ns
         started = time.thread_time_ns()
         rebuild()
-        await hook.inlet(body=request.body, __metadata__=metadata, __model__=MODEL)
+        await call_hook(hook.inlet, body=request.body, __metadata__=metadata, __model__=MODEL)
         after_inlet = time.thread_time_ns()
         chunks = [json.loads(payload) for payload in self.stream.payloads]
         parsed = time.thread_time_ns()
-        for chunk in chunks:
-            rebuild()
-            await hook.stream(event=chunk, __metadata__=metadata)
+        if inspect.iscoroutinefunction(hook.stream):
+            for chunk in chunks:
+                rebuild()
+                await hook.stream(event=chunk, __metadata__=metadata)
+        else:
+            for chunk in chunks:
+                rebuild()
+                hook.stream(event=chunk, __metadata__=metadata)
         after_stream = time.thread_time_ns()
         rebuild()
         if rebuild_valves:
             request.user["valves"] = self.plugin.Filter.UserValves()
-        await hook.outlet(
-            body=request.outlet, __user__=request.user, __metadata__=metadata, __event_emitter__=self.emitter
+        await call_hook(
+            hook.outlet,
+            body=request.outlet,
+            __user__=request.user,
+            __metadata__=metadata,
+            __event_emitter__=self.emitter,
         )
         finished = time.thread_time_ns()
         return Sample(
@@ -188,17 +199,24 @@ def _nothing() -> None:
 
 
 class ResolvedWriter:
-    """Diagnostic stand-in for the group-commit writer: the future is already resolved, so outlet
-    never waits for another thread (what is left is the plugin's own on-loop work)."""
+    """Diagnostic stand-in for the group-commit writer: the outcome is there at once, so outlet
+    never waits for another thread (what is left is the plugin's own on-loop work). Offers both
+    ways the plugin has awaited its writer: `submit` (a concurrent Future) and `write` (async)."""
 
     def __init__(self, plugin: types.ModuleType, ledger: Any) -> None:
         self.plugin = plugin
         self.ledger = ledger
 
+    def _outcome(self) -> Any:
+        return self.plugin.WriteOutcome("recorded", chat_spend_pico=0)
+
     def submit(self, request: Any) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        future.set_result(self.plugin.WriteOutcome("recorded", chat_spend_pico=0))
+        future.set_result(self._outcome())
         return future
+
+    async def write(self, request: Any) -> Any:
+        return self._outcome()
 
 
 @contextlib.contextmanager

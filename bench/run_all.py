@@ -69,7 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     mode = "QUICK: smaller sizes, not the target sizes" if args.quick else "full sizes"
     print(f"\n==== Results ({mode}) — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ====")
-    print(f"{machine_note()}; {plugin_version()}")
+    print(machine_note())
+    measured: dict[str, list[str]] = {}
+    for result in results:
+        measured.setdefault(result.plugin or plugin_version(), []).append(result.name)
+    if len(measured) == 1:
+        print(f"measured: {next(iter(measured))}")
+    else:
+        print(
+            "the plugin changed during the run: "
+            + "; ".join(f"{v}: {', '.join(n)}" for v, n in measured.items())
+        )
     rows = []
     for result in results:
         if result.error:

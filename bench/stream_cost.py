@@ -7,19 +7,23 @@ fifth of that (target ratio <= 0.2).
 Method: one real 2,000-content-chunk stream from the OpenRouter simulator (`[sim:chunks=2000]`,
 2,003 SSE data events with the role, finish and usage chunks). Each repetition runs `inlet` (not
 timed) to populate a fresh __metadata__, then times, back to back and in alternating order,
-`await filter.stream(event=chunk, __metadata__=metadata)` over all chunks and json.loads over the
-same raw payloads. The figure is the median over repetitions of the per-repetition ratio (both
-halves of a ratio share the machine's state of the moment). Cyclic GC is paused in timed regions.
+`filter.stream(event=chunk, __metadata__=metadata)` over all chunks (awaited when the hook is a
+coroutine function, called directly otherwise, as Open WebUI 0.12.4's run_filter_handler does)
+and json.loads over the same raw payloads. The figure is the median over repetitions of the
+per-repetition ratio (both halves of a ratio share the machine's state of the moment). Cyclic GC
+is paused in timed regions.
 
 For information it also times the Valves rebuild Open WebUI performs before every hook call,
 stream events included (0.12.4 utils/filter.py: `function_module.valves = Valves(**saved)`, as
-tests/conftest.py's HookDriver models it), since this plugin's Valves run a model validator.
+tests/conftest.py's HookDriver models it), since this plugin's Valves run a model validator: the
+validator's share is the difference with a validator-free copy of the same fields.
 """
 
 from __future__ import annotations
 
 import asyncio
 import cProfile
+import inspect
 import io
 import json
 import pstats
@@ -27,10 +31,13 @@ import time
 import types
 from typing import Any
 
+import pydantic
+
 from bench.common import (
     BenchResult,
     Figure,
     at_most,
+    call_hook,
     command_for,
     gc_paused,
     isolated_data_dir,
@@ -52,12 +59,17 @@ async def _time_hook(plugin: types.ModuleType, request: dict[str, Any], chunks: 
     """Nanoseconds for one pass of the stream hook over all chunks, after a fresh inlet."""
     hook = plugin.Filter()
     metadata: dict[str, Any] = {"chat_id": "chat-1", "message_id": "msg-1", "session_id": "s-1"}
-    await hook.inlet(body=dict(request), __metadata__=metadata, __model__=MODEL)
+    await call_hook(hook.inlet, body=dict(request), __metadata__=metadata, __model__=MODEL)
     stream = hook.stream
     with gc_paused():
-        started = time.perf_counter_ns()
-        for chunk in chunks:
-            await stream(event=chunk, __metadata__=metadata)
+        if inspect.iscoroutinefunction(stream):
+            started = time.perf_counter_ns()
+            for chunk in chunks:
+                await stream(event=chunk, __metadata__=metadata)
+        else:
+            started = time.perf_counter_ns()
+            for chunk in chunks:
+                stream(event=chunk, __metadata__=metadata)
         return time.perf_counter_ns() - started
 
 
@@ -81,6 +93,13 @@ def _time_observe_chunk(plugin: types.ModuleType, chunks: list[dict[str, Any]]) 
         return time.perf_counter_ns() - started
 
 
+def without_validators(model: type[pydantic.BaseModel]) -> type[pydantic.BaseModel]:
+    """The same fields (types, defaults, metadata) in a model with no validators of its own."""
+    fields: dict[str, Any] = {name: (info.annotation, info) for name, info in model.model_fields.items()}
+    plain: type[pydantic.BaseModel] = pydantic.create_model(f"Plain{model.__name__}", **fields)
+    return plain
+
+
 def _per_call_ns(work: Any, calls: int, repeats: int) -> list[float]:
     samples = []
     for _ in range(repeats):
@@ -99,10 +118,10 @@ def _profile_hook(plugin: types.ModuleType, request: dict[str, Any], chunks: lis
         hook = plugin.Filter()
         for _ in range(20):
             metadata: dict[str, Any] = {"chat_id": "c", "message_id": "m"}
-            await hook.inlet(body=dict(request), __metadata__=metadata, __model__=MODEL)
+            await call_hook(hook.inlet, body=dict(request), __metadata__=metadata, __model__=MODEL)
             profiler.enable()
             for chunk in chunks:
-                await hook.stream(event=chunk, __metadata__=metadata)
+                await call_hook(hook.stream, event=chunk, __metadata__=metadata)
             profiler.disable()
 
     asyncio.run(passes())
@@ -174,7 +193,7 @@ def run(quick: bool) -> BenchResult:
         result.add(
             Figure(
                 "stream_cost.observe_chunk_ns",
-                "observe_chunk alone (hook minus coroutine call)",
+                "observe_chunk alone (the hook body, no call overhead)",
                 median(observe_ns),
                 "ns/chunk",
                 detail=spread(observe_ns, unit="ns"),
@@ -184,12 +203,15 @@ def run(quick: bool) -> BenchResult:
         # Open WebUI rebuilds the valves before every hook call, stream events included.
         url = f"sqlite:///{data / 'ledger.sqlite3'}"
         saved = plugin.Filter.Valves(database_url=url).model_dump()
-        valves = plugin.Filter.Valves(**saved)
+        plain = without_validators(plugin.Filter.Valves)
         calls, repeats = (1000, 7) if quick else (3000, 15)
-        rebuild = _per_call_ns(lambda: plugin.Filter.Valves(**saved), calls, repeats)
-        validator = _per_call_ns(
-            lambda: plugin.SETTINGS.remember(valves.model_dump(exclude={"usage_report"})), calls, repeats
-        )
+        rebuild: list[float] = []
+        validator: list[float] = []
+        for _ in range(repeats):  # paired: the plugin's Valves, then the same fields without validators
+            with_validator = _per_call_ns(lambda: plugin.Filter.Valves(**saved), calls, 1)[0]
+            without = _per_call_ns(lambda: plain(**saved), calls, 1)[0]
+            rebuild.append(with_validator)
+            validator.append(with_validator - without)
         json_median = median(json_ns)
         result.add(
             Figure(
@@ -203,7 +225,7 @@ def run(quick: bool) -> BenchResult:
         result.add(
             Figure(
                 "stream_cost.valves_validator_ns",
-                "  of which the plugin's validator (model_dump + SETTINGS.remember)",
+                "  of which the plugin's validator(s)",
                 median(validator),
                 "ns/chunk",
                 detail=f"{median(validator) / json_median:.2f}x json.loads; " + spread(validator, unit="ns"),

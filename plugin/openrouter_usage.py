@@ -2084,17 +2084,20 @@ class SettingsMemory:
     def _path(self) -> Path:
         return data_dir() / "openrouter_usage_settings.json"
 
-    def remember(self, values: dict[str, Any]) -> None:
+    def remember(self, values: Mapping[str, Any]) -> None:
+        """Keep `values` if they changed. Runs whenever Open WebUI builds the valves (once per hook
+        per request), so the unchanged case copies nothing and takes no lock."""
+        if values == self._values:
+            return
+        snapshot = dict(values)
         with self._lock:
-            if values == self._values:
-                return
-            self._values = values
+            self._values = snapshot
         try:
             path = self._path()
             temporary = path.with_suffix(".tmp")
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(values, handle)
+                json.dump(snapshot, handle)
             os.replace(temporary, path)
         except OSError as exc:
             log.debug("openrouter_usage: could not persist settings (%s)", exc)
@@ -2384,7 +2387,7 @@ class Filter:
                 self.bulk_sync = False
                 self.bulk_sync_notice = bulk_sync_notice_text(datetime.now(UTC))
             if self.model_fields_set:  # Valves() with no saved settings teaches nothing
-                SETTINGS.remember({k: v for k, v in self.__dict__.items() if k != "usage_report"})
+                SETTINGS.remember(self.__dict__)
             return self
 
     class UserValves(BaseModel):
