@@ -1846,6 +1846,18 @@ EXPORT_FIELDS: Final = (
 _FORMULA_PREFIXES: Final = ("=", "+", "-", "@", "\t", "\r")
 
 
+# Export fields that are not ledger columns copied as they are.
+_EXPORT_CONVERTERS: Final[dict[str, Callable[[sa.RowMapping], Any]]] = {
+    "created_at": lambda row: row["created_at"].replace(tzinfo=UTC).isoformat().replace("+00:00", "Z"),
+    "generation_ids": lambda row: json.loads(row["generation_ids"] or "[]"),
+    "cost_usd": lambda row: _usd_or_none(row["cost_pico"]),
+    "upstream_cost_usd": lambda row: _usd_or_none(row["upstream_cost_pico"]),
+    "spend_usd": lambda row: decimal_text(pico_to_usd(row["spend_pico"])),
+    "is_byok": lambda row: bool(row["is_byok"]),
+    "usage": lambda row: json.loads(row["usage_json"]) if row["usage_json"] else None,
+}
+
+
 def export_rows(ledger: Ledger, since: datetime | None = None) -> Iterator[dict[str, Any]]:
     """Every ledger row, oldest first, with money as exact decimal strings."""
     ledger.ensure_schema()
@@ -1855,43 +1867,9 @@ def export_rows(ledger: Ledger, since: datetime | None = None) -> Iterator[dict[
     with ledger.engine.connect() as conn:
         for row in conn.execution_options(yield_per=1000).execute(query):
             data = row._mapping
-            created_at = data["created_at"]
             yield {
-                "id": data["id"],
-                "created_at": created_at.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z"),
-                **{
-                    key: data[key]
-                    for key in (
-                        "message_id",
-                        "chat_id",
-                        "user_id",
-                        "user_name",
-                        "model",
-                        "served_model",
-                        "provider",
-                    )
-                },
-                "generation_ids": json.loads(data["generation_ids"] or "[]"),
-                **{
-                    key: data[key]
-                    for key in (
-                        "prompt_tokens",
-                        "completion_tokens",
-                        "total_tokens",
-                        "cached_tokens",
-                        "cache_write_tokens",
-                        "reasoning_tokens",
-                    )
-                },
-                "cost_usd": _usd_or_none(data["cost_pico"]),
-                "upstream_cost_usd": _usd_or_none(data["upstream_cost_pico"]),
-                "spend_usd": decimal_text(pico_to_usd(data["spend_pico"])),
-                "is_byok": bool(data["is_byok"]),
-                "status": data["status"],
-                "error": data["error"],
-                "latency_ms": data["latency_ms"],
-                "ttft_ms": data["ttft_ms"],
-                "usage": json.loads(data["usage_json"]) if data["usage_json"] else None,
+                field: _EXPORT_CONVERTERS[field](data) if field in _EXPORT_CONVERTERS else data[field]
+                for field in EXPORT_FIELDS
             }
 
 
