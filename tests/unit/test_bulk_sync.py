@@ -91,9 +91,18 @@ def test_sync_openrouter_usage_returns_the_notice(plugin: types.ModuleType) -> N
     assert plugin.sync_openrouter_usage()["results"] == []
 
 
-def test_the_cli_sync_prints_the_notice_and_exits_zero(data_dir: Path) -> None:
+def test_the_cli_sync_prints_the_notice_and_exits_zero(database_url: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "openrouter_usage", "sync", "--date", "2026-11-01"],
+        [
+            sys.executable,
+            "-m",
+            "openrouter_usage",
+            "sync",
+            "--date",
+            "2026-11-01",
+            "--database-url",
+            database_url,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
