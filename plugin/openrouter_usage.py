@@ -177,16 +177,15 @@ class CaptureState:
     """
 
     __slots__ = (
+        "calls",
         "error",
         "first_token_at",
         "generation_ids",
         "is_openrouter_connection",
         "last_id",
         "provider",
-        "raw_usages",
         "served_model",
         "started_at",
-        "usage_by_generation",
     )
 
     def __init__(self, started_at: float, is_openrouter_connection: bool | None = None) -> None:
@@ -197,8 +196,8 @@ class CaptureState:
         self.generation_ids: list[str] = []
         self.provider = ""
         self.served_model = ""
-        self.usage_by_generation: dict[str, Usage] = {}
-        self.raw_usages: list[Mapping[str, Any]] = []
+        # Per model call (keyed by generation id): the parsed usage and the object as sent.
+        self.calls: dict[str, tuple[Usage, Mapping[str, Any]]] = {}
         self.error = ""
 
     @property
@@ -353,9 +352,8 @@ def _observe_usage_or_error(state: CaptureState, chunk: dict[str, Any]) -> None:
     raw = chunk.get("usage")
     if isinstance(raw, Mapping):
         chunk_id = chunk.get("id")
-        key = chunk_id if isinstance(chunk_id, str) else f"call-{len(state.raw_usages)}"
-        state.usage_by_generation[key] = parse_usage(raw)
-        state.raw_usages.append(raw)
+        key = chunk_id if isinstance(chunk_id, str) else f"call-{len(state.calls)}"
+        state.calls[key] = (parse_usage(raw), raw)
     error = chunk.get("error")
     if error:
         state.error = describe_error(error)
@@ -436,12 +434,11 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
         log.debug("openrouter_usage: completion not from OpenRouter; not recorded")
         return None
 
-    if state.usage_by_generation:
+    if state.calls:
         # Exact per-call usage seen in the stream beats Open WebUI's float sums of the same calls.
-        usage = sum(state.usage_by_generation.values(), Usage())
-        raw: Mapping[str, Any] | None = (
-            state.raw_usages[0] if len(state.raw_usages) == 1 else {"calls": list(state.raw_usages)}
-        )
+        usage = sum((call_usage for call_usage, _ in state.calls.values()), Usage())
+        raws = [call_raw for _, call_raw in state.calls.values()]
+        raw: Mapping[str, Any] | None = raws[0] if len(raws) == 1 else {"calls": raws}
     elif outlet_usage is not None:
         usage, raw = parse_usage(outlet_usage), outlet_usage
     else:
@@ -1352,7 +1349,12 @@ class GroupCommitWriter:
             fresh = message_id in inserted and message_id not in claimed
             claimed.add(message_id)
             stored.append("recorded" if fresh else "duplicate")
-        if not any(request.chat_message_ids or request.want_user_today for request, _ in batch):
+        # Totals feed the usage line, which only a newly recorded message shows.
+        wanted = [
+            kind == "recorded" and bool(request.chat_message_ids or request.want_user_today)
+            for (request, _), kind in zip(batch, stored, strict=True)
+        ]
+        if not any(wanted):
             return [WriteOutcome(kind) for kind in stored]
         try:
             with self.ledger.engine.connect() as conn:
@@ -1360,11 +1362,11 @@ class GroupCommitWriter:
                     WriteOutcome(
                         kind,
                         self.ledger.chat_spend_pico(conn, request.chat_message_ids)
-                        if request.chat_message_ids
+                        if want and request.chat_message_ids
                         else None,
-                        self._user_today(conn, request) if request.want_user_today else None,
+                        self._user_today(conn, request) if want and request.want_user_today else None,
                     )
-                    for (request, _), kind in zip(batch, stored, strict=True)
+                    for (request, _), kind, want in zip(batch, stored, wanted, strict=True)
                 ]
         except Exception as exc:
             log.warning("openrouter_usage: totals for the usage line unavailable (%s)", short_error(exc))
