@@ -1,7 +1,7 @@
 """Ledger throughput with 64 concurrent outlets, durable on SQLite, against one commit per record.
 
 Group commit: 64 asyncio tasks on one loop, each awaiting
-`asyncio.wrap_future(writer.submit(WriteRequest(record=..., zone=UTC)))` in a loop until the
+`writer.write(WriteRequest(record=..., zone=UTC))` (what outlet awaits) in a loop until the
 records run out: the plugin's own writer thread batches whatever arrived during the previous
 commit into one transaction (WAL, synchronous=FULL: every commit is fsync'd). Baseline: the
 same records written by `Ledger.write([record], zone)` one at a time from one thread, one
@@ -70,7 +70,7 @@ def group_commit_run(plugin: types.ModuleType, url: str, records: Sequence[Any])
         async def outlet_task() -> None:
             for record in pending:
                 request = plugin.WriteRequest(record=record, zone=UTC)
-                outcome = await asyncio.wrap_future(writer.submit(request))
+                outcome = await writer.write(request)
                 outcomes[outcome.stored] += 1
 
         started = time.perf_counter()

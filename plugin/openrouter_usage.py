@@ -58,7 +58,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
@@ -510,6 +510,7 @@ MEASURES: Final = (
 MIGRATION_LOCK_KEY: Final = 0x6F72_7573_0001  # PostgreSQL advisory lock keys, "orus" + purpose
 ROLLUP_LOCK_KEY: Final = 0x6F72_7573_0002
 MAX_BATCH: Final = 256
+WRITE_ATTEMPTS: Final = 3  # a batch that lost a race to another process is retried
 WRITER_IDLE_SECONDS: Final = 30.0
 
 schema = sa.MetaData()
@@ -729,31 +730,60 @@ def _insert(dialect: str, table: sa.Table) -> Any:
     raise UnsupportedDatabase(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
 
 
-# The write path's statements are built once per dialect: building and compiling them for every
-# batch cost more than executing them.
-@functools.lru_cache(maxsize=8)
-def _ledger_insert(dialect: str) -> Any:
-    """INSERT … ON CONFLICT (message_id) DO NOTHING RETURNING message_id: idempotent by constraint."""
-    stmt = _insert(dialect, ledger_table).on_conflict_do_nothing(index_elements=["message_id"])
-    return stmt.returning(ledger_table.c.message_id)
+# The write path's statements are cacheable: a plain INSERT, a SELECT, and upserts written as SQL
+# text that is the same on SQLite (3.35+) and PostgreSQL. SQLAlchemy's dialect ON CONFLICT
+# constructs opt out of its statement cache and were compiled again for every batch, which cost
+# more than the write itself.
+def _insert_text(dialect: sa.Dialect, table: sa.Table, columns: Sequence[str], tail: str) -> sa.TextClause:
+    """INSERT INTO table (columns) VALUES (:column, …) <tail>, binding each value with its column's
+    type (so SQLite stores datetimes exactly as SQLAlchemy reads them back)."""
+    quote = dialect.identifier_preparer.quote
+    sql = (
+        f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in columns)}) "
+        f"VALUES ({', '.join(':' + name for name in columns)}) {tail}"
+    )
+    return sa.text(sql).bindparams(*(sa.bindparam(name, type_=table.c[name].type) for name in columns))
 
 
-@functools.lru_cache(maxsize=8)
-def _rollup_upsert(dialect: str, table: sa.Table) -> Any:
-    """INSERT … ON CONFLICT (key) DO UPDATE adding every measure: exact under concurrent writers."""
-    stmt = _insert(dialect, table)
-    return stmt.on_conflict_do_update(
-        index_elements=[column.name for column in table.primary_key.columns],
-        set_={name: table.c[name] + stmt.excluded[name] for name in MEASURES},
+_LEDGER_INSERT: Final = ledger_table.insert()
+_RECORDED_AMONG: Final = sa.select(ledger_table.c.message_id).where(
+    ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
+)
+IN_LIST_CHUNK: Final = 500  # parameters per IN list: well inside every SQLite build's limit
+
+
+def recorded_message_ids(conn: sa.Connection, message_ids: Sequence[str]) -> set[str]:
+    """Which of these messages the ledger already holds."""
+    found: set[str] = set()
+    for start in range(0, len(message_ids), IN_LIST_CHUNK):
+        chunk = list(message_ids[start : start + IN_LIST_CHUNK])
+        found.update(conn.execute(_RECORDED_AMONG, {"message_ids": chunk}).scalars())
+    return found
+
+
+@functools.lru_cache(maxsize=16)
+def _rollup_upsert(dialect: sa.Dialect, table: sa.Table) -> sa.TextClause:
+    """Adds every measure to the row of its key: exact under concurrent writers."""
+    quote = dialect.identifier_preparer.quote
+    keys = [column.name for column in table.primary_key.columns]
+    additions = ", ".join(
+        f"{quote(name)} = {quote(table.name)}.{quote(name)} + excluded.{quote(name)}" for name in MEASURES
+    )
+    conflict = ", ".join(quote(name) for name in keys)
+    return _insert_text(
+        dialect, table, [*keys, *MEASURES], f"ON CONFLICT ({conflict}) DO UPDATE SET {additions}"
     )
 
 
 @functools.lru_cache(maxsize=8)
-def _users_upsert(dialect: str) -> Any:
-    stmt = _insert(dialect, users_table)
-    return stmt.on_conflict_do_update(
-        index_elements=["user_id"],
-        set_={"user_name": stmt.excluded.user_name, "last_seen_at": stmt.excluded.last_seen_at},
+def _users_upsert(dialect: sa.Dialect) -> sa.TextClause:
+    quote = dialect.identifier_preparer.quote
+    updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in ("user_name", "last_seen_at"))
+    return _insert_text(
+        dialect,
+        users_table,
+        ("user_id", "user_name", "last_seen_at"),
+        f"ON CONFLICT (user_id) DO UPDATE SET {updates}",
     )
 
 
@@ -829,25 +859,31 @@ RollupKey = tuple[str, ...]
 
 def rollup_increments(
     rows: Iterable[tuple[datetime, str, str, str, str, dict[str, int]]], zone: ZoneInfo
-) -> list[dict[RollupKey, dict[str, int]]]:
-    """Per-table sums for rows of (created_at, user_id, served_model, provider, _, measures)."""
-    sums: list[dict[RollupKey, dict[str, int]]] = [{} for _ in ROLLUP_TABLES]
+) -> list[dict[RollupKey, list[int]]]:
+    """Per-table sums, in MEASURES order, for rows of (created_at, user_id, served_model,
+    provider, _, measures)."""
+    sums: list[dict[RollupKey, list[int]]] = [{} for _ in ROLLUP_TABLES]
     for created_at, user_id, served_model, provider, _, measures in rows:
         day = local_day(created_at, zone)
-        for index, key in enumerate(((day,), (day, user_id), (day, served_model, provider))):
-            bucket = sums[index].setdefault(key, dict.fromkeys(MEASURES, 0))
-            for name, value in measures.items():
-                bucket[name] += value
+        values = [measures[name] for name in MEASURES]
+        for table_sums, key in zip(
+            sums, ((day,), (day, user_id), (day, served_model, provider)), strict=True
+        ):
+            bucket = table_sums.get(key)
+            table_sums[key] = (
+                values if bucket is None else [a + b for a, b in zip(bucket, values, strict=True)]
+            )
     return sums
 
 
-def _apply_rollups(conn: sa.Connection, increments: list[dict[RollupKey, dict[str, int]]]) -> None:
+def _apply_rollups(conn: sa.Connection, increments: list[dict[RollupKey, list[int]]]) -> None:
     for (table, key_columns), sums in zip(ROLLUP_TABLES, increments, strict=True):
         if not sums:
             continue
         # Sorted keys give concurrent PostgreSQL writers one lock order: no deadlocks.
-        rows = [dict(zip(key_columns, key, strict=True)) | sums[key] for key in sorted(sums)]
-        conn.execute(_rollup_upsert(conn.dialect.name, table), rows)
+        columns = (*key_columns, *MEASURES)
+        rows = [dict(zip(columns, (*key, *sums[key]), strict=True)) for key in sorted(sums)]
+        conn.execute(_rollup_upsert(conn.dialect, table), rows)
 
 
 class Spool:
@@ -1045,9 +1081,7 @@ class Ledger:
         claimed = self.spool.claim()
         replaying = [record for _, batch in claimed for record in batch]
         try:
-            with self._write_transaction() as conn:
-                self._sync_rollup_zone(conn, zone)
-                inserted = self._insert_records(conn, [*replaying, *records], zone)
+            inserted = self._commit_records([*replaying, *records], zone)
         except BaseException:
             self.spool.release(claimed, replayed=False)
             raise
@@ -1057,6 +1091,19 @@ class Ledger:
         # A spooled record was already reported as recorded; its later duplicates are duplicates.
         return inserted - {record.message_id for record in replaying}
 
+    def _commit_records(self, records: Sequence[UsageRecord], zone: ZoneInfo) -> set[str]:
+        attempts = 1
+        while True:
+            try:
+                with self._write_transaction() as conn:
+                    self._sync_rollup_zone(conn, zone)
+                    return self._insert_records(conn, records, zone)
+            except sa.exc.IntegrityError:
+                if attempts == WRITE_ATTEMPTS:
+                    raise
+                attempts += 1
+                log.info("openrouter_usage: another process recorded one of these messages first; retrying")
+
     def _insert_records(
         self, conn: sa.Connection, records: Sequence[UsageRecord], zone: ZoneInfo
     ) -> set[str]:
@@ -1065,12 +1112,14 @@ class Ledger:
             unique.setdefault(record.message_id, record)
         if not unique:
             return set()
-        rows = [ledger_row(unique[key]) for key in sorted(unique)]
-        # Executed over many parameter sets, it goes out as multi-row INSERTs ("insertmanyvalues").
-        inserted = set(conn.execute(_ledger_insert(conn.dialect.name), rows).scalars())
-        if not inserted:
-            return inserted
-        fresh = [unique[key] for key in sorted(inserted)]
+        message_ids = sorted(unique)
+        recorded = recorded_message_ids(conn, message_ids)
+        fresh = [unique[key] for key in message_ids if key not in recorded]
+        if not fresh:
+            return set()
+        # A plain INSERT: a message another process recorded since the SELECT (only possible on
+        # PostgreSQL; SQLite writers are serialised) fails the transaction, and write() retries.
+        conn.execute(_LEDGER_INSERT, [ledger_row(record) for record in fresh])
         _apply_rollups(
             conn,
             rollup_increments(
@@ -1085,13 +1134,13 @@ class Ledger:
         for record in fresh:
             latest[record.user_id] = record
         conn.execute(
-            _users_upsert(conn.dialect.name),
+            _users_upsert(conn.dialect),
             [
                 {"user_id": uid, "user_name": r.user_name, "last_seen_at": _naive_utc(r.created_at)}
                 for uid, r in sorted(latest.items())
             ],
         )
-        return inserted
+        return {record.message_id for record in fresh}
 
     def _sync_rollup_zone(self, conn: sa.Connection, zone: ZoneInfo) -> None:
         if _rollup_zone(conn) == zone.key:
@@ -1223,37 +1272,46 @@ class WriteOutcome:
     user_today: Totals | None = None
 
 
-class Reply(Protocol):
-    """Where the writer thread delivers a request's outcome (a concurrent Future fits)."""
-
-    def set_result(self, result: WriteOutcome, /) -> None: ...
-
-    def set_exception(self, exception: BaseException | None, /) -> None: ...
-
-
 class LoopReply:
-    """Delivers an outcome to an asyncio future from the writer thread, waking its loop once
-    (cheaper on the loop than chaining a concurrent Future with asyncio.wrap_future)."""
+    """An outlet waiting on its event loop for a write's outcome."""
 
-    __slots__ = ("_future", "_loop")
+    __slots__ = ("future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[WriteOutcome]) -> None:
-        self._loop = loop
-        self._future = future
+        self.loop = loop
+        self.future = future
 
-    def set_result(self, result: WriteOutcome, /) -> None:
-        self._deliver(self._future.set_result, result)
 
-    def set_exception(self, exception: BaseException | None, /) -> None:
-        self._deliver(self._future.set_exception, exception)
+# The CLI, tests and benchmarks wait on a concurrent Future; outlets on their loop.
+Reply = concurrent.futures.Future[WriteOutcome] | LoopReply
+Settlement = tuple[asyncio.Future[WriteOutcome], WriteOutcome | BaseException]
 
-    def _deliver(self, setter: Callable[[Any], None], value: Any) -> None:
-        def settle() -> None:
-            if not self._future.done():  # the waiting outlet may have been cancelled
-                setter(value)
 
+def deliver(replies: Iterable[tuple[Reply, WriteOutcome | BaseException]]) -> None:
+    """Hand every waiter its outcome (from the writer thread). Each event loop is woken once for
+    all of its outlets in the batch: a wake-up is a system call on the writer thread and a
+    self-pipe read on the loop, and under load a batch holds dozens of outlets of the same loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]] = {}
+    for reply, outcome in replies:
+        if isinstance(reply, LoopReply):
+            by_loop.setdefault(reply.loop, []).append((reply.future, outcome))
+        elif isinstance(outcome, BaseException):
+            reply.set_exception(outcome)
+        else:
+            reply.set_result(outcome)
+    for loop, settlements in by_loop.items():
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            self._loop.call_soon_threadsafe(settle)
+            loop.call_soon_threadsafe(_settle, settlements)
+
+
+def _settle(settlements: list[Settlement]) -> None:
+    for future, outcome in settlements:
+        if future.done():  # the waiting outlet was cancelled
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 class GroupCommitWriter:
@@ -1317,8 +1375,7 @@ class GroupCommitWriter:
             self._spool(batch, exc)
             return
         outcomes = self._outcomes(batch, inserted)
-        for (_, reply), outcome in zip(batch, outcomes, strict=True):
-            reply.set_result(outcome)
+        deliver((reply, outcome) for (_, reply), outcome in zip(batch, outcomes, strict=True))
 
     def _spool(self, batch: list[tuple[WriteRequest, Reply]], exc: Exception) -> None:
         log.error(
@@ -1335,11 +1392,9 @@ class GroupCommitWriter:
                 short_error(spool_exc),
                 json.dumps([request.record.to_json() for request, _ in batch], default=str),
             )
-            for _, reply in batch:
-                reply.set_exception(spool_exc)
+            deliver((reply, spool_exc) for _, reply in batch)
             return
-        for _, reply in batch:
-            reply.set_result(WriteOutcome("spooled"))
+        deliver((reply, WriteOutcome("spooled")) for _, reply in batch)
 
     def _outcomes(self, batch: list[tuple[WriteRequest, Reply]], inserted: set[str]) -> list[WriteOutcome]:
         claimed: set[str] = set()

@@ -221,3 +221,29 @@ def test_an_older_ledger_upgrades_and_its_rollups_are_recounted_exactly(
     plugin.build_usage_report(upgraded, UTC_ZONE, 5)  # the first read recounts stale rollups
     assert stored_rollups(plugin, database_url) == scan_rollups(plugin, database_url, UTC_ZONE)
     upgraded.dispose()
+
+
+def test_a_message_recorded_by_another_process_mid_write_is_retried_and_counted_once(
+    plugin: types.ModuleType, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL another process may commit the same message between this writer's check and
+    its INSERT (a duplicate outlet served by another worker). The check is made to miss the row
+    once, as it would then; the INSERT's unique violation must lead to a retry, not a spool."""
+    raced, fresh = make_record(plugin, 1), make_record(plugin, 2)
+    assert write(plugin, database_url, [raced]) == ["recorded"]
+    checks = []
+    real_check = plugin.recorded_message_ids
+
+    def stale_once(conn: sa.Connection, message_ids: list[str]) -> set[str]:
+        checks.append(list(message_ids))
+        return set() if len(checks) == 1 else real_check(conn, message_ids)
+
+    monkeypatch.setattr(plugin, "recorded_message_ids", stale_once)
+    ledger = plugin.ledger_for(database_url)
+    assert ledger.write([raced, fresh], UTC_ZONE) == {fresh.message_id}
+    assert len(checks) == 2
+    assert ledger.spool.pending_count() == 0
+    with ledger.engine.connect() as conn:
+        ids = sorted(conn.execute(sa.select(plugin.ledger_table.c.message_id)).scalars())
+    assert ids == sorted([raced.message_id, fresh.message_id])
+    assert stored_rollups(plugin, database_url) == scan_rollups(plugin, database_url, UTC_ZONE)
