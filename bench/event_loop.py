@@ -219,6 +219,16 @@ class ResolvedWriter:
         return self._outcome()
 
 
+class SleepingWriter(ResolvedWriter):
+    """Control: the outcome arrives after a 2 ms asyncio timer, about as long as a real durable
+    write, with no other thread and no database. What outlet then costs the loop is what this
+    machine charges any coroutine that sleeps for that long, not the plugin's hand-off."""
+
+    async def write(self, request: Any) -> Any:
+        await asyncio.sleep(0.002)
+        return self._outcome()
+
+
 @contextlib.contextmanager
 def stubbed_writer(plugin: types.ModuleType, stub: ResolvedWriter) -> Iterator[None]:
     """Point this plugin instance's writer_for at `stub` (the module object only; no file edits)."""
@@ -243,6 +253,7 @@ def _us(samples: list[Sample], field: Callable[[Sample], int]) -> list[float]:
 class Collected:
     real: dict[int, list[Sample]] = dataclasses.field(default_factory=lambda: {100: [], 2000: []})
     resolved: list[Sample] = dataclasses.field(default_factory=list)
+    sleeping: list[Sample] = dataclasses.field(default_factory=list)
     with_valves: list[Sample] = dataclasses.field(default_factory=list)
     concurrent_us: list[float] = dataclasses.field(default_factory=list)
     json_ns: list[float] = dataclasses.field(default_factory=list)
@@ -295,6 +306,26 @@ def run(quick: bool) -> BenchResult:
             median(outlet),
             "µs",
             detail=spread(outlet, unit="µs"),
+        )
+    )
+    resolved_total = _us(collected.resolved, lambda s: s.total_ns)
+    result.add(
+        Figure(
+            "event_loop.completion_100_no_handoff_us",
+            "100 chunks with the writer stubbed: the plugin's own work, loop never idle",
+            median(resolved_total),
+            "µs",
+            detail=spread(resolved_total, unit="µs"),
+        )
+    )
+    sleeping = _us(collected.sleeping, lambda s: s.total_ns)
+    result.add(
+        Figure(
+            "event_loop.completion_100_sleeping_writer_us",
+            "100 chunks, control: writer replaced by a 2 ms asyncio.sleep (no thread, no database)",
+            median(sleeping),
+            "µs",
+            detail=spread(sleeping, unit="µs") + "; what idling the loop for one write costs on this machine",
         )
     )
     result.add(
@@ -362,6 +393,9 @@ def _round(
     with stubbed_writer(plugin, stub):
         for _ in range(count // 2):
             collected.resolved.append(loop.run_until_complete(runner.completion()))
+    with stubbed_writer(plugin, SleepingWriter(plugin, stub.ledger)):
+        for _ in range(count // 2):
+            collected.sleeping.append(loop.run_until_complete(runner.completion()))
     for _ in range(count // 2):
         collected.with_valves.append(loop.run_until_complete(runner.completion(rebuild_valves=True)))
     for _ in range(count // 3):
