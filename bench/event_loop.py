@@ -297,37 +297,25 @@ def run(quick: bool) -> BenchResult:
             f"{chunks} chunks: {100 * system / (user + system):.0f}% of the loop thread's CPU is system time "
             "(getrusage RUSAGE_THREAD)"
         )
-    outlet = _us(collected.resolved, lambda s: s.outlet_ns)
     total = _us(collected.with_valves, lambda s: s.total_ns)
-    result.add(
-        Figure(
-            "event_loop.outlet_no_handoff_us",
+    for key, label, values in (
+        (
+            "outlet_no_handoff_us",
             "  outlet with the writer stubbed (future already resolved)",
-            median(outlet),
-            "µs",
-            detail=spread(outlet, unit="µs"),
-        )
-    )
-    resolved_total = _us(collected.resolved, lambda s: s.total_ns)
-    result.add(
-        Figure(
-            "event_loop.completion_100_no_handoff_us",
+            _us(collected.resolved, lambda s: s.outlet_ns),
+        ),
+        (
+            "completion_100_no_handoff_us",
             "100 chunks with the writer stubbed: the plugin's own work, loop never idle",
-            median(resolved_total),
-            "µs",
-            detail=spread(resolved_total, unit="µs"),
-        )
-    )
-    sleeping = _us(collected.sleeping, lambda s: s.total_ns)
-    result.add(
-        Figure(
-            "event_loop.completion_100_sleeping_writer_us",
+            _us(collected.resolved, lambda s: s.total_ns),
+        ),
+        (
+            "completion_100_sleeping_writer_us",
             "100 chunks, control: writer replaced by a 2 ms asyncio.sleep (no thread, no database)",
-            median(sleeping),
-            "µs",
-            detail=spread(sleeping, unit="µs") + "; what idling the loop for one write costs on this machine",
-        )
-    )
+            _us(collected.sleeping, lambda s: s.total_ns),
+        ),
+    ):
+        result.add(Figure(f"event_loop.{key}", label, median(values), "µs", detail=spread(values, unit="µs")))
     result.add(
         Figure(
             "event_loop.bare_handoff_us",
