@@ -746,18 +746,25 @@ def _insert_text(dialect: sa.Dialect, table: sa.Table, columns: Sequence[str], t
 
 
 _LEDGER_INSERT: Final = ledger_table.insert()
-_RECORDED_AMONG: Final = sa.select(ledger_table.c.message_id).where(
-    ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
+_AMONG_MESSAGES: Final = ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
+_RECORDED_AMONG: Final = sa.select(ledger_table.c.message_id).where(_AMONG_MESSAGES)
+_SPEND_AMONG: Final = sa.select(sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)).where(
+    _AMONG_MESSAGES
 )
 IN_LIST_CHUNK: Final = 500  # parameters per IN list: well inside every SQLite build's limit
+
+
+def in_list_chunks(message_ids: Sequence[str]) -> Iterator[dict[str, list[str]]]:
+    """The parameters of _RECORDED_AMONG / _SPEND_AMONG, one IN list of at most IN_LIST_CHUNK ids each."""
+    for start in range(0, len(message_ids), IN_LIST_CHUNK):
+        yield {"message_ids": list(message_ids[start : start + IN_LIST_CHUNK])}
 
 
 def recorded_message_ids(conn: sa.Connection, message_ids: Sequence[str]) -> set[str]:
     """Which of these messages the ledger already holds."""
     found: set[str] = set()
-    for start in range(0, len(message_ids), IN_LIST_CHUNK):
-        chunk = list(message_ids[start : start + IN_LIST_CHUNK])
-        found.update(conn.execute(_RECORDED_AMONG, {"message_ids": chunk}).scalars())
+    for parameters in in_list_chunks(message_ids):
+        found.update(conn.execute(_RECORDED_AMONG, parameters).scalars())
     return found
 
 
@@ -1118,7 +1125,7 @@ class Ledger:
         if not fresh:
             return set()
         # A plain INSERT: a message another process recorded since the SELECT (only possible on
-        # PostgreSQL; SQLite writers are serialised) fails the transaction, and write() retries.
+        # PostgreSQL; SQLite writers are serialised) fails the transaction, which is retried.
         conn.execute(_LEDGER_INSERT, [ledger_row(record) for record in fresh])
         _apply_rollups(
             conn,
@@ -1188,17 +1195,10 @@ class Ledger:
 
     # ── reads ──
     def chat_spend_pico(self, conn: sa.Connection, message_ids: Sequence[str]) -> int:
-        total = 0
-        for start in range(0, len(message_ids), 500):
-            chunk = list(message_ids[start : start + 500])
-            total += int(
-                conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)).where(
-                        ledger_table.c.message_id.in_(chunk)
-                    )
-                ).scalar_one()
-            )
-        return total
+        return sum(
+            int(conn.execute(_SPEND_AMONG, parameters).scalar_one())
+            for parameters in in_list_chunks(message_ids)
+        )
 
     def user_totals(self, conn: sa.Connection, user_id: str, first_day: str, last_day: str) -> Totals:
         table = rollup_user_day_table
