@@ -46,6 +46,7 @@ import hashlib
 import io
 import json
 import logging
+import operator
 import os
 import queue
 import re
@@ -512,6 +513,9 @@ ROLLUP_LOCK_KEY: Final = 0x6F72_7573_0002
 MAX_BATCH: Final = 256
 WRITE_ATTEMPTS: Final = 3  # a batch that lost a race to another process is retried
 WRITER_IDLE_SECONDS: Final = 30.0
+LOOP_CATCH_UP_SECONDS: Final = 0.002  # longest the writer holds a batch open for a busy event loop
+LAST_SEEN_RESOLUTION: Final = timedelta(minutes=1)  # users.last_seen_at is rewritten at most this often
+SEEN_USERS_CAPACITY: Final = 10_000
 
 schema = sa.MetaData()
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # INTEGER PRIMARY KEY is SQLite's rowid
@@ -593,10 +597,7 @@ meta_table = sa.Table(
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
-ROLLUP_TABLES: Final = tuple(
-    (table, tuple(column.name for column in table.primary_key.columns))
-    for table in (rollup_day_table, rollup_user_day_table, rollup_model_day_table)
-)
+ROLLUP_TABLES: Final = (rollup_day_table, rollup_user_day_table, rollup_model_day_table)
 
 
 def _create_tables(*tables: sa.Table) -> Callable[[sa.Connection], None]:
@@ -730,22 +731,59 @@ def _insert(dialect: str, table: sa.Table) -> Any:
     raise UnsupportedDatabase(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
 
 
-# The write path's statements are cacheable: a plain INSERT, a SELECT, and upserts written as SQL
-# text that is the same on SQLite (3.35+) and PostgreSQL. SQLAlchemy's dialect ON CONFLICT
-# constructs opt out of its statement cache and were compiled again for every batch, which cost
-# more than the write itself.
-def _insert_text(dialect: sa.Dialect, table: sa.Table, columns: Sequence[str], tail: str) -> sa.TextClause:
-    """INSERT INTO table (columns) VALUES (:column, …) <tail>, binding each value with its column's
-    type (so SQLite stores datetimes exactly as SQLAlchemy reads them back)."""
-    quote = dialect.identifier_preparer.quote
-    sql = (
-        f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in columns)}) "
-        f"VALUES ({', '.join(':' + name for name in columns)}) {tail}"
-    )
-    return sa.text(sql).bindparams(*(sa.bindparam(name, type_=table.c[name].type) for name in columns))
+class BulkInsert:
+    """An INSERT (plus an optional ON CONFLICT tail) run as the driver's own executemany.
+
+    Rows are plain tuples in `columns` order. SQLAlchemy's executemany builds a parameter dict and
+    calls every type's processor for each row, which costs more than SQLite's insert itself; here
+    the SQL is compiled once per dialect, and only values whose type needs converting (on SQLite,
+    datetimes and booleans) are touched, by the same processors SQLAlchemy would use, so values are
+    stored exactly as SQLAlchemy reads them back. The upsert tails used here are the same SQL on
+    SQLite (3.35+) and PostgreSQL.
+    """
+
+    def __init__(self, dialect: sa.Dialect, table: sa.Table, columns: Sequence[str], tail: str = "") -> None:
+        quote = dialect.identifier_preparer.quote
+        text = sa.text(
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in columns)}) "
+            f"VALUES ({', '.join(':' + name for name in columns)}) {tail}"
+        ).bindparams(*(sa.bindparam(name, type_=table.c[name].type) for name in columns))
+        compiled = text.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.columns = tuple(columns)
+        # Positional placeholders follow VALUES, which follows `columns`; named ones need a dict.
+        self._named = not compiled.positional
+        converters = []
+        for index, name in enumerate(self.columns):
+            processor = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                converters.append((index, processor))
+        self._converters = tuple(converters)
+
+    def execute(self, conn: sa.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+        parameters = [self._parameters(row) for row in rows]
+        if parameters:
+            conn.exec_driver_sql(self.sql, parameters)
+
+    def _parameters(self, row: tuple[Any, ...]) -> tuple[Any, ...] | dict[str, Any]:
+        if self._converters:
+            values = list(row)
+            for index, convert in self._converters:
+                values[index] = convert(values[index])
+            row = tuple(values)
+        return dict(zip(self.columns, row, strict=True)) if self._named else row
 
 
-_LEDGER_INSERT: Final = ledger_table.insert()
+LEDGER_COLUMNS: Final = tuple(column.name for column in ledger_table.columns if column.name != "id")
+USER_COLUMNS: Final = ("user_id", "user_name", "last_seen_at")
+
+
+@functools.lru_cache(maxsize=8)
+def _ledger_insert(dialect: sa.Dialect) -> BulkInsert:
+    """A plain INSERT: a message another process recorded since the check fails the transaction."""
+    return BulkInsert(dialect, ledger_table, LEDGER_COLUMNS)
+
+
 _AMONG_MESSAGES: Final = ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
 _RECORDED_AMONG: Final = sa.select(ledger_table.c.message_id).where(_AMONG_MESSAGES)
 _SPEND_AMONG: Final = sa.select(sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)).where(
@@ -769,7 +807,7 @@ def recorded_message_ids(conn: sa.Connection, message_ids: Sequence[str]) -> set
 
 
 @functools.lru_cache(maxsize=16)
-def _rollup_upsert(dialect: sa.Dialect, table: sa.Table) -> sa.TextClause:
+def _rollup_upsert(dialect: sa.Dialect, table: sa.Table) -> BulkInsert:
     """Adds every measure to the row of its key: exact under concurrent writers."""
     quote = dialect.identifier_preparer.quote
     keys = [column.name for column in table.primary_key.columns]
@@ -777,21 +815,64 @@ def _rollup_upsert(dialect: sa.Dialect, table: sa.Table) -> sa.TextClause:
         f"{quote(name)} = {quote(table.name)}.{quote(name)} + excluded.{quote(name)}" for name in MEASURES
     )
     conflict = ", ".join(quote(name) for name in keys)
-    return _insert_text(
-        dialect, table, [*keys, *MEASURES], f"ON CONFLICT ({conflict}) DO UPDATE SET {additions}"
-    )
+    tail = f"ON CONFLICT ({conflict}) DO UPDATE SET {additions}"
+    return BulkInsert(dialect, table, [*keys, *MEASURES], tail)
 
 
 @functools.lru_cache(maxsize=8)
-def _users_upsert(dialect: sa.Dialect) -> sa.TextClause:
+def _users_upsert(dialect: sa.Dialect) -> BulkInsert:
+    """Stores a user's name as of their latest completion: a replayed older record changes nothing."""
     quote = dialect.identifier_preparer.quote
-    updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in ("user_name", "last_seen_at"))
-    return _insert_text(
-        dialect,
-        users_table,
-        ("user_id", "user_name", "last_seen_at"),
-        f"ON CONFLICT (user_id) DO UPDATE SET {updates}",
+    updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in USER_COLUMNS[1:])
+    seen = quote("last_seen_at")
+    newer = f"excluded.{seen} >= {quote(users_table.name)}.{seen}"
+    return BulkInsert(
+        dialect, users_table, USER_COLUMNS, f"ON CONFLICT (user_id) DO UPDATE SET {updates} WHERE {newer}"
     )
+
+
+UserRow = tuple[str, str, datetime]  # user_id, user_name, last_seen_at (naive UTC)
+
+
+class SeenUsers:
+    """The users rows this process wrote lately, so that a user's steady stream of completions
+    rewrites their row when the name changes or last_seen_at is LAST_SEEN_RESOLUTION out of date,
+    not in every batch. Bounded; forgetting a user only costs one more write."""
+
+    def __init__(self, capacity: int = SEEN_USERS_CAPACITY) -> None:
+        self._written: OrderedDict[str, tuple[str, datetime]] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def due(self, records: Iterable[UsageRecord]) -> list[UserRow]:
+        """The rows to upsert for these records: each user's latest, unless already written."""
+        latest: dict[str, UserRow] = {}
+        for record in records:
+            row = (record.user_id, record.user_name, _naive_utc(record.created_at))
+            if record.user_id not in latest or row[2] >= latest[record.user_id][2]:
+                latest[record.user_id] = row
+        with self._lock:
+            return [
+                row
+                for user_id, row in sorted(latest.items())
+                if self._is_due(row, self._written.get(user_id))
+            ]
+
+    @staticmethod
+    def _is_due(row: UserRow, written: tuple[str, datetime] | None) -> bool:
+        if written is None:
+            return True
+        name, seen_at = written
+        return row[2] >= seen_at and (row[1] != name or row[2] - seen_at >= LAST_SEEN_RESOLUTION)
+
+    def remember(self, rows: Iterable[UserRow]) -> None:
+        """Note rows once their transaction has committed."""
+        with self._lock:
+            for user_id, user_name, seen_at in rows:
+                self._written[user_id] = (user_name, seen_at)
+                self._written.move_to_end(user_id)
+            while len(self._written) > self._capacity:
+                self._written.popitem(last=False)
 
 
 def _advisory_lock(conn: sa.Connection, key: int, *, shared: bool = False) -> None:
@@ -814,26 +895,32 @@ def resolve_zone(name: str) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
-def record_measures(record: UsageRecord) -> dict[str, int]:
+def record_measures(record: UsageRecord) -> list[int]:
+    """The record's contribution to each rollup measure, in MEASURES order."""
     usage = record.usage
-    return {
-        "requests": 1,
-        "failed": 0 if record.status == "ok" else 1,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "cache_write_tokens": usage.cache_write_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-        "cost_pico": usage.cost_pico or 0,
-        "upstream_cost_pico": usage.upstream_cost_pico or 0,
-        "spend_pico": usage.spend_pico,
-    }
+    return [
+        1,
+        0 if record.status == "ok" else 1,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
+        usage.cached_tokens,
+        usage.cache_write_tokens,
+        usage.reasoning_tokens,
+        usage.cost_pico or 0,
+        usage.upstream_cost_pico or 0,
+        usage.spend_pico,
+    ]
 
 
-def ledger_row(record: UsageRecord) -> dict[str, Any]:
+_LEDGER_VALUES: Final = operator.itemgetter(*LEDGER_COLUMNS)
+_USAGE_JSON: Final = json.JSONEncoder(default=str)  # built once: json.dumps(default=…) builds one per call
+
+
+def ledger_row(record: UsageRecord) -> tuple[Any, ...]:
+    """The record's ledger values, in LEDGER_COLUMNS order."""
     usage = record.usage
-    return {
+    row = {
         "created_at": _naive_utc(record.created_at),
         "user_id": record.user_id,
         "user_name": record.user_name,
@@ -857,40 +944,37 @@ def ledger_row(record: UsageRecord) -> dict[str, Any]:
         "error": record.error,
         "latency_ms": record.latency_ms,
         "ttft_ms": record.ttft_ms,
-        "usage_json": json.dumps(record.raw_usage, default=str) if record.raw_usage is not None else None,
+        "usage_json": _USAGE_JSON.encode(record.raw_usage) if record.raw_usage is not None else None,
     }
+    values: tuple[Any, ...] = _LEDGER_VALUES(row)
+    return values
 
 
 RollupKey = tuple[str, ...]
 
 
 def rollup_increments(
-    rows: Iterable[tuple[datetime, str, str, str, str, dict[str, int]]], zone: ZoneInfo
+    rows: Iterable[tuple[datetime, str, str, str, list[int]]], zone: ZoneInfo
 ) -> list[dict[RollupKey, list[int]]]:
     """Per-table sums, in MEASURES order, for rows of (created_at, user_id, served_model,
-    provider, _, measures)."""
+    provider, measures in MEASURES order)."""
     sums: list[dict[RollupKey, list[int]]] = [{} for _ in ROLLUP_TABLES]
-    for created_at, user_id, served_model, provider, _, measures in rows:
+    for created_at, user_id, served_model, provider, values in rows:
         day = local_day(created_at, zone)
-        values = [measures[name] for name in MEASURES]
         for table_sums, key in zip(
             sums, ((day,), (day, user_id), (day, served_model, provider)), strict=True
         ):
             bucket = table_sums.get(key)
-            table_sums[key] = (
-                values if bucket is None else [a + b for a, b in zip(bucket, values, strict=True)]
-            )
+            table_sums[key] = values if bucket is None else list(map(operator.add, bucket, values))
     return sums
 
 
 def _apply_rollups(conn: sa.Connection, increments: list[dict[RollupKey, list[int]]]) -> None:
-    for (table, key_columns), sums in zip(ROLLUP_TABLES, increments, strict=True):
+    for table, sums in zip(ROLLUP_TABLES, increments, strict=True):
         if not sums:
             continue
         # Sorted keys give concurrent PostgreSQL writers one lock order: no deadlocks.
-        columns = (*key_columns, *MEASURES)
-        rows = [dict(zip(columns, (*key, *sums[key]), strict=True)) for key in sorted(sums)]
-        conn.execute(_rollup_upsert(conn.dialect, table), rows)
+        _rollup_upsert(conn.dialect, table).execute(conn, ((*key, *sums[key]) for key in sorted(sums)))
 
 
 class Spool:
@@ -1038,6 +1122,7 @@ class Ledger:
         self.location = masked_url(url)
         self.engine = create_ledger_engine(url)
         self.spool = Spool(spool_directory(url))
+        self.seen_users = SeenUsers()
         self._schema_ready = False
         self._schema_lock = threading.Lock()
 
@@ -1088,17 +1173,20 @@ class Ledger:
         claimed = self.spool.claim()
         replaying = [record for _, batch in claimed for record in batch]
         try:
-            inserted = self._commit_records([*replaying, *records], zone)
+            inserted, users_written = self._commit_records([*replaying, *records], zone)
         except BaseException:
             self.spool.release(claimed, replayed=False)
             raise
+        self.seen_users.remember(users_written)
         self.spool.release(claimed, replayed=True)
         if replaying:
             log.info("openrouter_usage: replayed %d spooled record(s)", len(replaying))
         # A spooled record was already reported as recorded; its later duplicates are duplicates.
         return inserted - {record.message_id for record in replaying}
 
-    def _commit_records(self, records: Sequence[UsageRecord], zone: ZoneInfo) -> set[str]:
+    def _commit_records(
+        self, records: Sequence[UsageRecord], zone: ZoneInfo
+    ) -> tuple[set[str], list[UserRow]]:
         attempts = 1
         while True:
             try:
@@ -1113,41 +1201,32 @@ class Ledger:
 
     def _insert_records(
         self, conn: sa.Connection, records: Sequence[UsageRecord], zone: ZoneInfo
-    ) -> set[str]:
+    ) -> tuple[set[str], list[UserRow]]:
+        """Inserts the records not yet in the ledger, with their rollups and users rows; returns
+        the message ids inserted and the users rows written."""
         unique: dict[str, UsageRecord] = {}
         for record in records:
             unique.setdefault(record.message_id, record)
         if not unique:
-            return set()
+            return set(), []
         message_ids = sorted(unique)
         recorded = recorded_message_ids(conn, message_ids)
         fresh = [unique[key] for key in message_ids if key not in recorded]
         if not fresh:
-            return set()
-        # A plain INSERT: a message another process recorded since the SELECT (only possible on
-        # PostgreSQL; SQLite writers are serialised) fails the transaction, which is retried.
-        conn.execute(_LEDGER_INSERT, [ledger_row(record) for record in fresh])
+            return set(), []
+        # A message another process recorded since the SELECT (only possible on PostgreSQL; SQLite
+        # writers are serialised) fails the plain INSERT and the transaction, which is retried.
+        _ledger_insert(conn.dialect).execute(conn, (ledger_row(record) for record in fresh))
         _apply_rollups(
             conn,
             rollup_increments(
-                (
-                    (r.created_at, r.user_id, r.served_model, r.provider, r.message_id, record_measures(r))
-                    for r in fresh
-                ),
+                ((r.created_at, r.user_id, r.served_model, r.provider, record_measures(r)) for r in fresh),
                 zone,
             ),
         )
-        latest: dict[str, UsageRecord] = {}
-        for record in fresh:
-            latest[record.user_id] = record
-        conn.execute(
-            _users_upsert(conn.dialect),
-            [
-                {"user_id": uid, "user_name": r.user_name, "last_seen_at": _naive_utc(r.created_at)}
-                for uid, r in sorted(latest.items())
-            ],
-        )
-        return {record.message_id for record in fresh}
+        users = self.seen_users.due(fresh)
+        _users_upsert(conn.dialect).execute(conn, users)
+        return {record.message_id for record in fresh}, users
 
     def _sync_rollup_zone(self, conn: sa.Connection, zone: ZoneInfo) -> None:
         if _rollup_zone(conn) == zone.key:
@@ -1160,19 +1239,11 @@ class Ledger:
     def _rebuild_rollups(self, conn: sa.Connection, zone: ZoneInfo) -> None:
         """Recount every rollup from the ledger, keyed by days in `zone` (after a zone change)."""
         started = time.monotonic()
-        for table, _ in ROLLUP_TABLES:
+        for table in ROLLUP_TABLES:
             conn.execute(table.delete())
         columns = [
             ledger_table.c[name]
-            for name in (
-                "created_at",
-                "user_id",
-                "served_model",
-                "provider",
-                "message_id",
-                "status",
-                *MEASURES[2:],
-            )
+            for name in ("created_at", "user_id", "served_model", "provider", "status", *MEASURES[2:])
         ]
         result = conn.execute(sa.select(*columns).order_by(ledger_table.c.id))
         while chunk := result.fetchmany(20_000):
@@ -1226,25 +1297,18 @@ class Ledger:
         self.engine.dispose()
 
 
+_ROLLUP_ZONE: Final = sa.select(meta_table.c.value).where(meta_table.c.key == "rollup_timezone")
+
+
 def _rollup_zone(conn: sa.Connection) -> str | None:
-    return conn.execute(
-        sa.select(meta_table.c.value).where(meta_table.c.key == "rollup_timezone")
-    ).scalar_one_or_none()
+    return conn.execute(_ROLLUP_ZONE).scalar_one_or_none()
 
 
-def _measured(row: Any) -> tuple[datetime, str, str, str, str, dict[str, int]]:
-    mapping = row._mapping
-    measures = {name: int(mapping[name] or 0) for name in MEASURES[2:]}
-    measures["requests"] = 1
-    measures["failed"] = 0 if mapping["status"] == "ok" else 1
-    return (
-        mapping["created_at"],
-        mapping["user_id"],
-        mapping["served_model"],
-        mapping["provider"],
-        mapping["message_id"],
-        measures,
-    )
+def _measured(row: Any) -> tuple[datetime, str, str, str, list[int]]:
+    """A ledger row as rollup_increments takes it (the row as selected by _rebuild_rollups)."""
+    created_at, user_id, served_model, provider, status, *measured = row
+    measures = [1, 0 if status == "ok" else 1, *(int(value or 0) for value in measured)]
+    return created_at, user_id, served_model, provider, measures
 
 
 def _utcnow_naive() -> datetime:
@@ -1287,10 +1351,12 @@ Reply = concurrent.futures.Future[WriteOutcome] | LoopReply
 Settlement = tuple[asyncio.Future[WriteOutcome], WriteOutcome | BaseException]
 
 
-def deliver(replies: Iterable[tuple[Reply, WriteOutcome | BaseException]]) -> None:
+def deliver(replies: Iterable[tuple[Reply, WriteOutcome | BaseException]]) -> list[threading.Event]:
     """Hand every waiter its outcome (from the writer thread). Each event loop is woken once for
     all of its outlets in the batch: a wake-up is a system call on the writer thread and a
-    self-pipe read on the loop, and under load a batch holds dozens of outlets of the same loop."""
+    self-pipe read on the loop, and under load a batch holds dozens of outlets of the same loop.
+
+    Returns one event per loop woken, set once that loop has run the outlets it resumed."""
     by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]] = {}
     for reply, outcome in replies:
         if isinstance(reply, LoopReply):
@@ -1299,12 +1365,18 @@ def deliver(replies: Iterable[tuple[Reply, WriteOutcome | BaseException]]) -> No
             reply.set_exception(outcome)
         else:
             reply.set_result(outcome)
+    caught_up: list[threading.Event] = []
     for loop, settlements in by_loop.items():
+        event = threading.Event()
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle, settlements)
+            loop.call_soon_threadsafe(_settle, loop, settlements, event)
+            caught_up.append(event)
+    return caught_up
 
 
-def _settle(settlements: list[Settlement]) -> None:
+def _settle(
+    loop: asyncio.AbstractEventLoop, settlements: list[Settlement], caught_up: threading.Event
+) -> None:
     for future, outcome in settlements:
         if future.done():  # the waiting outlet was cancelled
             continue
@@ -1312,6 +1384,8 @@ def _settle(settlements: list[Settlement]) -> None:
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+    # Queued behind the wake-ups just scheduled: runs once every resumed outlet has taken a step.
+    loop.call_soon(caught_up.set)
 
 
 class GroupCommitWriter:
@@ -1319,8 +1393,11 @@ class GroupCommitWriter:
 
     Each outlet awaits its future, so a record is durable (committed, or fsync'd to the spool)
     before outlet returns. Under load, the batch grows to whatever arrived during the previous
-    commit, so many outlets pay for one fsync. The thread exits after a quiet spell and is started
-    again on demand, so a reloaded plugin leaves no thread behind.
+    commit, so many outlets pay for one fsync. Before closing a batch, the writer lets the event
+    loops it last answered run the outlets it resumed (for at most LOOP_CATCH_UP_SECONDS): that
+    loop work holds the GIL and would delay this thread anyway, and whatever it submits joins the
+    batch instead of waiting for the next commit. The thread exits after a quiet spell and is
+    started again on demand, so a reloaded plugin leaves no thread behind.
     """
 
     def __init__(self, ledger: Ledger) -> None:
@@ -1328,6 +1405,7 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[tuple[WriteRequest, Reply]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._loops_catching_up: list[threading.Event] = []  # touched by the writer thread only
 
     async def write(self, request: WriteRequest) -> WriteOutcome:
         """Commit `request` and return once it is durable; the event loop only waits."""
@@ -1359,6 +1437,7 @@ class GroupCommitWriter:
                         self._thread = None
                         return
                 continue
+            self._let_loops_catch_up()
             batch = [first]
             while len(batch) < MAX_BATCH:
                 try:
@@ -1366,6 +1445,12 @@ class GroupCommitWriter:
                 except queue.Empty:
                     break
             self._commit(batch)
+
+    def _let_loops_catch_up(self) -> None:
+        deadline = time.monotonic() + LOOP_CATCH_UP_SECONDS
+        for event in self._loops_catching_up:
+            event.wait(max(0.0, deadline - time.monotonic()))
+        self._loops_catching_up = []
 
     def _commit(self, batch: list[tuple[WriteRequest, Reply]]) -> None:
         records = [request.record for request, _ in batch]
@@ -1375,7 +1460,9 @@ class GroupCommitWriter:
             self._spool(batch, exc)
             return
         outcomes = self._outcomes(batch, inserted)
-        deliver((reply, outcome) for (_, reply), outcome in zip(batch, outcomes, strict=True))
+        self._loops_catching_up = deliver(
+            (reply, outcome) for (_, reply), outcome in zip(batch, outcomes, strict=True)
+        )
 
     def _spool(self, batch: list[tuple[WriteRequest, Reply]], exc: Exception) -> None:
         log.error(
@@ -1392,9 +1479,9 @@ class GroupCommitWriter:
                 short_error(spool_exc),
                 json.dumps([request.record.to_json() for request, _ in batch], default=str),
             )
-            deliver((reply, spool_exc) for _, reply in batch)
+            self._loops_catching_up = deliver((reply, spool_exc) for _, reply in batch)
             return
-        deliver((reply, WriteOutcome("spooled")) for _, reply in batch)
+        self._loops_catching_up = deliver((reply, WriteOutcome("spooled")) for _, reply in batch)
 
     def _outcomes(self, batch: list[tuple[WriteRequest, Reply]], inserted: set[str]) -> list[WriteOutcome]:
         claimed: set[str] = set()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
+import time
 import types
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -79,7 +81,8 @@ def scan_rollups(plugin: types.ModuleType, url: str, zone: ZoneInfo) -> list[dic
 def stored_rollups(plugin: types.ModuleType, url: str) -> list[dict[Any, dict[str, int]]]:
     stored = []
     with plugin.ledger_for(url).engine.connect() as conn:
-        for table, keys in plugin.ROLLUP_TABLES:
+        for table in plugin.ROLLUP_TABLES:
+            keys = [column.name for column in table.primary_key.columns]
             stored.append(
                 {
                     tuple(row._mapping[k] for k in keys): {m: int(row._mapping[m]) for m in plugin.MEASURES}
@@ -247,3 +250,104 @@ def test_a_message_recorded_by_another_process_mid_write_is_retried_and_counted_
         ids = sorted(conn.execute(sa.select(plugin.ledger_table.c.message_id)).scalars())
     assert ids == sorted([raced.message_id, fresh.message_id])
     assert stored_rollups(plugin, database_url) == scan_rollups(plugin, database_url, UTC_ZONE)
+
+
+async def test_the_writer_lets_the_loop_it_answered_submit_again_before_closing_a_batch(
+    plugin: types.ModuleType, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """64 outlets that write again as soon as they are answered, on a loop that is slow to resume
+    them (each spends 1 ms of CPU first). Closing a batch before the loop has run them would commit
+    whatever trickled in (dozens of small batches); waiting for the loop keeps every batch full."""
+    monkeypatch.setattr(plugin, "LOOP_CATCH_UP_SECONDS", 30.0)  # the bound is not under test here
+    writer = plugin.writer_for(f"sqlite:///{data_dir / 'catch-up.sqlite3'}")
+    writer.ledger.ensure_schema()
+    batches: list[int] = []
+    real_write = writer.ledger.write
+
+    def counting_write(records: list[Any], zone: ZoneInfo) -> set[str]:
+        batches.append(len(records))
+        inserted: set[str] = real_write(records, zone)
+        return inserted
+
+    writer.ledger.write = counting_write
+    pending = iter([make_record(plugin, i) for i in range(64 * 4)])
+
+    async def outlet() -> None:
+        for record in pending:
+            await writer.write(plugin.WriteRequest(record=record, zone=UTC_ZONE))
+            busy_until = time.perf_counter() + 0.001
+            while time.perf_counter() < busy_until:  # the rest of the request's work on the loop
+                pass
+
+    await asyncio.gather(*(outlet() for _ in range(64)))
+    assert sum(batches) == 64 * 4
+    assert len(batches) <= 5, batches  # 64 each; the first (and so the last) may be split in two
+
+
+def test_a_stuck_event_loop_holds_up_other_writes_for_at_most_the_catch_up_bound(
+    plugin: types.ModuleType, data_dir: Path
+) -> None:
+    writer = plugin.writer_for(f"sqlite:///{data_dir / 'stuck.sqlite3'}")
+    writer.ledger.ensure_schema()
+    answered, release = threading.Event(), threading.Event()
+
+    async def outlet_then_stuck() -> None:
+        await writer.write(plugin.WriteRequest(record=make_record(plugin, 1), zone=UTC_ZONE))
+        answered.set()
+        release.wait(60)  # synchronous code blocking the loop: it cannot run the writer's callback
+
+    stuck_loop = threading.Thread(target=asyncio.run, args=(outlet_then_stuck(),))
+    stuck_loop.start()
+    try:
+        assert answered.wait(30)
+        outcome = writer.submit(plugin.WriteRequest(record=make_record(plugin, 2), zone=UTC_ZONE))
+        assert outcome.result(timeout=30).stored == "recorded"
+        assert not release.is_set()  # committed while that loop was still stuck
+    finally:
+        release.set()
+        stuck_loop.join()
+
+
+def users_row(plugin: types.ModuleType, url: str, user_id: str) -> tuple[str, datetime]:
+    with plugin.ledger_for(url).engine.connect() as conn:
+        row = conn.execute(
+            sa.select(plugin.users_table.c.user_name, plugin.users_table.c.last_seen_at).where(
+                plugin.users_table.c.user_id == user_id
+            )
+        ).one()
+    return row.user_name, row.last_seen_at
+
+
+def test_a_users_row_follows_the_latest_name_and_is_rewritten_at_most_once_a_minute(
+    plugin: types.ModuleType, database_url: str
+) -> None:
+    start = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+
+    def completion(index: int, name: str, after: timedelta) -> Any:
+        return make_record(plugin, index, user_id="ada", user_name=name, created_at=start + after)
+
+    write(plugin, database_url, [completion(1, "Ada", timedelta(0))])
+    write(plugin, database_url, [completion(2, "Ada", timedelta(seconds=30))])
+    assert users_row(plugin, database_url, "ada") == ("Ada", start.replace(tzinfo=None))
+    write(plugin, database_url, [completion(3, "Ada L.", timedelta(seconds=40))])  # a rename: at once
+    assert users_row(plugin, database_url, "ada") == (
+        "Ada L.",
+        (start + timedelta(seconds=40)).replace(tzinfo=None),
+    )
+    write(plugin, database_url, [completion(4, "Ada L.", timedelta(minutes=2))])
+    assert users_row(plugin, database_url, "ada") == (
+        "Ada L.",
+        (start + timedelta(minutes=2)).replace(tzinfo=None),
+    )
+
+
+def test_an_older_record_never_rolls_a_users_row_back(plugin: types.ModuleType, database_url: str) -> None:
+    """A spooled record replayed late, or written by another process that knows nothing of this
+    one's cache, must not bring back an old name."""
+    now = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+    write(plugin, database_url, [make_record(plugin, 1, user_id="ada", user_name="Ada L.", created_at=now)])
+    other_process = plugin.Ledger(database_url)
+    older = make_record(plugin, 2, user_id="ada", user_name="Ada", created_at=now - timedelta(hours=1))
+    assert other_process.write([older], UTC_ZONE) == {older.message_id}
+    other_process.dispose()
+    assert users_row(plugin, database_url, "ada") == ("Ada L.", now.replace(tzinfo=None))
