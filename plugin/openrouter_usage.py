@@ -1,7 +1,7 @@
 """
 title: OpenRouter Usage
 author: openrouter-usage
-version: 1.0.0
+version: 1.1.0
 license: MIT
 description: Exact OpenRouter usage and cost for every chat completion: ledger, usage line, reports.
 required_open_webui_version: 0.10.0
@@ -41,11 +41,13 @@ import contextlib
 import copy
 import csv
 import dataclasses
-import functools
+import fcntl
 import hashlib
+import importlib.util
 import io
 import json
 import logging
+import math
 import operator
 import os
 import queue
@@ -55,7 +57,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
@@ -64,19 +66,26 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, model_validator
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 log = logging.getLogger("openrouter_usage")
 
-FUNCTION_ID: Final = "openrouter_usage"
+RELIABILITY_API: Final = 1  # the write path of issue 11: strict domain, quarantine, supervised writer
 STATE_KEY: Final = "openrouter_usage"
-PICO_PER_USD: Final = 10**12
 PICO: Final = Decimal("1e-12")
 DEFAULT_SQLITE_NAME: Final = "openrouter_usage.sqlite3"
 DATABASE_URL_ENV: Final = "OPENROUTER_USAGE_DATABASE_URL"
 
-EventEmitter = Callable[[dict[str, Any]], Awaitable[Any]]
+EventEmitter = Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]
+
+# The input domain. A value outside it is treated as missing and the row says so (`notes`).
+MAX_TOKENS: Final = 2**53  # the largest integer a JSON number holds exactly
+MAX_COMPLETION_USD: Final = Decimal(100_000)  # no single completion costs more than this
+MAX_TEXT: Final = 256  # ids, names, models and providers
+MAX_ERROR_TEXT: Final = 500
+MAX_GENERATION_IDS: Final = 64  # a row keeps this many ids and counts the rest
+MAX_TRACKED_IDS: Final = 4096  # ids remembered per stream to count distinct ones; beyond, every new id counts
+MAX_RAW_DEPTH: Final = 16  # raw usage JSON is cut below this depth
+MAX_RAW_ITEMS: Final = 64  # … and after this many items per object or list
 
 
 # ══ Value types ═══════════════════════════════════════════════════════════════════════════════════
@@ -84,7 +93,10 @@ EventEmitter = Callable[[dict[str, Any]], Awaitable[Any]]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts and money of one completion, money in integer pico-dollars (exact)."""
+    """Token counts and money of one completion, money in integer pico-dollars (exact).
+
+    `notes` names every value that was outside the input domain and was therefore treated as
+    missing (tokens 0, cost unknown)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -95,6 +107,7 @@ class Usage:
     cost_pico: int | None = None
     upstream_cost_pico: int | None = None
     is_byok: bool = False
+    notes: tuple[str, ...] = ()
 
     @property
     def spend_pico(self) -> int:
@@ -119,6 +132,7 @@ class Usage:
             cost_pico=_add_optional(self.cost_pico, other.cost_pico),
             upstream_cost_pico=_add_optional(self.upstream_cost_pico, other.upstream_cost_pico),
             is_byok=self.is_byok or other.is_byok,
+            notes=self.notes + other.notes,
         )
 
 
@@ -135,7 +149,10 @@ Status = Literal["ok", "error"]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """One ledger row: everything known about one assistant message's completion."""
+    """One ledger row: everything known about one assistant message's completion.
+
+    `notes` lists what was repaired on the way in; `omitted_generation_ids` counts the generation
+    ids beyond the MAX_GENERATION_IDS kept."""
 
     message_id: str
     chat_id: str
@@ -152,19 +169,26 @@ class UsageRecord:
     ttft_ms: int | None
     raw_usage: Mapping[str, Any] | None
     created_at: datetime
+    notes: tuple[str, ...] = ()
+    omitted_generation_ids: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe form, used by the spool: it round-trips through `from_json` unchanged."""
         data = dataclasses.asdict(self)
         data["generation_ids"] = list(self.generation_ids)
+        data["notes"] = list(self.notes)
+        data["usage"]["notes"] = list(self.usage.notes)
         data["created_at"] = self.created_at.isoformat()
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> UsageRecord:
         fields = dict(data)
-        fields["usage"] = Usage(**fields["usage"])
+        usage = dict(fields["usage"])
+        usage["notes"] = tuple(usage.get("notes") or ())
+        fields["usage"] = Usage(**usage)
         fields["generation_ids"] = tuple(fields["generation_ids"])
+        fields["notes"] = tuple(fields.get("notes") or ())
         fields["created_at"] = datetime.fromisoformat(fields["created_at"])
         return cls(**fields)
 
@@ -174,17 +198,20 @@ class CaptureState:
 
     `stream` runs once per chunk, so the per-chunk path only compares the chunk's id with the last
     one seen and checks for `usage`/`error` keys; everything else happens on the rare chunks that
-    carry something new.
+    carry something new, and costs O(1) however often the id changes.
     """
 
     __slots__ = (
         "calls",
+        "current_generation",
         "error",
         "first_token_at",
         "generation_ids",
         "is_openrouter_connection",
         "last_id",
+        "omitted_generation_ids",
         "provider",
+        "seen_ids",
         "served_model",
         "started_at",
     )
@@ -194,12 +221,27 @@ class CaptureState:
         self.is_openrouter_connection = is_openrouter_connection
         self.first_token_at: float | None = None
         self.last_id: object = None
-        self.generation_ids: list[str] = []
+        self.current_generation = ""  # the last non-empty id: id-less usage chunks belong to it
+        self.generation_ids: list[str] = []  # the first MAX_GENERATION_IDS distinct ids
+        self.seen_ids: set[str] = set()
+        self.omitted_generation_ids = 0
         self.provider = ""
         self.served_model = ""
-        # Per model call (keyed by generation id): the parsed usage and the object as sent.
+        # Per model call (keyed by generation id): the parsed usage and the object as sent. Usage
+        # is cumulative per generation, so a later usage chunk of the same call replaces the last.
         self.calls: dict[str, tuple[Usage, Mapping[str, Any]]] = {}
         self.error = ""
+
+    def note_generation(self, generation_id: str) -> None:
+        self.current_generation = generation_id
+        if generation_id in self.seen_ids:
+            return
+        if len(self.seen_ids) < MAX_TRACKED_IDS:
+            self.seen_ids.add(generation_id)
+        if len(self.generation_ids) < MAX_GENERATION_IDS:
+            self.generation_ids.append(generation_id)
+        else:
+            self.omitted_generation_ids += 1
 
     @property
     def has_openrouter_signature(self) -> bool:
@@ -209,20 +251,29 @@ class CaptureState:
 # ══ Parsing ═══════════════════════════════════════════════════════════════════════════════════════
 
 
-def first_number(mapping: Mapping[str, Any] | None, *keys: str) -> int | float | None:
-    """The first of `keys` whose value is a number (0 counts; booleans do not)."""
+def token_count(mapping: Mapping[str, Any] | None, *keys: str, notes: list[str]) -> int | None:
+    """The first of `keys` holding a number (0 counts; booleans and text do not), as a token
+    count; None when there is none. A number outside 0..MAX_TOKENS, fractional, NaN or infinite
+    is treated as missing (None) and noted."""
     if not isinstance(mapping, Mapping):
         return None
     for key in keys:
         value = mapping.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            notes.append(f"{key} {_brief(value)} is not a whole number; treated as missing")
+            return None
+        if not 0 <= value <= MAX_TOKENS:
+            notes.append(f"{key} {_brief(value)} is out of range; treated as missing")
+            return None
+        return int(value)
     return None
 
 
-def first_int(mapping: Mapping[str, Any] | None, *keys: str) -> int:
-    value = first_number(mapping, *keys)
-    return int(value) if value is not None else 0
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:23] + "…"
 
 
 def to_decimal(value: Any) -> Decimal | None:
@@ -263,11 +314,20 @@ def decimal_text(amount: Decimal) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def money_pico(mapping: Mapping[str, Any] | None, key: str) -> int | None:
-    if not isinstance(mapping, Mapping):
+def money_pico(mapping: Mapping[str, Any] | None, key: str, *, notes: list[str]) -> int | None:
+    """A money value as pico-dollars; None when absent, or when it is not a finite amount from
+    0 to MAX_COMPLETION_USD (then noted: the cost is unknown rather than wrong)."""
+    if not isinstance(mapping, Mapping) or mapping.get(key) is None:
         return None
-    amount = to_decimal(mapping.get(key))
-    return usd_to_pico(amount) if amount is not None else None
+    raw = mapping[key]
+    amount = to_decimal(raw)
+    if amount is None:
+        notes.append(f"{key} {_brief(raw)} is not an amount; cost unknown")
+        return None
+    if not 0 <= amount <= MAX_COMPLETION_USD:
+        notes.append(f"{key} {_brief(raw)} is out of range; cost unknown")
+        return None
+    return usd_to_pico(amount)
 
 
 def _details(usage: Mapping[str, Any], *keys: str) -> Mapping[str, Any] | None:
@@ -284,22 +344,53 @@ def parse_usage(raw: Mapping[str, Any]) -> Usage:
     Open WebUI's canonical input/output/total keys are sums over tool rounds, while
     prompt/completion_tokens keep only the last round, so the canonical keys come first.
     """
-    prompt = first_int(raw, "input_tokens", "prompt_tokens")
-    completion = first_int(raw, "output_tokens", "completion_tokens")
-    total = first_number(raw, "total_tokens")
+    notes: list[str] = []
+    prompt = token_count(raw, "input_tokens", "prompt_tokens", notes=notes) or 0
+    completion = token_count(raw, "output_tokens", "completion_tokens", notes=notes) or 0
+    total = token_count(raw, "total_tokens", notes=notes)
     prompt_details = _details(raw, "prompt_tokens_details", "input_tokens_details")
     completion_details = _details(raw, "completion_tokens_details", "output_tokens_details")
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
-        total_tokens=int(total) if total is not None else prompt + completion,
-        cached_tokens=first_int(prompt_details, "cached_tokens"),
-        cache_write_tokens=first_int(prompt_details, "cache_write_tokens"),
-        reasoning_tokens=first_int(completion_details, "reasoning_tokens"),
-        cost_pico=money_pico(raw, "cost"),
-        upstream_cost_pico=money_pico(_details(raw, "cost_details"), "upstream_inference_cost"),
+        total_tokens=total if total is not None else prompt + completion,
+        cached_tokens=token_count(prompt_details, "cached_tokens", notes=notes) or 0,
+        cache_write_tokens=token_count(prompt_details, "cache_write_tokens", notes=notes) or 0,
+        reasoning_tokens=token_count(completion_details, "reasoning_tokens", notes=notes) or 0,
+        cost_pico=money_pico(raw, "cost", notes=notes),
+        upstream_cost_pico=money_pico(_details(raw, "cost_details"), "upstream_inference_cost", notes=notes),
         is_byok=raw.get("is_byok") is True,
+        notes=tuple(notes),
     )
+
+
+_UNSAFE_CHARACTERS: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean_text(value: Any, limit: int = MAX_TEXT) -> str:
+    """Text safe to store and show: no NUL, C0/C1 control or bidi control characters (line breaks
+    and tabs become spaces), at most `limit` characters."""
+    text = value if isinstance(value, str) else ("" if value is None else str(value))
+    if _UNSAFE_CHARACTERS.search(text):
+        text = _UNSAFE_CHARACTERS.sub(lambda m: " " if m.group() in "\t\n\r" else "", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def strict_json_value(value: Any, depth: int = 0) -> Any:
+    """`value` as strict JSON data: NaN and infinities become null, depth and width are bounded,
+    keys are text, and anything that is not JSON becomes its (short) text."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth >= MAX_RAW_DEPTH:
+        return "…"
+    if isinstance(value, Mapping):
+        items = list(value.items())[:MAX_RAW_ITEMS]
+        return {clean_text(key): strict_json_value(item, depth + 1) for key, item in items}
+    if isinstance(value, list | tuple):
+        return [strict_json_value(item, depth + 1) for item in value[:MAX_RAW_ITEMS]]
+    return clean_text(value, 64)
 
 
 def describe_error(error: Any) -> str:
@@ -310,26 +401,28 @@ def describe_error(error: Any) -> str:
         text = f"{code}: {message}" if code not in (None, "") else message
     else:
         text = str(error)
-    return text[:500] or "error"
+    return clean_text(text, MAX_ERROR_TEXT) or "error"
 
 
-def observe_chunk(state: CaptureState, chunk: Any) -> None:
-    """Fold one streamed chunk into the request's state. Runs once per chunk: keep it cheap."""
+def observe_chunk(state: CaptureState, chunk: Any) -> bool:
+    """Fold one streamed chunk into the request's state; True when it carries an error. Runs once
+    per chunk: keep it cheap."""
     if type(chunk) is not dict:
-        return
+        return False
     chunk_id = chunk.get("id")
     if chunk_id != state.last_id:
         _observe_new_generation(state, chunk, chunk_id)
     if state.first_token_at is None:
         _observe_first_token(state, chunk)
     if "usage" in chunk or "error" in chunk:
-        _observe_usage_or_error(state, chunk)
+        return _observe_usage_or_error(state, chunk)
+    return False
 
 
 def _observe_new_generation(state: CaptureState, chunk: dict[str, Any], chunk_id: Any) -> None:
     state.last_id = chunk_id
-    if isinstance(chunk_id, str) and chunk_id and chunk_id not in state.generation_ids:
-        state.generation_ids.append(chunk_id)
+    if isinstance(chunk_id, str) and chunk_id:
+        state.note_generation(chunk_id)
     provider = chunk.get("provider")
     if isinstance(provider, str) and provider:
         state.provider = provider
@@ -349,16 +442,19 @@ def _observe_first_token(state: CaptureState, chunk: dict[str, Any]) -> None:
             return
 
 
-def _observe_usage_or_error(state: CaptureState, chunk: dict[str, Any]) -> None:
+def _observe_usage_or_error(state: CaptureState, chunk: dict[str, Any]) -> bool:
     raw = chunk.get("usage")
     if isinstance(raw, Mapping):
+        # OpenRouter's usage is cumulative per generation: the last chunk of a call wins, and a
+        # usage chunk without an id belongs to the generation streaming at the time.
         chunk_id = chunk.get("id")
-        key = chunk_id if isinstance(chunk_id, str) else f"call-{len(state.calls)}"
+        key = chunk_id if isinstance(chunk_id, str) and chunk_id else state.current_generation
         state.calls[key] = (parse_usage(raw), raw)
     error = chunk.get("error")
     if error:
         state.error = describe_error(error)
-        surface_stream_error(chunk)
+        return True
+    return False
 
 
 def surface_stream_error(chunk: dict[str, Any]) -> None:
@@ -395,7 +491,7 @@ def assistant_message_ids(body: Mapping[str, Any]) -> list[str]:
     if not isinstance(messages, list):
         return []
     return [
-        str(m["id"])
+        clean_text(m["id"])
         for m in messages
         if isinstance(m, Mapping) and m.get("role") == "assistant" and isinstance(m.get("id"), str)
     ]
@@ -421,8 +517,13 @@ class CompletionContext:
     now_monotonic: float
 
 
+_EMAIL: Final = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+MAX_RAW_CALLS: Final = 16  # per-call usage objects kept in a row's raw usage
+
+
 def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord | None:
-    """The ledger row for this completion, or None when it is not OpenRouter traffic to record."""
+    """The ledger row for this completion, or None when it is not OpenRouter traffic to record.
+    Every value is brought into the input domain here; what had to be repaired is noted."""
     body = context.body
     message = final_assistant_message(body)
     outlet_usage = message_usage(message)
@@ -439,19 +540,23 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
         # Exact per-call usage seen in the stream beats Open WebUI's float sums of the same calls.
         usage = sum((call_usage for call_usage, _ in state.calls.values()), Usage())
         raws = [call_raw for _, call_raw in state.calls.values()]
-        raw: Mapping[str, Any] | None = raws[0] if len(raws) == 1 else {"calls": raws}
+        raw: Any = raws[0] if len(raws) == 1 else {"calls": raws[:MAX_RAW_CALLS], "calls_total": len(raws)}
     elif outlet_usage is not None:
         usage, raw = parse_usage(outlet_usage), outlet_usage
     else:
         usage, raw = Usage(), None
 
+    notes = list(usage.notes)
     metadata = context.metadata or {}
     user = context.user or {}
-    message_id = _first_text(metadata.get("message_id"), body.get("id"), message.get("id"))
+    message_id = _clean_field(
+        notes, "message_id", _first_text(metadata.get("message_id"), body.get("id"), message.get("id"))
+    )
     if not message_id:
         message_id = state.generation_ids[0] if state.generation_ids else f"unidentified-{uuid.uuid4()}"
         log.warning("openrouter_usage: completion has no message id; recorded as %s", message_id)
-    if not user.get("id"):
+    user_id = _clean_field(notes, "user_id", _first_text(user.get("id"))) or "unknown"
+    if user_id == "unknown":
         log.warning("openrouter_usage: completion %s has no user; recorded as unknown", message_id)
     if raw is None:
         log.warning(
@@ -464,23 +569,42 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
     ttft_ms = (
         round((state.first_token_at - state.started_at) * 1000) if state.first_token_at is not None else None
     )
+    model = _clean_field(notes, "model", _first_text(body.get("model")))
     return UsageRecord(
         message_id=message_id,
-        chat_id=_first_text(body.get("chat_id"), metadata.get("chat_id")),
-        user_id=str(user.get("id") or "unknown"),
-        user_name=str(user.get("name") or user.get("email") or "unknown"),
-        generation_ids=tuple(state.generation_ids),
-        model=_first_text(body.get("model")),
-        served_model=state.served_model or _first_text(body.get("model")),
-        provider=state.provider,
+        chat_id=_clean_field(notes, "chat_id", _first_text(body.get("chat_id"), metadata.get("chat_id"))),
+        user_id=user_id,
+        user_name=display_name(user, user_id, notes),
+        generation_ids=tuple(clean_text(gid) for gid in state.generation_ids),
+        model=model,
+        served_model=_clean_field(notes, "served_model", state.served_model) or model,
+        provider=_clean_field(notes, "provider", state.provider),
         usage=usage,
         status="error" if error else "ok",
         error=error,
         latency_ms=round((context.now_monotonic - state.started_at) * 1000),
         ttft_ms=ttft_ms,
-        raw_usage=raw,
+        raw_usage=strict_json_value(raw) if raw is not None else None,
         created_at=context.now,
+        notes=tuple(notes),
+        omitted_generation_ids=state.omitted_generation_ids,
     )
+
+
+def display_name(user: Mapping[str, Any], user_id: str, notes: list[str]) -> str:
+    """The name reports show: the user's name, never an e-mail address (then the user id)."""
+    name = _clean_field(notes, "user_name", _first_text(user.get("name"))).strip()
+    email = str(user.get("email") or "").strip().lower()
+    if not name or name.lower() == email or _EMAIL.fullmatch(name):
+        return user_id
+    return name
+
+
+def _clean_field(notes: list[str], field: str, value: str) -> str:
+    cleaned = clean_text(value)
+    if cleaned != value:
+        notes.append(f"{field} had control characters or was too long; cleaned")
+    return cleaned
 
 
 def _first_text(*values: Any) -> str:
@@ -493,6 +617,13 @@ def _first_text(*values: Any) -> str:
 # ══ Ledger ════════════════════════════════════════════════════════════════════════════════════════
 # Tables share one prefix so the ledger can live inside Open WebUI's own PostgreSQL database.
 # Money is integer pico-dollars (1e-12 USD): SQLite's SUM over integers is exact, NUMERIC is not.
+#
+# The write path, end to end: outlet → GroupCommitWriter (one thread per ledger and process) →
+# Ledger.store (one transaction per batch; a batch the database refuses for a data reason is
+# retried record by record, and a record still refused is quarantined) → on any failure to reach
+# the database, the Spool (fsync'd files, replayed later under an OS file lock).
+
+# ── Schema and migrations ──
 
 TABLE_PREFIX: Final = "openrouter_usage_"
 MEASURES: Final = (
@@ -510,12 +641,6 @@ MEASURES: Final = (
 )
 MIGRATION_LOCK_KEY: Final = 0x6F72_7573_0001  # PostgreSQL advisory lock keys, "orus" + purpose
 ROLLUP_LOCK_KEY: Final = 0x6F72_7573_0002
-MAX_BATCH: Final = 256
-WRITE_ATTEMPTS: Final = 3  # a batch that lost a race to another process is retried
-WRITER_IDLE_SECONDS: Final = 30.0
-LOOP_CATCH_UP_SECONDS: Final = 0.002  # longest the writer holds a batch open for a busy event loop
-LAST_SEEN_RESOLUTION: Final = timedelta(minutes=1)  # users.last_seen_at is rewritten at most this often
-SEEN_USERS_CAPACITY: Final = 10_000
 
 schema = sa.MetaData()
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # INTEGER PRIMARY KEY is SQLite's rowid
@@ -558,11 +683,20 @@ ledger_table = sa.Table(
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("latency_ms", sa.Integer, nullable=True),
     sa.Column("ttft_ms", sa.Integer, nullable=True),
-    sa.Column("usage_json", sa.Text, nullable=True),  # the provider's usage object, verbatim
+    sa.Column("usage_json", sa.Text, nullable=True),  # the provider's usage object, as strict JSON
+    sa.Column("notes", sa.Text, nullable=False, server_default=""),  # what was repaired; "; "-separated
+    sa.Column("omitted_generation_ids", sa.Integer, nullable=False, server_default="0"),
     sa.UniqueConstraint("message_id", name=f"{TABLE_PREFIX}ledger_message_id_key"),
     sa.Index(f"{TABLE_PREFIX}ledger_created_at", "created_at"),
     sa.Index(f"{TABLE_PREFIX}ledger_user_created_at", "user_id", "created_at"),
     sa.Index(f"{TABLE_PREFIX}ledger_chat_id", "chat_id"),
+    # Partial: counting repaired rows reads only those rows.
+    sa.Index(
+        f"{TABLE_PREFIX}ledger_repaired",
+        "id",
+        sqlite_where=sa.text("notes <> ''"),
+        postgresql_where=sa.text("notes <> ''"),
+    ),
 )
 users_table = sa.Table(
     f"{TABLE_PREFIX}users",
@@ -574,20 +708,22 @@ users_table = sa.Table(
 
 
 def _rollup_table(name: str, *keys: str) -> sa.Table:
-    """A rollup: text key columns (the primary key, day first) and one integer column per measure.
+    """A rollup: text key columns (the primary key: time zone, then day first) and one integer
+    column per measure.
 
     On SQLite the table is stored in key order (WITHOUT ROWID), so a range of days is one
     contiguous read that already holds every measure; and no index leads with another column,
     which would tempt SQLite's planner into scanning every day to avoid a sort.
     """
-    key_columns = [sa.Column(key, sa.Text, primary_key=True) for key in keys]
+    key_columns = [sa.Column(key, sa.Text, primary_key=True) for key in ("zone", *keys)]
     return sa.Table(
         f"{TABLE_PREFIX}{name}", schema, *key_columns, *_measure_columns(), sqlite_with_rowid=False
     )
 
 
-# Rollups are keyed by the calendar day in the report time zone (meta key "rollup_timezone") and
-# updated in the same transaction as the ledger rows they count, so reports never scan the ledger.
+# Rollups are keyed by time zone and the calendar day in it, and updated in the same transaction
+# as the ledger rows they count, so reports never scan the ledger. Only the zone named by meta key
+# "rollup_timezone" is complete; another exists only while a recount builds it (see RollupState).
 rollup_day_table = _rollup_table("rollup_day", "day")
 rollup_user_day_table = _rollup_table("rollup_user_day", "day", "user_id")
 rollup_model_day_table = _rollup_table("rollup_model_day", "day", "served_model", "provider")
@@ -600,37 +736,176 @@ meta_table = sa.Table(
 ROLLUP_TABLES: Final = (rollup_day_table, rollup_user_day_table, rollup_model_day_table)
 
 
-def _create_tables(*tables: sa.Table) -> Callable[[sa.Connection], None]:
-    def apply(conn: sa.Connection) -> None:
-        for table in tables:
-            table.create(conn, checkfirst=True)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema change, frozen as the SQL it ran when it was released, per dialect.
 
-    return apply
+    Named and append-only: a released migration is never edited; a change comes as a new entry.
+    The declared tables above describe the result of all of them (a test compares the two)."""
 
-
-def _recreate_rollup(table: sa.Table) -> Callable[[sa.Connection], None]:
-    """Rollups are derived data: drop and recreate one in its current layout, and mark all
-    rollups stale, so the next write or report recounts them from the ledger."""
-
-    def apply(conn: sa.Connection) -> None:
-        table.drop(conn, checkfirst=True)
-        table.create(conn)
-        conn.execute(meta_table.delete().where(meta_table.c.key == "rollup_timezone"))
-
-    return apply
+    name: str
+    sqlite: tuple[str, ...]
+    postgresql: tuple[str, ...]
 
 
-# Named and append-only: a released migration is never edited; changes come as new entries.
-MIGRATIONS: Final[tuple[tuple[str, Callable[[sa.Connection], None]], ...]] = (
-    ("0001_ledger_and_users", _create_tables(ledger_table, users_table)),
-    ("0002_daily_rollups", _create_tables(rollup_day_table, rollup_user_day_table, rollup_model_day_table)),
-    ("0003_meta", _create_tables(meta_table)),
-    ("0004_rollup_user_day_keyed_by_day", _recreate_rollup(rollup_user_day_table)),
+def _frozen_rollup_ddl(table: str, keys: Sequence[str], measures: Sequence[str], tail: str = "") -> str:
+    columns = [f"{key} TEXT NOT NULL" for key in keys] + [
+        f"{m} BIGINT DEFAULT '0' NOT NULL" for m in measures
+    ]
+    return f"CREATE TABLE {table} ({', '.join(columns)}, PRIMARY KEY ({', '.join(keys)})){tail}"
+
+
+# The measures as they were when 0002 and 0005 were released. Never edit: add a migration.
+_MEASURES_1_0: Final = MEASURES
+_LEDGER_COLUMNS_1_0: Final = (
+    "created_at {ts} NOT NULL, user_id TEXT NOT NULL, user_name TEXT NOT NULL, chat_id TEXT NOT NULL, "
+    "message_id TEXT NOT NULL, generation_ids TEXT NOT NULL, model TEXT NOT NULL, "
+    "served_model TEXT NOT NULL, "
+    "provider TEXT NOT NULL, prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, "
+    "total_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL, cache_write_tokens BIGINT NOT NULL, "
+    "reasoning_tokens BIGINT NOT NULL, cost_pico BIGINT, upstream_cost_pico BIGINT, "
+    "spend_pico BIGINT NOT NULL, is_byok BOOLEAN NOT NULL, status TEXT NOT NULL, error TEXT NOT NULL, "
+    "latency_ms INTEGER, ttft_ms INTEGER, "
+    "usage_json TEXT, PRIMARY KEY (id), CONSTRAINT openrouter_usage_ledger_message_id_key UNIQUE (message_id)"
 )
+_LEDGER_INDEXES_1_0: Final = (
+    "CREATE INDEX openrouter_usage_ledger_created_at ON openrouter_usage_ledger (created_at)",
+    "CREATE INDEX openrouter_usage_ledger_user_created_at ON openrouter_usage_ledger (user_id, created_at)",
+    "CREATE INDEX openrouter_usage_ledger_chat_id ON openrouter_usage_ledger (chat_id)",
+)
+_USERS_1_0: Final = (
+    "CREATE TABLE openrouter_usage_users (user_id TEXT NOT NULL, user_name TEXT NOT NULL, "
+    "last_seen_at {ts} NOT NULL, PRIMARY KEY (user_id))"
+)
+_ROLLUP_KEYS_1_0: Final = (
+    ("openrouter_usage_rollup_day", ("day",)),
+    ("openrouter_usage_rollup_user_day", ("day", "user_id")),
+    ("openrouter_usage_rollup_model_day", ("day", "served_model", "provider")),
+)
+
+
+def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The frozen SQL of every migration for one dialect (SQLite spells timestamps DATETIME and
+    stores rollups WITHOUT ROWID; PostgreSQL numbers ledger rows with BIGSERIAL)."""
+    sqlite = dialect == "sqlite"
+    ts = "DATETIME" if sqlite else "TIMESTAMP WITHOUT TIME ZONE"
+    serial = "id INTEGER NOT NULL" if sqlite else "id BIGSERIAL NOT NULL"
+    rowid = " WITHOUT ROWID" if sqlite else ""
+    zoned = [
+        statement
+        for table, keys in _ROLLUP_KEYS_1_0
+        for statement in (
+            _frozen_rollup_ddl(f"{table}_zoned", ("zone", *keys), _MEASURES_1_0, rowid),
+            f"INSERT INTO {table}_zoned (zone, {', '.join((*keys, *_MEASURES_1_0))}) "
+            f"SELECT meta.value, {', '.join(f'r.{c}' for c in (*keys, *_MEASURES_1_0))} FROM {table} r "
+            "JOIN openrouter_usage_meta meta ON meta.\"key\" = 'rollup_timezone'",
+            f"DROP TABLE {table}",
+            f"ALTER TABLE {table}_zoned RENAME TO {table}",
+            *(() if sqlite else (f"ALTER INDEX {table}_zoned_pkey RENAME TO {table}_pkey",)),
+        )
+    ]
+    return [
+        (
+            "0001_ledger_and_users",
+            (
+                f"CREATE TABLE openrouter_usage_ledger ({serial}, {_LEDGER_COLUMNS_1_0.format(ts=ts)})",
+                *_LEDGER_INDEXES_1_0,
+                _USERS_1_0.format(ts=ts),
+            ),
+        ),
+        (
+            "0002_daily_rollups",
+            (
+                _frozen_rollup_ddl("openrouter_usage_rollup_day", ("day",), _MEASURES_1_0, rowid),
+                _frozen_rollup_ddl("openrouter_usage_rollup_user_day", ("user_id", "day"), _MEASURES_1_0),
+                "CREATE INDEX openrouter_usage_rollup_user_day_day ON openrouter_usage_rollup_user_day (day)",
+                _frozen_rollup_ddl(
+                    "openrouter_usage_rollup_model_day",
+                    ("day", "served_model", "provider"),
+                    _MEASURES_1_0,
+                    rowid,
+                ),
+            ),
+        ),
+        (
+            "0003_meta",
+            (
+                'CREATE TABLE openrouter_usage_meta ("key" TEXT NOT NULL, value TEXT NOT NULL, '
+                'PRIMARY KEY ("key"))',
+            ),
+        ),
+        (
+            "0004_rollup_user_day_keyed_by_day",
+            (
+                "DROP TABLE openrouter_usage_rollup_user_day",
+                _frozen_rollup_ddl(
+                    "openrouter_usage_rollup_user_day", ("day", "user_id"), _MEASURES_1_0, rowid
+                ),
+                "DELETE FROM openrouter_usage_meta WHERE \"key\" = 'rollup_timezone'",
+            ),
+        ),
+        (
+            "0005_repair_notes_and_zoned_rollups",
+            (
+                "ALTER TABLE openrouter_usage_ledger ADD COLUMN notes TEXT DEFAULT '' NOT NULL",
+                "ALTER TABLE openrouter_usage_ledger "
+                "ADD COLUMN omitted_generation_ids INTEGER DEFAULT '0' NOT NULL",
+                "CREATE INDEX openrouter_usage_ledger_repaired ON openrouter_usage_ledger (id) "
+                "WHERE notes <> ''",
+                *zoned,
+                # A ledger whose rollups were stale (0004 drops them) is recounted, in UTC first.
+                "INSERT INTO openrouter_usage_meta (\"key\", value) SELECT 'rollup_recount', "
+                '\'{"zone": "UTC", "after_id": 0}\' WHERE NOT EXISTS (SELECT 1 FROM openrouter_usage_meta '
+                "WHERE \"key\" = 'rollup_timezone') AND EXISTS (SELECT 1 FROM openrouter_usage_ledger)",
+            ),
+        ),
+    ]
+
+
+MIGRATIONS: Final = tuple(
+    Migration(name, sqlite, postgresql)
+    for (name, sqlite), (_, postgresql) in zip(
+        _migrations_for("sqlite"), _migrations_for("postgresql"), strict=True
+    )
+)
+MIGRATIONS_TABLE_DDL: Final = {
+    "sqlite": "CREATE TABLE IF NOT EXISTS openrouter_usage_migrations "
+    "(name TEXT NOT NULL, applied_at DATETIME NOT NULL, PRIMARY KEY (name))",
+    "postgresql": "CREATE TABLE IF NOT EXISTS openrouter_usage_migrations "
+    "(name TEXT NOT NULL, applied_at TIMESTAMP WITHOUT TIME ZONE NOT NULL, PRIMARY KEY (name))",
+}
+
+
+def apply_migrations(conn: sa.Connection) -> list[str]:
+    """Run the migrations this database has not recorded, in order; returns their names. The
+    caller holds the migration lock and the transaction."""
+    dialect = conn.dialect.name
+    conn.exec_driver_sql(MIGRATIONS_TABLE_DDL[dialect])
+    applied = set(conn.execute(sa.select(migrations_table.c.name)).scalars())
+    ran = []
+    for migration in MIGRATIONS:
+        if migration.name in applied:
+            continue
+        for statement in getattr(migration, dialect):
+            conn.exec_driver_sql(statement)
+        conn.execute(migrations_table.insert(), {"name": migration.name, "applied_at": _utcnow_naive()})
+        ran.append(migration.name)
+    return ran
+
+
+# ── Connection ──
 
 
 class UnsupportedDatabase(Exception):
     """The ledger runs on SQLite and PostgreSQL; other engines lack the upserts it relies on."""
+
+
+class NoLedger(Exception):
+    """A read found no ledger where it looked (reads never create one)."""
+
+
+class LedgerNeedsUpgrade(Exception):
+    """The ledger's schema is older than this code; the next recorded completion upgrades it."""
 
 
 def data_dir() -> Path:
@@ -663,25 +938,65 @@ def resolve_database_url(configured: str = "") -> str:
     return normalize_database_url(url)
 
 
+_SECRET_PARAMETER: Final = re.compile(r"pass|secret|token|key", re.IGNORECASE)
+
+
 def masked_url(url: str) -> str:
+    """A URL safe to show or log: the user-info password and every query parameter whose name
+    suggests a secret (pass, secret, token, key) are replaced by ***."""
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = parse_database_url(url)
+        query = {
+            name: "***" if _SECRET_PARAMETER.search(name) else value for name, value in parsed.query.items()
+        }
+        return parsed.set(query=query).render_as_string(hide_password=True)
     except Exception:
         return "(unparseable database URL)"
 
 
+def parse_database_url(url: str) -> sa.engine.URL:
+    """SQLAlchemy's reading of a URL, refusing one whose host holds an "@": that is a password
+    with an unencoded "@", which would otherwise end up, in part, in the host (and its errors)."""
+    parsed = sa.engine.make_url(url)
+    if "@" in (parsed.host or ""):
+        raise sa.exc.ArgumentError("the password in the database URL must be percent-encoded (@ as %40)")
+    return parsed
+
+
+def url_has_secret(url: str) -> bool:
+    """Whether a URL carries a password or a secret-looking query parameter (or cannot be parsed,
+    so nobody can tell)."""
+    try:
+        parsed = parse_database_url(url)
+    except Exception:
+        return True
+    return parsed.password is not None or any(_SECRET_PARAMETER.search(name) for name in parsed.query)
+
+
 def ledger_identity(url: str) -> str:
     """What makes two URLs the same ledger: the SQLite file, or the server and database."""
-    parsed = sa.engine.make_url(url)
+    try:
+        parsed = sa.engine.make_url(url)
+    except Exception:
+        return "unparseable:" + url
     if parsed.get_backend_name() == "sqlite":
         database = (parsed.database or "").removeprefix("file:")
         return "sqlite:" + str(Path(database).resolve()) if database else "sqlite:memory"
     return f"{parsed.get_backend_name()}://{parsed.host}:{parsed.port}/{parsed.database}"
 
 
-def create_ledger_engine(url: str) -> sa.Engine:
-    """An engine sized for a guest inside someone else's server: small pool, bounded waits."""
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL (None for other engines and for in-memory databases)."""
     parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database.removeprefix("file:"))
+
+
+def create_ledger_engine(url: str) -> sa.Engine:
+    """An engine sized for a guest inside someone else's server: small pool, bounded waits, and
+    commits that are durable whatever the server's default (synchronous_commit)."""
+    parsed = parse_database_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         connect_args: dict[str, Any] = {} if "timeout" in parsed.query else {"timeout": 10.0}
@@ -699,7 +1014,7 @@ def create_ledger_engine(url: str) -> sa.Engine:
             pool_recycle=1800,
             connect_args={
                 "connect_timeout": 5,
-                "options": "-c statement_timeout=120000 -c lock_timeout=30000",
+                "options": "-c statement_timeout=120000 -c lock_timeout=30000 -c synchronous_commit=on",
             },
         )
     raise UnsupportedDatabase(f"the ledger supports SQLite and PostgreSQL, not {backend}")
@@ -723,156 +1038,28 @@ def _begin_sqlite_transaction(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
 
 
-def _insert(dialect: str, table: sa.Table) -> Any:
-    if dialect == "sqlite":
-        return sqlite_dialect.insert(table)
-    if dialect == "postgresql":
-        return pg_dialect.insert(table)
-    raise UnsupportedDatabase(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
-
-
-class BulkInsert:
-    """An INSERT (plus an optional ON CONFLICT tail) run as the driver's own executemany.
-
-    Rows are plain tuples in `columns` order. SQLAlchemy's executemany builds a parameter dict and
-    calls every type's processor for each row, which costs more than SQLite's insert itself; here
-    the SQL is compiled once per dialect, and only values whose type needs converting (on SQLite,
-    datetimes and booleans) are touched, by the same processors SQLAlchemy would use, so values are
-    stored exactly as SQLAlchemy reads them back. The upsert tails used here are the same SQL on
-    SQLite (3.35+) and PostgreSQL.
-    """
-
-    def __init__(self, dialect: sa.Dialect, table: sa.Table, columns: Sequence[str], tail: str = "") -> None:
-        quote = dialect.identifier_preparer.quote
-        text = sa.text(
-            f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in columns)}) "
-            f"VALUES ({', '.join(':' + name for name in columns)}) {tail}"
-        ).bindparams(*(sa.bindparam(name, type_=table.c[name].type) for name in columns))
-        compiled = text.compile(dialect=dialect)
-        self.sql = compiled.string
-        self.columns = tuple(columns)
-        # Positional placeholders follow VALUES, which follows `columns`; named ones need a dict.
-        self._named = not compiled.positional
-        converters = []
-        for index, name in enumerate(self.columns):
-            processor = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-            if processor is not None:
-                converters.append((index, processor))
-        self._converters = tuple(converters)
-
-    def execute(self, conn: sa.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
-        parameters = [self._parameters(row) for row in rows]
-        if parameters:
-            conn.exec_driver_sql(self.sql, parameters)
-
-    def _parameters(self, row: tuple[Any, ...]) -> tuple[Any, ...] | dict[str, Any]:
-        if self._converters:
-            values = list(row)
-            for index, convert in self._converters:
-                values[index] = convert(values[index])
-            row = tuple(values)
-        return dict(zip(self.columns, row, strict=True)) if self._named else row
-
-
-LEDGER_COLUMNS: Final = tuple(column.name for column in ledger_table.columns if column.name != "id")
-USER_COLUMNS: Final = ("user_id", "user_name", "last_seen_at")
-
-
-@functools.lru_cache(maxsize=8)
-def _ledger_insert(dialect: sa.Dialect) -> BulkInsert:
-    """A plain INSERT: a message another process recorded since the check fails the transaction."""
-    return BulkInsert(dialect, ledger_table, LEDGER_COLUMNS)
-
-
-_AMONG_MESSAGES: Final = ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
-_RECORDED_AMONG: Final = sa.select(ledger_table.c.message_id).where(_AMONG_MESSAGES)
-_SPEND_AMONG: Final = sa.select(sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)).where(
-    _AMONG_MESSAGES
-)
-IN_LIST_CHUNK: Final = 500  # parameters per IN list: well inside every SQLite build's limit
-
-
-def in_list_chunks(message_ids: Sequence[str]) -> Iterator[dict[str, list[str]]]:
-    """The parameters of _RECORDED_AMONG / _SPEND_AMONG, one IN list of at most IN_LIST_CHUNK ids each."""
-    for start in range(0, len(message_ids), IN_LIST_CHUNK):
-        yield {"message_ids": list(message_ids[start : start + IN_LIST_CHUNK])}
-
-
-def recorded_message_ids(conn: sa.Connection, message_ids: Sequence[str]) -> set[str]:
-    """Which of these messages the ledger already holds."""
-    found: set[str] = set()
-    for parameters in in_list_chunks(message_ids):
-        found.update(conn.execute(_RECORDED_AMONG, parameters).scalars())
-    return found
-
-
-@functools.lru_cache(maxsize=16)
-def _rollup_upsert(dialect: sa.Dialect, table: sa.Table) -> BulkInsert:
-    """Adds every measure to the row of its key: exact under concurrent writers."""
-    quote = dialect.identifier_preparer.quote
-    keys = [column.name for column in table.primary_key.columns]
-    additions = ", ".join(
-        f"{quote(name)} = {quote(table.name)}.{quote(name)} + excluded.{quote(name)}" for name in MEASURES
-    )
-    conflict = ", ".join(quote(name) for name in keys)
-    tail = f"ON CONFLICT ({conflict}) DO UPDATE SET {additions}"
-    return BulkInsert(dialect, table, [*keys, *MEASURES], tail)
-
-
-@functools.lru_cache(maxsize=8)
-def _users_upsert(dialect: sa.Dialect) -> BulkInsert:
-    """Stores a user's name as of their latest completion: a replayed older record changes nothing."""
-    quote = dialect.identifier_preparer.quote
-    updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in USER_COLUMNS[1:])
-    seen = quote("last_seen_at")
-    newer = f"excluded.{seen} >= {quote(users_table.name)}.{seen}"
-    return BulkInsert(
-        dialect, users_table, USER_COLUMNS, f"ON CONFLICT (user_id) DO UPDATE SET {updates} WHERE {newer}"
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a failure means "the database cannot be reached or used right now" (spool and
+    retry later) rather than "the database refused this data" (quarantine)."""
+    return isinstance(
+        exc,
+        sa.exc.OperationalError
+        | sa.exc.InterfaceError
+        | sa.exc.DisconnectionError
+        | sa.exc.TimeoutError
+        | sa.exc.ArgumentError
+        | sa.exc.NoSuchModuleError
+        | UnsupportedDatabase
+        | OSError
+        | ImportError,
     )
 
 
-UserRow = tuple[str, str, datetime]  # user_id, user_name, last_seen_at (naive UTC)
-
-
-class SeenUsers:
-    """The users rows this process wrote lately, so that a user's steady stream of completions
-    rewrites their row when the name changes or last_seen_at is LAST_SEEN_RESOLUTION out of date,
-    not in every batch. Bounded; forgetting a user only costs one more write."""
-
-    def __init__(self, capacity: int = SEEN_USERS_CAPACITY) -> None:
-        self._written: OrderedDict[str, tuple[str, datetime]] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()
-
-    def due(self, records: Iterable[UsageRecord]) -> list[UserRow]:
-        """The rows to upsert for these records: each user's latest, unless already written."""
-        latest: dict[str, UserRow] = {}
-        for record in records:
-            row = (record.user_id, record.user_name, _naive_utc(record.created_at))
-            if record.user_id not in latest or row[2] >= latest[record.user_id][2]:
-                latest[record.user_id] = row
-        with self._lock:
-            return [
-                row
-                for user_id, row in sorted(latest.items())
-                if self._is_due(row, self._written.get(user_id))
-            ]
-
-    @staticmethod
-    def _is_due(row: UserRow, written: tuple[str, datetime] | None) -> bool:
-        if written is None:
-            return True
-        name, seen_at = written
-        return row[2] >= seen_at and (row[1] != name or row[2] - seen_at >= LAST_SEEN_RESOLUTION)
-
-    def remember(self, rows: Iterable[UserRow]) -> None:
-        """Note rows once their transaction has committed."""
-        with self._lock:
-            for user_id, user_name, seen_at in rows:
-                self._written[user_id] = (user_name, seen_at)
-                self._written.move_to_end(user_id)
-            while len(self._written) > self._capacity:
-                self._written.popitem(last=False)
+def short_error(exc: BaseException) -> str:
+    """One line naming the failure, without the SQL or parameters an SQLAlchemy error carries."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {clean_text(text, 200)}" if text else type(cause).__name__
 
 
 def _advisory_lock(conn: sa.Connection, key: int, *, shared: bool = False) -> None:
@@ -881,46 +1068,59 @@ def _advisory_lock(conn: sa.Connection, key: int, *, shared: bool = False) -> No
         conn.execute(sa.text(f"SELECT {function}(:key)"), {"key": key})
 
 
-def local_day(moment: datetime, zone: ZoneInfo) -> str:
-    """The calendar day of a UTC moment in `zone`, as YYYY-MM-DD (rollup key)."""
-    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    return aware.astimezone(zone).date().isoformat()
+# ── Statements ──
+# Plain SQL text for the upserts: the same on SQLite (3.35+) and PostgreSQL, and compiled once.
 
 
-def resolve_zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name.strip() or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        log.warning("openrouter_usage: unknown time zone %r; using UTC", name)
-        return ZoneInfo("UTC")
+def _rollup_upsert(table: sa.Table) -> sa.TextClause:
+    """Adds every measure to the row of its key: exact under concurrent writers."""
+    keys = [column.name for column in table.primary_key.columns]
+    columns = [*keys, *MEASURES]
+    additions = ", ".join(f"{name} = {table.name}.{name} + excluded.{name}" for name in MEASURES)
+    return sa.text(
+        f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)}) "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {additions}"
+    )
 
 
-def record_measures(record: UsageRecord) -> list[int]:
-    """The record's contribution to each rollup measure, in MEASURES order."""
+ROLLUP_UPSERTS: Final = {table.name: _rollup_upsert(table) for table in ROLLUP_TABLES}
+# A user's name as of their latest completion: a replayed older record changes nothing.
+USERS_UPSERT: Final = sa.text(
+    f"INSERT INTO {users_table.name} (user_id, user_name, last_seen_at) "
+    "VALUES (:user_id, :user_name, :last_seen_at) ON CONFLICT (user_id) DO UPDATE SET "
+    "user_name = excluded.user_name, last_seen_at = excluded.last_seen_at "
+    f"WHERE excluded.last_seen_at >= {users_table.name}.last_seen_at"
+).bindparams(sa.bindparam("last_seen_at", type_=sa.DateTime))
+META_UPSERT: Final = sa.text(
+    f'INSERT INTO {meta_table.name} ("key", value) VALUES (:key, :value) '
+    'ON CONFLICT ("key") DO UPDATE SET value = excluded.value'
+)
+_AMONG_MESSAGE_IDS: Final = ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
+SELECT_RECORDED_MESSAGE_IDS: Final = sa.select(ledger_table.c.message_id).where(_AMONG_MESSAGE_IDS)
+SELECT_SPEND_OF_MESSAGES: Final = sa.select(
+    sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)
+).where(_AMONG_MESSAGE_IDS)
+IN_LIST_CHUNK: Final = 500  # parameters per IN list: well inside every SQLite build's limit
+
+
+def in_list_chunks(message_ids: Sequence[str]) -> Iterator[dict[str, list[str]]]:
+    """Parameters for the message-id statements, one IN list of at most IN_LIST_CHUNK ids each."""
+    for start in range(0, len(message_ids), IN_LIST_CHUNK):
+        yield {"message_ids": list(message_ids[start : start + IN_LIST_CHUNK])}
+
+
+def recorded_message_ids(conn: sa.Connection, message_ids: Sequence[str]) -> set[str]:
+    """Which of these messages the ledger already holds."""
+    found: set[str] = set()
+    for parameters in in_list_chunks(message_ids):
+        found.update(conn.execute(SELECT_RECORDED_MESSAGE_IDS, parameters).scalars())
+    return found
+
+
+def ledger_values(record: UsageRecord) -> dict[str, Any]:
+    """The record as a ledger row."""
     usage = record.usage
-    return [
-        1,
-        0 if record.status == "ok" else 1,
-        usage.prompt_tokens,
-        usage.completion_tokens,
-        usage.total_tokens,
-        usage.cached_tokens,
-        usage.cache_write_tokens,
-        usage.reasoning_tokens,
-        usage.cost_pico or 0,
-        usage.upstream_cost_pico or 0,
-        usage.spend_pico,
-    ]
-
-
-_LEDGER_VALUES: Final = operator.itemgetter(*LEDGER_COLUMNS)
-_USAGE_JSON: Final = json.JSONEncoder(default=str)  # built once: json.dumps(default=…) builds one per call
-
-
-def ledger_row(record: UsageRecord) -> tuple[Any, ...]:
-    """The record's ledger values, in LEDGER_COLUMNS order."""
-    usage = record.usage
-    row = {
+    return {
         "created_at": _naive_utc(record.created_at),
         "user_id": record.user_id,
         "user_name": record.user_name,
@@ -944,20 +1144,53 @@ def ledger_row(record: UsageRecord) -> tuple[Any, ...]:
         "error": record.error,
         "latency_ms": record.latency_ms,
         "ttft_ms": record.ttft_ms,
-        "usage_json": _USAGE_JSON.encode(record.raw_usage) if record.raw_usage is not None else None,
+        "usage_json": json.dumps(record.raw_usage, allow_nan=False) if record.raw_usage is not None else None,
+        "notes": "; ".join(record.notes),
+        "omitted_generation_ids": record.omitted_generation_ids,
     }
-    values: tuple[Any, ...] = _LEDGER_VALUES(row)
-    return values
+
+
+# ── Rollup arithmetic ──
+
+
+def local_day(moment: datetime, zone: ZoneInfo) -> str:
+    """The calendar day of a UTC moment in `zone`, as YYYY-MM-DD (rollup key)."""
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware.astimezone(zone).date().isoformat()
+
+
+def resolve_zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name.strip() or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        log.warning("openrouter_usage: unknown time zone %r; using UTC", clean_text(name, 64))
+        return ZoneInfo("UTC")
+
+
+def record_measures(record: UsageRecord) -> list[int]:
+    """The record's contribution to each rollup measure, in MEASURES order."""
+    usage = record.usage
+    return [
+        1,
+        0 if record.status == "ok" else 1,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
+        usage.cached_tokens,
+        usage.cache_write_tokens,
+        usage.reasoning_tokens,
+        usage.cost_pico or 0,
+        usage.upstream_cost_pico or 0,
+        usage.spend_pico,
+    ]
 
 
 RollupKey = tuple[str, ...]
+RollupInput = tuple[datetime, str, str, str, list[int]]  # created_at, user, model, provider, measures
 
 
-def rollup_increments(
-    rows: Iterable[tuple[datetime, str, str, str, list[int]]], zone: ZoneInfo
-) -> list[dict[RollupKey, list[int]]]:
-    """Per-table sums, in MEASURES order, for rows of (created_at, user_id, served_model,
-    provider, measures in MEASURES order)."""
+def rollup_increments(rows: Iterable[RollupInput], zone: ZoneInfo) -> list[dict[RollupKey, list[int]]]:
+    """Per-table sums (in ROLLUP_TABLES order, measures in MEASURES order), keyed by day in `zone`."""
     sums: list[dict[RollupKey, list[int]]] = [{} for _ in ROLLUP_TABLES]
     for created_at, user_id, served_model, provider, values in rows:
         day = local_day(created_at, zone)
@@ -969,101 +1202,260 @@ def rollup_increments(
     return sums
 
 
-def _apply_rollups(conn: sa.Connection, increments: list[dict[RollupKey, list[int]]]) -> None:
+def apply_rollups(conn: sa.Connection, zone: str, increments: list[dict[RollupKey, list[int]]]) -> None:
     for table, sums in zip(ROLLUP_TABLES, increments, strict=True):
         if not sums:
             continue
+        keys = [column.name for column in table.primary_key.columns]
         # Sorted keys give concurrent PostgreSQL writers one lock order: no deadlocks.
-        _rollup_upsert(conn.dialect, table).execute(conn, ((*key, *sums[key]) for key in sorted(sums)))
+        conn.execute(
+            ROLLUP_UPSERTS[table.name],
+            [dict(zip((*keys, *MEASURES), (zone, *key, *sums[key]), strict=True)) for key in sorted(sums)],
+        )
+
+
+_RECOUNT_COLUMNS: Final = [
+    ledger_table.c[name] for name in ("id", "created_at", "user_id", "served_model", "provider", "status")
+] + [ledger_table.c[name] for name in MEASURES[2:]]
+
+
+def measured_row(row: Any) -> RollupInput:
+    """A ledger row selected with _RECOUNT_COLUMNS, as rollup_increments takes it."""
+    _, created_at, user_id, served_model, provider, status, *measured = row
+    measures = [1, 0 if status == "ok" else 1, *(int(value or 0) for value in measured)]
+    return created_at, user_id, served_model, provider, measures
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RollupState:
+    """Which time zone's rollups are complete (`zone`), and the recount building another one, if
+    any: it has counted every ledger row up to id `recount_after_id` into `recount_zone`.
+
+    A recount never blocks writers for long: it runs in chunks of RECOUNT_CHUNK_ROWS, each in a
+    transaction that excludes writers (an advisory lock on PostgreSQL, the write lock on SQLite).
+    Rows written meanwhile get ids above the chunk just counted, so a later chunk counts them."""
+
+    zone: str | None
+    recount_zone: str | None = None
+    recount_after_id: int = 0
+
+
+ROLLUP_ZONE_KEY: Final = "rollup_timezone"
+RECOUNT_KEY: Final = "rollup_recount"
+RECOUNT_CHUNK_ROWS: Final = 5_000
+_SELECT_ROLLUP_STATE: Final = sa.select(meta_table.c.key, meta_table.c.value).where(
+    meta_table.c.key.in_((ROLLUP_ZONE_KEY, RECOUNT_KEY))
+)
+
+
+def read_rollup_state(conn: sa.Connection) -> RollupState:
+    values = dict(conn.execute(_SELECT_ROLLUP_STATE).tuples().all())
+    recount: Any = {}
+    with contextlib.suppress(ValueError):
+        recount = json.loads(values.get(RECOUNT_KEY) or "{}")
+    if not isinstance(recount, dict):
+        recount = {}
+    return RollupState(
+        values.get(ROLLUP_ZONE_KEY), recount.get("zone") or None, int(recount.get("after_id") or 0)
+    )
+
+
+def _start_recount(conn: sa.Connection, state: RollupState, zone: str) -> RollupState:
+    _delete_zone_rollups(conn, {z for z in (state.recount_zone, zone) if z and z != state.zone})
+    conn.execute(META_UPSERT, {"key": RECOUNT_KEY, "value": json.dumps({"zone": zone, "after_id": 0})})
+    log.info("openrouter_usage: recounting the rollups for time zone %s", zone)
+    return RollupState(state.zone, zone, 0)
+
+
+def _delete_zone_rollups(conn: sa.Connection, zones: set[str]) -> None:
+    for zone in zones:
+        for table in ROLLUP_TABLES:
+            conn.execute(table.delete().where(table.c.zone == zone))
+
+
+def settle_zone(conn: sa.Connection, state: RollupState, zone: str) -> RollupState:
+    """Bring the rollup state in line with the zone the settings ask for (inside a write)."""
+    if state.zone is None and state.recount_zone is None:
+        if conn.execute(sa.select(ledger_table.c.id).limit(1)).first() is None:
+            conn.execute(META_UPSERT, {"key": ROLLUP_ZONE_KEY, "value": zone})
+            return RollupState(zone)
+        return _start_recount(conn, state, zone)
+    if state.zone == zone:
+        if state.recount_zone is not None:  # the settings went back: the recount is not needed
+            _delete_zone_rollups(conn, {state.recount_zone})
+            conn.execute(meta_table.delete().where(meta_table.c.key == RECOUNT_KEY))
+        return RollupState(zone)
+    if state.recount_zone != zone:
+        return _start_recount(conn, state, zone)
+    return state
+
+
+def recount_chunk(conn: sa.Connection) -> bool:
+    """Count the next chunk of ledger rows into the zone being recounted (inside a write that
+    excludes other writers); True while more remain."""
+    state = read_rollup_state(conn)
+    if state.recount_zone is None:
+        return False
+    rows = conn.execute(
+        sa.select(*_RECOUNT_COLUMNS)
+        .where(ledger_table.c.id > state.recount_after_id)
+        .order_by(ledger_table.c.id)
+        .limit(RECOUNT_CHUNK_ROWS)
+    ).all()
+    apply_rollups(
+        conn, state.recount_zone, rollup_increments(map(measured_row, rows), ZoneInfo(state.recount_zone))
+    )
+    if len(rows) == RECOUNT_CHUNK_ROWS:
+        progress = {"zone": state.recount_zone, "after_id": int(rows[-1][0])}
+        conn.execute(META_UPSERT, {"key": RECOUNT_KEY, "value": json.dumps(progress)})
+        return True
+    if state.zone is not None and state.zone != state.recount_zone:
+        _delete_zone_rollups(conn, {state.zone})
+    conn.execute(META_UPSERT, {"key": ROLLUP_ZONE_KEY, "value": state.recount_zone})
+    conn.execute(meta_table.delete().where(meta_table.c.key == RECOUNT_KEY))
+    log.info("openrouter_usage: rollups now kept in time zone %s", state.recount_zone)
+    return False
+
+
+# ── Spool ──
+
+
+SPOOL_SUFFIX: Final = ".jsonl"
+ABANDONED_PARTIAL_SECONDS: Final = 3600.0  # a .tmp spool file this old belongs to a dead writer
+LEGACY_CLAIM_MARKER: Final = ".jsonl.claimed-"  # 1.0.0 claimed files by renaming them
+
+
+class SpoolClaim:
+    """A spool file held under an exclusive OS lock: released when the holder ends, even by kill -9,
+    so a claim can never outlive its process (whatever PID the next process gets)."""
+
+    def __init__(self, spool: Spool, path: Path, records: list[UsageRecord], unreadable: list[str]) -> None:
+        self.spool = spool
+        self.path = path
+        self.records = records
+        self.unreadable = unreadable
+
+    def finish(self) -> None:
+        """The records are in the ledger (or quarantined): drop the file, keeping unreadable lines."""
+        if self.unreadable:
+            self.spool.quarantine_lines(self.unreadable, "unreadable spool line")
+        self.path.unlink(missing_ok=True)
+        _fsync_directory(self.path.parent)
 
 
 class Spool:
-    """Records that could not reach the database: one fsync'd JSONL file per failed batch.
-
-    Files are claimed for replay by renaming them, so several processes sharing a data directory
-    never replay the same file twice; a claim left by a process that died is taken over.
-    """
+    """Records that could not reach the database, one fsync'd JSONL file per failed batch, and a
+    `quarantine/` folder for records the database refused (dead letters, never retried by
+    themselves: `openrouter-usage spool --replay` retries them)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.quarantine_directory = directory / "quarantine"
 
     def append(self, records: Sequence[UsageRecord]) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex}.jsonl"
-        temporary = self.directory / (name + ".tmp")
-        with open(temporary, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record.to_json(), default=str) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        final = self.directory / name
-        os.rename(temporary, final)
-        _fsync_directory(self.directory)
-        return final
+        return _write_jsonl(self.directory, [json.dumps(r.to_json(), default=str) for r in records])
+
+    def quarantine(self, entries: Sequence[tuple[UsageRecord, str]]) -> None:
+        lines = [json.dumps({"reason": reason, "record": r.to_json()}, default=str) for r, reason in entries]
+        _write_jsonl(self.quarantine_directory, lines)
+
+    def quarantine_lines(self, lines: Sequence[str], reason: str) -> None:
+        _write_jsonl(self.quarantine_directory, [json.dumps({"reason": reason, "line": ln}) for ln in lines])
+
+    def pending_files(self) -> list[Path]:
+        return _files(self.directory, lambda name: name.endswith(SPOOL_SUFFIX) or LEGACY_CLAIM_MARKER in name)
 
     def pending_count(self) -> int:
-        return len(self._candidates())
+        """Files waiting for replay, including any another process is replaying right now."""
+        return len(self.pending_files())
 
-    def claim(self) -> list[tuple[Path, list[UsageRecord]]]:
-        claimed: list[tuple[Path, list[UsageRecord]]] = []
-        for path in self._candidates():
-            original = self.directory / path.name.split(".jsonl")[0]
-            target = self.directory / f"{original.name}.jsonl.claimed-{os.getpid()}-{threading.get_ident()}"
-            try:
-                os.rename(path, target)
-            except OSError:
-                continue  # another process claimed it first
-            claimed.append((target, self._read(target)))
-        return claimed
+    def quarantined_files(self) -> list[Path]:
+        return _files(self.quarantine_directory, lambda name: name.endswith(SPOOL_SUFFIX))
 
-    def release(self, claimed: Sequence[tuple[Path, list[UsageRecord]]], *, replayed: bool) -> None:
-        for path, _ in claimed:
-            try:
-                if replayed:
+    def quarantined(self) -> list[dict[str, Any]]:
+        """Every quarantined entry: {"reason", and "record" or the unreadable "line"}."""
+        entries = []
+        for path in self.quarantined_files():
+            with contextlib.suppress(OSError):
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    with contextlib.suppress(ValueError):
+                        entry = json.loads(line)
+                        if isinstance(entry, dict):
+                            entries.append(entry)
+        return entries
+
+    def quarantined_count(self) -> int:
+        return len(self.quarantined())
+
+    def remove_abandoned_partials(self) -> None:
+        """Delete half-written files a killed process left: never acknowledged, so never owed."""
+        cutoff = time.time() - ABANDONED_PARTIAL_SECONDS
+        for path in _files(self.directory, lambda name: name.endswith(".tmp")):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
                     path.unlink()
-                else:
-                    os.rename(path, self.directory / (path.name.split(".jsonl")[0] + ".jsonl"))
-            except OSError:
-                log.exception("openrouter_usage: could not release spool file %s", path.name)
 
-    def _candidates(self) -> list[Path]:
+    @contextlib.contextmanager
+    def claim(self, path: Path) -> Iterator[SpoolClaim | None]:
+        """Hold `path` for replay, or yield None when another thread or process holds it or it
+        is already gone."""
         try:
-            entries = list(os.scandir(self.directory))
+            handle = open(path, encoding="utf-8")  # noqa: SIM115 (held open for the lock's life)
         except FileNotFoundError:
-            return []
-        paths = []
-        for entry in entries:
-            if entry.name.endswith(".jsonl") or _is_abandoned_claim(entry.name):
-                paths.append(Path(entry.path))
-        return sorted(paths)
-
-    def _read(self, path: Path) -> list[UsageRecord]:
-        records = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(UsageRecord.from_json(json.loads(line)))
-                except (ValueError, TypeError, KeyError):
-                    log.error("openrouter_usage: unreadable line %d in spool file %s kept", number, path.name)
-                    with open(self.directory / "unreadable.txt", "a", encoding="utf-8") as bad:
-                        bad.write(line)
-        return records
+            yield None
+            return
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            try:
+                if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+                    yield None  # replayed and removed by the holder we waited for
+                    return
+            except FileNotFoundError:
+                yield None
+                return
+            records, unreadable = _read_records(handle)
+            yield SpoolClaim(self, path, records, unreadable)
 
 
-def _is_abandoned_claim(name: str) -> bool:
-    marker = ".jsonl.claimed-"
-    if marker not in name:
-        return False
+def _read_records(handle: io.TextIOBase | Any) -> tuple[list[UsageRecord], list[str]]:
+    records, unreadable = [], []
+    for line in handle:
+        if not line.strip():
+            continue
+        try:
+            records.append(UsageRecord.from_json(json.loads(line)))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            unreadable.append(line.rstrip("\n"))
+    return records, unreadable
+
+
+def _write_jsonl(directory: Path, lines: Sequence[str]) -> Path:
+    """A new file of `lines`, durable when this returns (fsync'd, then renamed into place)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{time.time_ns():020d}-{uuid.uuid4().hex}{SPOOL_SUFFIX}"
+    temporary = directory / (name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for line in lines:
+            handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    final = directory / name
+    os.rename(temporary, final)
+    _fsync_directory(directory)
+    return final
+
+
+def _files(directory: Path, wanted: Callable[[str], bool]) -> list[Path]:
     try:
-        pid = int(name.split(marker, 1)[1].split("-", 1)[0])
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (ValueError, PermissionError):
-        return False
-    return False
+        return sorted(
+            Path(entry.path) for entry in os.scandir(directory) if entry.is_file() and wanted(entry.name)
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -1076,16 +1468,18 @@ def _fsync_directory(directory: Path) -> None:
 
 def spool_directory(url: str) -> Path:
     """Where records wait while this ledger is unreachable: the data directory, never the ledger's
-    own (that may be the very thing that is missing), else the temp directory."""
+    own (that may be the very thing that is missing), else the temp directory. Created on first
+    use, so reading never leaves one behind."""
     digest = hashlib.sha256(ledger_identity(url).encode()).hexdigest()[:16]
-    for base in (data_dir(), Path(os.environ.get("TMPDIR") or "/tmp")):
-        candidate = base / "openrouter_usage_spool" / digest
-        try:
-            candidate.mkdir(parents=True, exist_ok=True)
-            return candidate
-        except OSError:
-            continue
-    return Path("/tmp") / "openrouter_usage_spool" / digest
+    base = data_dir()
+    if not os.access(base if base.exists() else base.parent, os.W_OK):
+        base = Path(os.environ.get("TMPDIR") or "/tmp")
+    return base / "openrouter_usage_spool" / digest
+
+
+# ── Ledger ──
+
+WRITE_ATTEMPTS: Final = 3  # a batch that lost a race to another process is retried
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1114,20 +1508,42 @@ def _sums(table: sa.Table) -> list[sa.Label[Any]]:
     return [sa.func.coalesce(sa.func.sum(table.c[name]), 0).label(name) for name in MEASURES]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoreResult:
+    """What one store did: the message ids newly inserted, those quarantined (with the reason),
+    the time zone the rollups are kept in, and whether a recount is under way."""
+
+    inserted: set[str]
+    quarantined: dict[str, str]
+    rollup_zone: str | None
+    recounting: bool = False
+
+
 class Ledger:
-    """The durable record: one row per assistant message, plus rollups kept in step with it."""
+    """The durable record: one row per assistant message, plus rollups kept in step with it.
+
+    Nothing here touches the database when constructed: a bad URL fails at the first write (and
+    the record is spooled) or read (and the reader says why)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.location = masked_url(url)
-        self.engine = create_ledger_engine(url)
         self.spool = Spool(spool_directory(url))
-        self.seen_users = SeenUsers()
-        self._schema_ready = False
+        self._engine: sa.Engine | None = None
+        self._lock = threading.Lock()
         self._schema_lock = threading.Lock()
+        self._schema_ready = False
+
+    @property
+    def engine(self) -> sa.Engine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = create_ledger_engine(self.url)
+            return self._engine
 
     # ── schema ──
     def ensure_schema(self) -> None:
+        """Apply pending migrations (writes only: reads never change the ledger)."""
         if self._schema_ready:
             return
         with self._schema_lock:
@@ -1136,13 +1552,8 @@ class Ledger:
             self._prepare_location()
             with self._write_transaction() as conn:
                 _advisory_lock(conn, MIGRATION_LOCK_KEY)
-                migrations_table.create(conn, checkfirst=True)
-                applied = set(conn.execute(sa.select(migrations_table.c.name)).scalars())
-                for name, apply in MIGRATIONS:
-                    if name not in applied:
-                        apply(conn)
-                        conn.execute(migrations_table.insert(), {"name": name, "applied_at": _utcnow_naive()})
-                        log.info("openrouter_usage: applied migration %s", name)
+                for name in apply_migrations(conn):
+                    log.info("openrouter_usage: applied migration %s", name)
             self._schema_ready = True
 
     def applied_migrations(self) -> list[str]:
@@ -1152,11 +1563,9 @@ class Ledger:
     def _prepare_location(self) -> None:
         # SQLite creates the file but not its directory; a missing directory stays an error so the
         # record is spooled, except for the default location, which is ours to create.
-        parsed = sa.engine.make_url(self.url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database:
-            path = Path(parsed.database.removeprefix("file:"))
-            if path.parent == data_dir() and not path.parent.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(self.url)
+        if path is not None and path.parent == data_dir() and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
     def _write_transaction(self) -> Iterator[sa.Connection]:
@@ -1166,149 +1575,185 @@ class Ledger:
                 yield conn
 
     # ── writes ──
-    def write(self, records: Sequence[UsageRecord], zone: ZoneInfo) -> set[str]:
-        """Commit records (and any spooled ones) in one transaction; returns the ids of `records`
-        newly inserted. Raises when the database cannot be written; nothing is then committed."""
+    def store(self, records: Sequence[UsageRecord], zone: ZoneInfo | None) -> StoreResult:
+        """Commit records not yet in the ledger, with their rollups. A batch the database refuses
+        for a data reason is retried record by record; a record still refused is quarantined.
+        Raises (nothing committed for the failing part) when the database cannot be used; the
+        caller spools. `zone` is the time zone the settings ask for (None: no opinion)."""
         self.ensure_schema()
-        claimed = self.spool.claim()
-        replaying = [record for _, batch in claimed for record in batch]
         try:
-            inserted, users_written = self._commit_records([*replaying, *records], zone)
-        except BaseException:
-            self.spool.release(claimed, replayed=False)
-            raise
-        self.seen_users.remember(users_written)
-        self.spool.release(claimed, replayed=True)
-        if replaying:
-            log.info("openrouter_usage: replayed %d spooled record(s)", len(replaying))
-        # A spooled record was already reported as recorded; its later duplicates are duplicates.
-        return inserted - {record.message_id for record in replaying}
+            return self._commit(records, zone)
+        except Exception as exc:
+            if is_unavailable(exc) or len(records) == 0:
+                raise
+            log.warning(
+                "openrouter_usage: the ledger refused a batch of %d (%s); retrying one by one",
+                len(records),
+                short_error(exc),
+            )
+        inserted: set[str] = set()
+        quarantined: dict[str, str] = {}
+        last = StoreResult(set(), {}, None)
+        for record in records:
+            try:
+                result = self._commit([record], zone)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise
+                reason = short_error(exc)
+                self.spool.quarantine([(record, reason)])
+                quarantined[record.message_id] = reason
+                log.error("openrouter_usage: record %s quarantined (%s)", record.message_id, reason)
+                continue
+            inserted |= result.inserted
+            last = result
+        return StoreResult(inserted, quarantined, last.rollup_zone, last.recounting)
 
-    def _commit_records(
-        self, records: Sequence[UsageRecord], zone: ZoneInfo
-    ) -> tuple[set[str], list[UserRow]]:
+    def _commit(self, records: Sequence[UsageRecord], zone: ZoneInfo | None) -> StoreResult:
         attempts = 1
         while True:
             try:
                 with self._write_transaction() as conn:
-                    self._sync_rollup_zone(conn, zone)
-                    return self._insert_records(conn, records, zone)
+                    _advisory_lock(conn, ROLLUP_LOCK_KEY, shared=True)
+                    state = read_rollup_state(conn)
+                    if zone is not None:
+                        state = settle_zone(conn, state, zone.key)
+                    inserted = self._insert(conn, records, state.zone)
+                    return StoreResult(inserted, {}, state.zone, state.recount_zone is not None)
             except sa.exc.IntegrityError:
                 if attempts == WRITE_ATTEMPTS:
                     raise
                 attempts += 1
                 log.info("openrouter_usage: another process recorded one of these messages first; retrying")
 
-    def _insert_records(
-        self, conn: sa.Connection, records: Sequence[UsageRecord], zone: ZoneInfo
-    ) -> tuple[set[str], list[UserRow]]:
-        """Inserts the records not yet in the ledger, with their rollups and users rows; returns
-        the message ids inserted and the users rows written."""
+    def _insert(self, conn: sa.Connection, records: Sequence[UsageRecord], zone: str | None) -> set[str]:
         unique: dict[str, UsageRecord] = {}
         for record in records:
             unique.setdefault(record.message_id, record)
-        if not unique:
-            return set(), []
-        message_ids = sorted(unique)
-        recorded = recorded_message_ids(conn, message_ids)
-        fresh = [unique[key] for key in message_ids if key not in recorded]
+        recorded = recorded_message_ids(conn, sorted(unique))
+        fresh = [unique[key] for key in sorted(unique) if key not in recorded]
         if not fresh:
-            return set(), []
+            return set()
         # A message another process recorded since the SELECT (only possible on PostgreSQL; SQLite
-        # writers are serialised) fails the plain INSERT and the transaction, which is retried.
-        _ledger_insert(conn.dialect).execute(conn, (ledger_row(record) for record in fresh))
-        _apply_rollups(
-            conn,
-            rollup_increments(
-                ((r.created_at, r.user_id, r.served_model, r.provider, record_measures(r)) for r in fresh),
-                zone,
-            ),
+        # writers are serialised) fails the INSERT and the transaction, which is retried.
+        conn.execute(ledger_table.insert(), [ledger_values(record) for record in fresh])
+        if zone is not None:  # None: a recount from scratch is running and will count these rows
+            rows = ((r.created_at, r.user_id, r.served_model, r.provider, record_measures(r)) for r in fresh)
+            apply_rollups(conn, zone, rollup_increments(rows, ZoneInfo(zone)))
+        latest: dict[str, UsageRecord] = {}
+        for record in fresh:
+            if record.user_id not in latest or record.created_at >= latest[record.user_id].created_at:
+                latest[record.user_id] = record
+        conn.execute(
+            USERS_UPSERT,
+            [
+                {"user_id": r.user_id, "user_name": r.user_name, "last_seen_at": _naive_utc(r.created_at)}
+                for _, r in sorted(latest.items())
+            ],
         )
-        users = self.seen_users.due(fresh)
-        _users_upsert(conn.dialect).execute(conn, users)
-        return {record.message_id for record in fresh}, users
-
-    def _sync_rollup_zone(self, conn: sa.Connection, zone: ZoneInfo) -> None:
-        if _rollup_zone(conn) == zone.key:
-            _advisory_lock(conn, ROLLUP_LOCK_KEY, shared=True)
-            return
-        _advisory_lock(conn, ROLLUP_LOCK_KEY)
-        if _rollup_zone(conn) != zone.key:
-            self._rebuild_rollups(conn, zone)
-
-    def _rebuild_rollups(self, conn: sa.Connection, zone: ZoneInfo) -> None:
-        """Recount every rollup from the ledger, keyed by days in `zone` (after a zone change)."""
-        started = time.monotonic()
-        for table in ROLLUP_TABLES:
-            conn.execute(table.delete())
-        columns = [
-            ledger_table.c[name]
-            for name in ("created_at", "user_id", "served_model", "provider", "status", *MEASURES[2:])
-        ]
-        result = conn.execute(sa.select(*columns).order_by(ledger_table.c.id))
-        while chunk := result.fetchmany(20_000):
-            _apply_rollups(conn, rollup_increments((_measured(row) for row in chunk), zone))
-        upsert = _insert(conn.dialect.name, meta_table).values(key="rollup_timezone", value=zone.key)
-        conn.execute(upsert.on_conflict_do_update(index_elements=["key"], set_={"value": zone.key}))
-        log.info(
-            "openrouter_usage: rollups rebuilt for time zone %s in %.1f s",
-            zone.key,
-            time.monotonic() - started,
-        )
+        return {record.message_id for record in fresh}
 
     def claim_once(self, key: str) -> bool:
         """True for exactly one caller per key, across processes (used for one-time notices)."""
         self.ensure_schema()
         with self._write_transaction() as conn:
-            stmt = _insert(conn.dialect.name, meta_table).values(key=key, value=_utcnow_naive().isoformat())
-            stmt = stmt.on_conflict_do_nothing(index_elements=["key"]).returning(meta_table.c.key)
-            return conn.execute(stmt).first() is not None
+            inserted = conn.execute(
+                sa.text(
+                    f'INSERT INTO {meta_table.name} ("key", value) VALUES (:key, :value) '
+                    'ON CONFLICT ("key") DO NOTHING RETURNING "key"'
+                ),
+                {"key": key, "value": _utcnow_naive().isoformat()},
+            ).first()
+            return inserted is not None
 
-    # ── reads ──
+    def recount_step(self) -> bool:
+        """One chunk of a pending time-zone recount; True while more remain."""
+        self.ensure_schema()
+        with self._write_transaction() as conn:
+            _advisory_lock(conn, ROLLUP_LOCK_KEY)
+            return recount_chunk(conn)
+
+    def replay_spool(self, budget_seconds: float | None = None) -> int:
+        """Replay spooled files, each in its own transaction, until done or `budget_seconds` is
+        spent; returns the records replayed. Raises when the database cannot be used."""
+        deadline = time.monotonic() + budget_seconds if budget_seconds is not None else math.inf
+        replayed = 0
+        self.spool.remove_abandoned_partials()
+        for path in self.spool.pending_files():
+            if time.monotonic() >= deadline:
+                break
+            with self.spool.claim(path) as claim:
+                if claim is None:
+                    continue
+                if claim.records:
+                    self.store(claim.records, None)
+                claim.finish()
+                replayed += len(claim.records)
+        if replayed:
+            log.info("openrouter_usage: replayed %d spooled record(s)", replayed)
+        return replayed
+
+    def retry_quarantined(self) -> tuple[int, int]:
+        """Retry every quarantined record (the CLI's `spool --replay`): (stored, still refused).
+        A record refused again goes back to quarantine with the new reason."""
+        stored = refused = 0
+        for path in self.spool.quarantined_files():
+            with self.spool.claim(path) as claim:
+                if claim is None:
+                    continue
+                entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+                records = [UsageRecord.from_json(e["record"]) for e in entries if "record" in e]
+                unreadable = [e["line"] for e in entries if "line" in e]
+                result = self.store(records, None) if records else StoreResult(set(), {}, None)
+                if unreadable:
+                    self.spool.quarantine_lines(unreadable, "unreadable spool line")
+                path.unlink()
+                refused += len(result.quarantined) + len(unreadable)
+                stored += len(records) - len(result.quarantined)
+        return stored, refused
+
+    # ── reads: never write ──
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[tuple[sa.Connection, RollupState]]:
+        """A read-only view of an up-to-date ledger and its rollup state. Raises NoLedger when
+        there is none, LedgerNeedsUpgrade when it is older than this code."""
+        path = sqlite_path(self.url)
+        if path is not None and not path.exists():
+            raise NoLedger(f"no ledger at {self.location} yet")
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table(migrations_table.name):
+                raise NoLedger(f"no ledger in {self.location} yet")
+            applied = set(conn.execute(sa.select(migrations_table.c.name)).scalars())
+            if any(migration.name not in applied for migration in MIGRATIONS):
+                raise LedgerNeedsUpgrade(
+                    "the ledger was written by an older release; "
+                    "it is upgraded at the next recorded completion"
+                )
+            yield conn, read_rollup_state(conn)
+
     def chat_spend_pico(self, conn: sa.Connection, message_ids: Sequence[str]) -> int:
         return sum(
-            int(conn.execute(_SPEND_AMONG, parameters).scalar_one())
+            int(conn.execute(SELECT_SPEND_OF_MESSAGES, parameters).scalar_one())
             for parameters in in_list_chunks(message_ids)
         )
 
-    def user_totals(self, conn: sa.Connection, user_id: str, first_day: str, last_day: str) -> Totals:
-        table = rollup_user_day_table
-        row = conn.execute(
-            sa.select(*_sums(table)).where(
-                table.c.user_id == user_id, table.c.day >= first_day, table.c.day <= last_day
-            )
-        ).first()
-        return Totals.from_row(row)
-
-    @contextlib.contextmanager
-    def reading(self, zone: ZoneInfo) -> Iterator[sa.Connection]:
-        """A read connection whose rollups are keyed in `zone` (rebuilt first if they are not)."""
-        self.ensure_schema()
-        with self.engine.connect() as conn:
-            stored = _rollup_zone(conn)
-            conn.rollback()
-        if stored != zone.key:
-            with self._write_transaction() as conn:
-                self._sync_rollup_zone(conn, zone)
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
-
     def dispose(self) -> None:
-        self.engine.dispose()
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose()
 
 
-_ROLLUP_ZONE: Final = sa.select(meta_table.c.value).where(meta_table.c.key == "rollup_timezone")
-
-
-def _rollup_zone(conn: sa.Connection) -> str | None:
-    return conn.execute(_ROLLUP_ZONE).scalar_one_or_none()
-
-
-def _measured(row: Any) -> tuple[datetime, str, str, str, list[int]]:
-    """A ledger row as rollup_increments takes it (the row as selected by _rebuild_rollups)."""
-    created_at, user_id, served_model, provider, status, *measured = row
-    measures = [1, 0 if status == "ok" else 1, *(int(value or 0) for value in measured)]
-    return created_at, user_id, served_model, provider, measures
+def user_totals(conn: sa.Connection, zone: str, user_id: str, first_day: str, last_day: str) -> Totals:
+    table = rollup_user_day_table
+    row = conn.execute(
+        sa.select(*_sums(table)).where(
+            table.c.zone == zone,
+            table.c.user_id == user_id,
+            table.c.day >= first_day,
+            table.c.day <= last_day,
+        )
+    ).first()
+    return Totals.from_row(row)
 
 
 def _utcnow_naive() -> datetime:
@@ -1317,6 +1762,16 @@ def _utcnow_naive() -> datetime:
 
 def _naive_utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+# ── Writer ──
+
+MAX_BATCH: Final = 256
+WRITER_IDLE_SECONDS: Final = 30.0  # the thread ends after this long without work
+OUTLET_WAIT_SECONDS: Final = 10.0  # an outlet waits this long for the writer, then spools itself
+SPOOL_WAIT_SECONDS: Final = 5.0
+REPLAY_INTERVAL_SECONDS: Final = 5.0  # while the database fails, replay is tried this often
+REPLAY_BUDGET_SECONDS: Final = 0.5  # replay work per turn of the writer, between batches
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1329,144 +1784,154 @@ class WriteRequest:
     want_user_today: bool = False
 
 
+Stored = Literal["recorded", "duplicate", "spooled", "quarantined"]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class WriteOutcome:
-    stored: Literal["recorded", "duplicate", "spooled"]
+    """Where a record went. "recorded" and "spooled" are both durable: a spooled record is
+    replayed later. "quarantined": the database refused it; it waits in the quarantine folder."""
+
+    stored: Stored
     chat_spend_pico: int | None = None
     user_today: Totals | None = None
 
 
-class LoopReply:
-    """An outlet waiting on its event loop for a write's outcome."""
-
-    __slots__ = ("future", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[WriteOutcome]) -> None:
-        self.loop = loop
-        self.future = future
+class RecordNotDurable(Exception):
+    """The record could neither be committed nor spooled (both the database and the disk failed)."""
 
 
-# The CLI, tests and benchmarks wait on a concurrent Future; outlets on their loop.
-Reply = concurrent.futures.Future[WriteOutcome] | LoopReply
-Settlement = tuple[asyncio.Future[WriteOutcome], WriteOutcome | BaseException]
+Pending = tuple[WriteRequest, concurrent.futures.Future[WriteOutcome]]
 
 
-def deliver(replies: Iterable[tuple[Reply, WriteOutcome | BaseException]]) -> list[threading.Lock]:
-    """Hand every waiter its outcome (from the writer thread). Each event loop is woken once for
-    all of its outlets in the batch: a wake-up is a system call on the writer thread and a
-    self-pipe read on the loop, and under load a batch holds dozens of outlets of the same loop.
-
-    Returns one held lock per loop woken, released once that loop has run the outlets it resumed
-    (a lock rather than an Event: releasing it costs the loop one C call, not a Condition)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]] = {}
-    for reply, outcome in replies:
-        if isinstance(reply, LoopReply):
-            by_loop.setdefault(reply.loop, []).append((reply.future, outcome))
-        elif isinstance(outcome, BaseException):
-            reply.set_exception(outcome)
-        else:
-            reply.set_result(outcome)
-    caught_up: list[threading.Lock] = []
-    for loop, settlements in by_loop.items():
-        signal = threading.Lock()
-        signal.acquire()
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle, loop, settlements, signal.release)
-            caught_up.append(signal)
-    return caught_up
-
-
-def _settle(
-    loop: asyncio.AbstractEventLoop, settlements: list[Settlement], caught_up: Callable[[], None]
-) -> None:
-    for future, outcome in settlements:
-        if future.done():  # the waiting outlet was cancelled
-            continue
+def answer(future: concurrent.futures.Future[WriteOutcome], outcome: WriteOutcome | BaseException) -> None:
+    """Settle a waiter's future; a waiter that gave up (cancelled) is skipped. Never raises."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if future.done():
+            return
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
-    # Queued behind the wake-ups just scheduled: runs once every resumed outlet has taken a step.
-    loop.call_soon(caught_up)
+
+
+def _records_json(records: Iterable[UsageRecord]) -> str:
+    """Records as a log line an admin can replay by hand (no message content: only usage)."""
+    try:
+        return json.dumps([record.to_json() for record in records], default=str)
+    except Exception as exc:
+        return f"(could not be serialised: {short_error(exc)})"
 
 
 class GroupCommitWriter:
-    """Commits records off the event loop, sharing one transaction among all waiting outlets.
+    """Commits records off the event loop: it drains what is queued, commits it in one
+    transaction, and answers each request, so concurrent outlets share one fsync.
 
-    Each outlet awaits its future, so a record is durable (committed, or fsync'd to the spool)
-    before outlet returns. Under load, the batch grows to whatever arrived during the previous
-    commit, so many outlets pay for one fsync. Before closing a batch, the writer lets the event
-    loops it last answered run the outlets it resumed (for at most LOOP_CATCH_UP_SECONDS): that
-    loop work holds the GIL and would delay this thread anyway, and whatever it submits joins the
-    batch instead of waiting for the next commit. The thread exits after a quiet spell and is
-    started again on demand, so a reloaded plugin leaves no thread behind.
+    Supervised: an exception anywhere in its loop spools the batch in hand, answers its waiters and
+    runs the loop again; a thread that died anyway is started again by the next request. Between
+    batches it keeps the ledger: replaying the spool (REPLAY_BUDGET_SECONDS a turn, and while the
+    database fails at most once per REPLAY_INTERVAL_SECONDS) and recounting rollups after a time
+    zone change (a chunk a turn). The thread ends when idle, so a reloaded plugin leaves none.
     """
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self._queue: queue.SimpleQueue[tuple[WriteRequest, Reply]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Pending] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._loops_catching_up: list[threading.Lock] = []  # touched by the writer thread only
+        self._in_hand: list[Pending] = []
+        self._spool_waiting = True  # unknown at start: look once
+        self._next_replay = 0.0
+        self._recount_due = False
 
     async def write(self, request: WriteRequest) -> WriteOutcome:
-        """Commit `request` and return once it is durable; the event loop only waits."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[WriteOutcome] = loop.create_future()
-        self._enqueue(request, LoopReply(loop, future))
-        return await future
+        """Commit `request` and return once it is durable; the event loop only waits, and for at
+        most OUTLET_WAIT_SECONDS: then the record is spooled from here (a later commit of the same
+        message by the writer is a duplicate, never a second count)."""
+        future = self.submit(request)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), OUTLET_WAIT_SECONDS)
+        except TimeoutError:
+            log.error(
+                "openrouter_usage: the ledger writer did not answer within %.0f s; spooling %s",
+                OUTLET_WAIT_SECONDS,
+                request.record.message_id,
+            )
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(self.ledger.spool.append, [request.record]), SPOOL_WAIT_SECONDS
+            )
+        except Exception as exc:
+            raise RecordNotDurable(
+                f"could not spool {request.record.message_id}: {short_error(exc)}"
+            ) from exc
+        return WriteOutcome("spooled")
 
     def submit(self, request: WriteRequest) -> concurrent.futures.Future[WriteOutcome]:
-        """The same for callers outside an event loop (the CLI, tests, benchmarks)."""
+        """The same for callers outside an event loop (the CLI, tests, benchmarks), unbounded."""
         future: concurrent.futures.Future[WriteOutcome] = concurrent.futures.Future()
-        self._enqueue(request, future)
-        return future
-
-    def _enqueue(self, request: WriteRequest, reply: Reply) -> None:
-        self._queue.put((request, reply))
+        self._queue.put((request, future))
         with self._lock:
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="openrouter_usage_writer", daemon=True)
                 self._thread.start()
+        return future
 
     def _run(self) -> None:
         while True:
             try:
-                first = self._queue.get(timeout=WRITER_IDLE_SECONDS)
-            except queue.Empty:
+                if not self._turn():
+                    return
+            except BaseException as exc:  # SystemExit too: nothing but idleness ends this loop
+                log.exception(
+                    "openrouter_usage: the ledger writer failed (%s); restarting it", short_error(exc)
+                )
+                self._rescue(exc)
+
+    def _turn(self) -> bool:
+        """One batch (if any is queued) and one piece of upkeep; False when the thread should end."""
+        wait = self._seconds_to_upkeep()
+        try:
+            first = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            first = None
+            if wait >= WRITER_IDLE_SECONDS:
                 with self._lock:
                     if self._queue.empty():
                         self._thread = None
-                        return
-                continue
-            self._let_loops_catch_up()
-            batch = [first]
-            while len(batch) < MAX_BATCH:
+                        return False
+                return True
+        if first is not None:
+            self._in_hand = [first]
+            while len(self._in_hand) < MAX_BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    self._in_hand.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._commit(batch)
+            self._commit(self._in_hand)
+            self._in_hand = []
+        self._upkeep()
+        return True
 
-    def _let_loops_catch_up(self) -> None:
-        deadline = time.monotonic() + LOOP_CATCH_UP_SECONDS
-        for signal in self._loops_catching_up:
-            signal.acquire(timeout=max(0.0, deadline - time.monotonic()))
-        self._loops_catching_up = []
+    def _seconds_to_upkeep(self) -> float:
+        if self._recount_due:
+            return 0.0
+        if self._spool_waiting:
+            return min(WRITER_IDLE_SECONDS - 1, max(0.0, self._next_replay - time.monotonic()))
+        return WRITER_IDLE_SECONDS
 
-    def _commit(self, batch: list[tuple[WriteRequest, Reply]]) -> None:
+    def _commit(self, batch: list[Pending]) -> None:
         records = [request.record for request, _ in batch]
         try:
-            inserted = self.ledger.write(records, batch[-1][0].zone)
+            result = self.ledger.store(records, batch[-1][0].zone)
         except Exception as exc:
             self._spool(batch, exc)
             return
-        outcomes = self._outcomes(batch, inserted)
-        self._loops_catching_up = deliver(
-            (reply, outcome) for (_, reply), outcome in zip(batch, outcomes, strict=True)
-        )
+        self._recount_due = self._recount_due or result.recounting
+        for (_, future), outcome in zip(batch, self._outcomes(batch, result), strict=True):
+            answer(future, outcome)
 
-    def _spool(self, batch: list[tuple[WriteRequest, Reply]], exc: Exception) -> None:
+    def _spool(self, batch: list[Pending], exc: BaseException) -> None:
         log.error(
             "openrouter_usage: ledger %s unavailable (%s); spooling %d record(s) for replay",
             self.ledger.location,
@@ -1477,56 +1942,91 @@ class GroupCommitWriter:
             self.ledger.spool.append([request.record for request, _ in batch])
         except Exception as spool_exc:
             log.critical(
-                "openrouter_usage: could not spool either (%s); records: %s",
+                "openrouter_usage: could not spool either (%s); %d record(s) not durable, kept here: %s",
                 short_error(spool_exc),
-                json.dumps([request.record.to_json() for request, _ in batch], default=str),
+                len(batch),
+                _records_json(request.record for request, _ in batch),
             )
-            self._loops_catching_up = deliver((reply, spool_exc) for _, reply in batch)
+            for _, future in batch:
+                answer(future, RecordNotDurable(short_error(spool_exc)))
             return
-        self._loops_catching_up = deliver((reply, WriteOutcome("spooled")) for _, reply in batch)
+        self._spool_waiting = True
+        self._next_replay = time.monotonic() + REPLAY_INTERVAL_SECONDS
+        for _, future in batch:
+            answer(future, WriteOutcome("spooled"))
 
-    def _outcomes(self, batch: list[tuple[WriteRequest, Reply]], inserted: set[str]) -> list[WriteOutcome]:
-        claimed: set[str] = set()
-        stored: list[Literal["recorded", "duplicate"]] = []
+    def _rescue(self, exc: BaseException) -> None:
+        """After a failure in the loop: whatever was in hand and unanswered is spooled (a record
+        that was in fact committed replays as a duplicate)."""
+        unanswered = [pending for pending in self._in_hand if not pending[1].done()]
+        self._in_hand = []
+        if unanswered:
+            with contextlib.suppress(BaseException):
+                self._spool(unanswered, exc)
+            for _, future in unanswered:  # if even that failed
+                answer(future, RecordNotDurable(short_error(exc)))
+
+    def _upkeep(self) -> None:
+        if self._spool_waiting and time.monotonic() >= self._next_replay:
+            try:
+                replayed = self.ledger.replay_spool(REPLAY_BUDGET_SECONDS)
+                self._spool_waiting = self.ledger.spool.pending_count() > 0
+                self._next_replay = time.monotonic() + (0.0 if replayed else REPLAY_INTERVAL_SECONDS)
+            except Exception as exc:
+                log.warning(
+                    "openrouter_usage: spool replay failed (%s); next try in %.0f s",
+                    short_error(exc),
+                    REPLAY_INTERVAL_SECONDS,
+                )
+                self._next_replay = time.monotonic() + REPLAY_INTERVAL_SECONDS
+        if self._recount_due:
+            try:
+                self._recount_due = self.ledger.recount_step()
+            except Exception as exc:
+                log.warning("openrouter_usage: rollup recount paused (%s)", short_error(exc))
+                self._recount_due = False  # the next write that sees the recount resumes it
+
+    def _outcomes(self, batch: list[Pending], result: StoreResult) -> list[WriteOutcome]:
+        seen: set[str] = set()
+        kinds: list[Stored] = []
         for request, _ in batch:
             message_id = request.record.message_id
-            fresh = message_id in inserted and message_id not in claimed
-            claimed.add(message_id)
-            stored.append("recorded" if fresh else "duplicate")
+            if message_id in result.quarantined:
+                kinds.append("quarantined")
+            elif message_id in result.inserted and message_id not in seen:
+                kinds.append("recorded")
+            else:
+                kinds.append("duplicate")
+            seen.add(message_id)
         # Totals feed the usage line, which only a newly recorded message shows.
         wanted = [
             kind == "recorded" and bool(request.chat_message_ids or request.want_user_today)
-            for (request, _), kind in zip(batch, stored, strict=True)
+            for (request, _), kind in zip(batch, kinds, strict=True)
         ]
+        zone = result.rollup_zone
         if not any(wanted):
-            return [WriteOutcome(kind) for kind in stored]
+            return [WriteOutcome(kind) for kind in kinds]
         try:
             with self.ledger.engine.connect() as conn:
+                today = local_day(datetime.now(UTC), ZoneInfo(zone)) if zone else ""
                 return [
                     WriteOutcome(
                         kind,
                         self.ledger.chat_spend_pico(conn, request.chat_message_ids)
                         if want and request.chat_message_ids
                         else None,
-                        self._user_today(conn, request) if want and request.want_user_today else None,
+                        user_totals(conn, zone, request.record.user_id, today, today)
+                        if want and zone and request.want_user_today
+                        else None,
                     )
-                    for (request, _), kind, want in zip(batch, stored, wanted, strict=True)
+                    for (request, _), kind, want in zip(batch, kinds, wanted, strict=True)
                 ]
         except Exception as exc:
             log.warning("openrouter_usage: totals for the usage line unavailable (%s)", short_error(exc))
-            return [WriteOutcome(kind) for kind in stored]
-
-    def _user_today(self, conn: sa.Connection, request: WriteRequest) -> Totals:
-        today = local_day(datetime.now(UTC), request.zone)
-        return self.ledger.user_totals(conn, request.record.user_id, today, today)
+            return [WriteOutcome(kind) for kind in kinds]
 
 
-def short_error(exc: BaseException) -> str:
-    """One line naming the failure, without the SQL or parameters an SQLAlchemy error carries."""
-    cause = getattr(exc, "orig", None) or exc
-    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    return f"{type(cause).__name__}: {text[:200]}" if text else type(cause).__name__
-
+# ── Registry ──
 
 _LEDGERS: OrderedDict[str, GroupCommitWriter] = OrderedDict()
 _LEDGERS_LOCK = threading.Lock()
@@ -1582,7 +2082,7 @@ def escape_markdown(text: str, limit: int = 60) -> str:
     """Make a user-controlled string inert in Markdown: every ASCII punctuation character is
     backslash-escaped (no links, autolinks, HTML, emphasis or table cells can form), line breaks
     become spaces, and long values are cut."""
-    flat = " ".join(str(text).split())
+    flat = " ".join(clean_text(text, 10 * limit).split())
     if len(flat) > limit:
         flat = flat[: limit - 1] + "…"
     return _MARKDOWN_SPECIALS.sub(r"\\\1", flat) or "-"
@@ -1606,6 +2106,19 @@ class ModelSpend:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class LedgerHealth:
+    """What the ledger's keeper should know besides the figures: where it is, what waits in the
+    spool or quarantine, what was repaired, and whether a recount is running."""
+
+    location: str
+    spooled_files: int = 0
+    quarantined: int = 0
+    quarantine_reason: str = ""  # the latest reason, as an example
+    repaired_rows: int = 0
+    recount: str = ""  # e.g. "Europe/Paris, 45%", while the rollups are recounted for that zone
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class UsageReport:
     """The admin report: the same figures for the settings panel and the CLI."""
 
@@ -1615,8 +2128,9 @@ class UsageReport:
     top_users: list[UserSpend]
     top_models: list[ModelSpend]
     last_written_at: datetime | None
-    location: str
-    spooled_files: int
+    health: LedgerHealth
+    breakdown: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    breakdown_since: str = ""
 
 
 PERIODS: Final = (
@@ -1626,73 +2140,153 @@ PERIODS: Final = (
 )
 
 
-def build_usage_report(ledger: Ledger, zone: ZoneInfo, rows: int, now: datetime | None = None) -> UsageReport:
-    """Read the report from the rollups: its cost does not grow with the number of ledger rows."""
+class RollupsRecounting(Exception):
+    """No time zone's rollups are complete yet (an upgraded ledger is being counted)."""
+
+
+@contextlib.contextmanager
+def rollups_in_zone(
+    conn: sa.Connection, state: RollupState, zone: ZoneInfo | None
+) -> Iterator[tuple[sa.Connection, str]]:
+    """A connection holding rollups in `zone`, and that zone's name: the ledger's own when they
+    are kept in it (or `zone` is None), else rollups counted afresh from the ledger rows into a
+    scratch in-memory database, so that a read in another zone never writes to the ledger."""
+    if zone is None or zone.key == state.zone:
+        if state.zone is None:
+            raise RollupsRecounting(
+                f"the rollups are being counted ({state.recount_zone}); try again shortly"
+            )
+        yield conn, state.zone
+        return
+    scratch = sa.create_engine("sqlite://")
+    try:
+        with scratch.begin() as scratch_conn:
+            for table in (*ROLLUP_TABLES, users_table):
+                table.create(scratch_conn)
+            users = [dict(row._mapping) for row in conn.execute(sa.select(users_table))]
+            if users:
+                scratch_conn.execute(users_table.insert(), users)
+            rows = conn.execution_options(yield_per=20_000).execute(sa.select(*_RECOUNT_COLUMNS))
+            for chunk in rows.partitions():
+                apply_rollups(scratch_conn, zone.key, rollup_increments(map(measured_row, chunk), zone))
+        with scratch.connect() as scratch_conn:
+            yield scratch_conn, zone.key
+    finally:
+        scratch.dispose()
+
+
+_SELECT_REPAIRED_ROWS: Final = (
+    sa.select(sa.func.count()).select_from(ledger_table).where(ledger_table.c.notes != "")
+)
+
+
+def ledger_health(ledger: Ledger, conn: sa.Connection, state: RollupState) -> LedgerHealth:
+    recount = ""
+    if state.recount_zone:
+        last_id = conn.execute(sa.select(sa.func.max(ledger_table.c.id))).scalar() or 0
+        share = min(state.recount_after_id / last_id, 1.0) if last_id else 1.0
+        recount = f"{state.recount_zone}, {share:.0%}"
+    quarantined = ledger.spool.quarantined()
+    return LedgerHealth(
+        location=ledger.location,
+        spooled_files=ledger.spool.pending_count(),
+        quarantined=len(quarantined),
+        quarantine_reason=str(quarantined[-1].get("reason", "")) if quarantined else "",
+        repaired_rows=int(conn.execute(_SELECT_REPAIRED_ROWS).scalar_one()),
+        recount=recount,
+    )
+
+
+def build_usage_report(
+    ledger: Ledger,
+    zone: ZoneInfo | None,
+    rows: int,
+    now: datetime | None = None,
+    breakdown: tuple[Breakdown, str] | None = None,
+) -> UsageReport:
+    """Read the report from the rollups (their cost does not grow with the number of ledger
+    rows), in the zone they are kept in unless `zone` asks for another. Never writes.
+    `breakdown` adds spend by one dimension since a day ('30d' or an ISO date; see parse_since)."""
     now = now or datetime.now(UTC)
-    today = date.fromisoformat(local_day(now, zone))
-    first_30 = (today - timedelta(days=29)).isoformat()
-    with ledger.reading(zone) as conn:
-        periods = {
-            key: _period_totals(conn, (today - timedelta(days=days - 1)).isoformat())
-            for key, _, days in PERIODS
-        }
-        periods["all_time"] = _period_totals(conn, None)
-        user_table, model_table = rollup_user_day_table, rollup_model_day_table
-        # Rank on the rollup alone, then join names for the few rows kept.
-        ranked = (
-            sa.select(
-                user_table.c.user_id,
-                sa.func.sum(user_table.c.spend_pico).label("spend"),
-                sa.func.sum(user_table.c.requests).label("requests"),
-            )
-            .where(user_table.c.day >= first_30)
-            .group_by(user_table.c.user_id)
-            .order_by(sa.desc("spend"), user_table.c.user_id)
-            .limit(rows)
-            .subquery()
-        )
-        top_users = [
-            UserSpend(row.user_id, row.user_name or row.user_id, int(row.spend), int(row.requests))
-            for row in conn.execute(
-                sa.select(ranked, users_table.c.user_name)
-                .select_from(ranked.outerjoin(users_table, users_table.c.user_id == ranked.c.user_id))
-                .order_by(ranked.c.spend.desc(), ranked.c.user_id)
-            )
-        ]
-        model_spend = sa.func.sum(model_table.c.spend_pico)
-        top_models = [
-            ModelSpend(row.served_model, row.provider, int(row.spend), int(row.tokens), int(row.requests))
-            for row in conn.execute(
-                sa.select(
-                    model_table.c.served_model,
-                    model_table.c.provider,
-                    model_spend.label("spend"),
-                    sa.func.sum(model_table.c.total_tokens).label("tokens"),
-                    sa.func.sum(model_table.c.requests).label("requests"),
-                )
-                .where(model_table.c.day >= first_30)
-                .group_by(model_table.c.served_model, model_table.c.provider)
-                .order_by(model_spend.desc(), model_table.c.served_model)
-                .limit(rows)
-            )
-        ]
+    by_rows: list[dict[str, Any]] = []
+    since = ""
+    with ledger.reading() as (conn, state):
+        health = ledger_health(ledger, conn, state)
         last_written = conn.execute(sa.select(sa.func.max(ledger_table.c.created_at))).scalar_one_or_none()
+        with rollups_in_zone(conn, state, zone) as (source, zone_key):
+            periods, top_users, top_models = _report_figures(source, zone_key, rows, now)
+            if breakdown is not None:
+                since = parse_since(breakdown[1], ZoneInfo(zone_key), now)
+                by_rows = breakdown_rows(source, zone_key, breakdown[0], since)
     if isinstance(last_written, str):  # SQLite hands back text from an aggregate over DATETIME
         last_written = datetime.fromisoformat(last_written)
     return UsageReport(
         generated_at=now,
-        timezone=zone.key,
+        timezone=zone_key,
         periods=periods,
         top_users=top_users,
         top_models=top_models,
         last_written_at=last_written.replace(tzinfo=UTC) if last_written else None,
-        location=ledger.location,
-        spooled_files=ledger.spool.pending_count(),
+        health=health,
+        breakdown=by_rows,
+        breakdown_since=since,
     )
 
 
-def _period_totals(conn: sa.Connection, first_day: str | None) -> Totals:
-    query = sa.select(*_sums(rollup_day_table))
+def _report_figures(
+    conn: sa.Connection, zone: str, rows: int, now: datetime
+) -> tuple[dict[str, Totals], list[UserSpend], list[ModelSpend]]:
+    today = date.fromisoformat(local_day(now, ZoneInfo(zone)))
+    first_30 = (today - timedelta(days=29)).isoformat()
+    periods = {
+        key: _period_totals(conn, zone, (today - timedelta(days=days - 1)).isoformat())
+        for key, _, days in PERIODS
+    }
+    periods["all_time"] = _period_totals(conn, zone, None)
+    user_table, model_table = rollup_user_day_table, rollup_model_day_table
+    # Rank on the rollup alone, then join names for the few rows kept.
+    ranked = (
+        sa.select(
+            user_table.c.user_id,
+            sa.func.sum(user_table.c.spend_pico).label("spend"),
+            sa.func.sum(user_table.c.requests).label("requests"),
+        )
+        .where(user_table.c.zone == zone, user_table.c.day >= first_30)
+        .group_by(user_table.c.user_id)
+        .order_by(sa.desc("spend"), user_table.c.user_id)
+        .limit(rows)
+        .subquery()
+    )
+    top_users = [
+        UserSpend(row.user_id, row.user_name or row.user_id, int(row.spend), int(row.requests))
+        for row in conn.execute(
+            sa.select(ranked, users_table.c.user_name)
+            .select_from(ranked.outerjoin(users_table, users_table.c.user_id == ranked.c.user_id))
+            .order_by(ranked.c.spend.desc(), ranked.c.user_id)
+        )
+    ]
+    model_spend = sa.func.sum(model_table.c.spend_pico)
+    top_models = [
+        ModelSpend(row.served_model, row.provider, int(row.spend), int(row.tokens), int(row.requests))
+        for row in conn.execute(
+            sa.select(
+                model_table.c.served_model,
+                model_table.c.provider,
+                model_spend.label("spend"),
+                sa.func.sum(model_table.c.total_tokens).label("tokens"),
+                sa.func.sum(model_table.c.requests).label("requests"),
+            )
+            .where(model_table.c.zone == zone, model_table.c.day >= first_30)
+            .group_by(model_table.c.served_model, model_table.c.provider)
+            .order_by(model_spend.desc(), model_table.c.served_model)
+            .limit(rows)
+        )
+    ]
+    return periods, top_users, top_models
+
+
+def _period_totals(conn: sa.Connection, zone: str, first_day: str | None) -> Totals:
+    query = sa.select(*_sums(rollup_day_table)).where(rollup_day_table.c.zone == zone)
     if first_day is not None:
         query = query.where(rollup_day_table.c.day >= first_day)
     return Totals.from_row(conn.execute(query).first())
@@ -1745,14 +2339,32 @@ def render_report_markdown(report: UsageReport) -> str:
         f"completion tokens · failed completions {format_count(month.failed)} "
         f"({format_count(report.periods['all_time'].failed)} all time)",
         "",
-        f"Ledger last written: {written} · ledger: `{report.location}`"
-        + (
-            f" · {report.spooled_files} spooled batch(es) waiting to be replayed"
-            if report.spooled_files
-            else ""
-        ),
+        f"Ledger last written: {written} · ledger: `{report.health.location}`",
+        *health_lines(report.health),
     ]
     return "\n".join(lines)
+
+
+def health_lines(health: LedgerHealth) -> list[str]:
+    """Markdown lines about what waits, what was repaired and what is being recounted."""
+    lines = []
+    if health.recount:
+        zone, _, share = health.recount.partition(", ")
+        lines.append(f"Recounting the rollups for time zone {escape_markdown(zone)}: {share} done.")
+    if health.spooled_files:
+        lines.append(f"{health.spooled_files} spooled batch(es) waiting to be replayed.")
+    if health.quarantined:
+        lines.append(
+            f"{health.quarantined} record(s) quarantined: the database refused them "
+            f"(latest reason: {escape_markdown(health.quarantine_reason, 120)}). "
+            "`openrouter-usage spool` lists them; `--replay` retries them."
+        )
+    if health.repaired_rows:
+        lines.append(
+            f"{format_count(health.repaired_rows)} row(s) repaired on the way in "
+            "(values outside the valid range were recorded as unknown; see `notes` in the export)."
+        )
+    return ["", " ".join(lines)] if lines else []
 
 
 def totals_as_dict(totals: Totals) -> dict[str, Any]:
@@ -1787,15 +2399,18 @@ def report_as_dict(report: UsageReport) -> dict[str, Any]:
             for m in report.top_models
         ],
         "last_written_at": report.last_written_at.isoformat() if report.last_written_at else None,
-        "ledger": report.location,
-        "spooled_batches": report.spooled_files,
+        "ledger": report.health.location,
+        "spooled_batches": report.health.spooled_files,
+        "quarantined_records": report.health.quarantined,
+        "repaired_rows": report.health.repaired_rows,
+        "recount": report.health.recount or None,
     }
 
 
 Breakdown = Literal["user", "model", "day", "provider"]
 
 
-def breakdown_rows(ledger: Ledger, by: Breakdown, first_day: str, zone: ZoneInfo) -> list[dict[str, Any]]:
+def breakdown_rows(conn: sa.Connection, zone: str, by: Breakdown, first_day: str) -> list[dict[str, Any]]:
     """Spend grouped by one dimension since `first_day` (a local YYYY-MM-DD), from the rollups."""
     if by == "user":
         table = rollup_user_day_table
@@ -1811,31 +2426,33 @@ def breakdown_rows(ledger: Ledger, by: Breakdown, first_day: str, zone: ZoneInfo
         keys, source = list(group), table
     spend = sa.func.sum(table.c.spend_pico)
     order = [table.c.day] if by == "day" else [spend.desc(), *group]
-    with ledger.reading(zone) as conn:
-        result = conn.execute(
-            sa.select(*keys, *_sums(table))
-            .select_from(source)
-            .where(table.c.day >= first_day)
-            .group_by(*group)
-            .order_by(*order)
-        )
-        rows = []
-        for row in result:
-            mapping = dict(row._mapping)
-            totals = Totals(**{name: int(mapping.pop(name) or 0) for name in MEASURES})
-            rows.append(mapping | totals_as_dict(totals))
+    result = conn.execute(
+        sa.select(*keys, *_sums(table))
+        .select_from(source)
+        .where(table.c.zone == zone, table.c.day >= first_day)
+        .group_by(*group)
+        .order_by(*order)
+    )
+    rows = []
+    for row in result:
+        mapping = dict(row._mapping)
+        totals = Totals(**{name: int(mapping.pop(name) or 0) for name in MEASURES})
+        rows.append(mapping | totals_as_dict(totals))
     return rows
 
 
-def user_usage_summary(
-    ledger: Ledger, user_id: str, zone: ZoneInfo, now: datetime | None = None
-) -> dict[str, Totals]:
-    """One user's own totals for today and this calendar month: two index lookups."""
-    today = date.fromisoformat(local_day(now or datetime.now(UTC), zone))
-    with ledger.reading(zone) as conn:
+def user_usage_summary(ledger: Ledger, user_id: str, now: datetime | None = None) -> dict[str, Totals]:
+    """One user's own totals for today and this calendar month, in the zone the rollups are kept
+    in: two index lookups."""
+    with ledger.reading() as (conn, state):
+        if state.zone is None:
+            raise RollupsRecounting("the rollups are being counted; try again shortly")
+        today = date.fromisoformat(local_day(now or datetime.now(UTC), ZoneInfo(state.zone)))
         return {
-            "today": ledger.user_totals(conn, user_id, today.isoformat(), today.isoformat()),
-            "month": ledger.user_totals(conn, user_id, today.replace(day=1).isoformat(), today.isoformat()),
+            "today": user_totals(conn, state.zone, user_id, today.isoformat(), today.isoformat()),
+            "month": user_totals(
+                conn, state.zone, user_id, today.replace(day=1).isoformat(), today.isoformat()
+            ),
         }
 
 
@@ -1988,8 +2605,11 @@ EXPORT_FIELDS: Final = (
     "latency_ms",
     "ttft_ms",
     "usage",
+    "notes",
+    "omitted_generation_ids",
 )
-_FORMULA_PREFIXES: Final = ("=", "+", "-", "@", "\t", "\r")
+# A spreadsheet runs a cell (or a line inside one) that starts with one of these as a formula.
+_FORMULA_START: Final = re.compile(r"(?:^|(?<=[\r\n]))(?=[=+\-@\t\r])")
 
 
 # Export fields that are not ledger columns copied as they are.
@@ -2000,17 +2620,18 @@ _EXPORT_CONVERTERS: Final[dict[str, Callable[[sa.RowMapping], Any]]] = {
     "upstream_cost_usd": lambda row: _usd_or_none(row["upstream_cost_pico"]),
     "spend_usd": lambda row: decimal_text(pico_to_usd(row["spend_pico"])),
     "is_byok": lambda row: bool(row["is_byok"]),
-    "usage": lambda row: json.loads(row["usage_json"]) if row["usage_json"] else None,
+    # Strict JSON even for rows an older release stored with NaN.
+    "usage": lambda row: strict_json_value(json.loads(row["usage_json"])) if row["usage_json"] else None,
+    "notes": lambda row: row["notes"] or "",
 }
 
 
 def export_rows(ledger: Ledger, since: datetime | None = None) -> Iterator[dict[str, Any]]:
-    """Every ledger row, oldest first, with money as exact decimal strings."""
-    ledger.ensure_schema()
+    """Every ledger row, oldest first, with money as exact decimal strings. Never writes."""
     query = sa.select(ledger_table).order_by(ledger_table.c.id)
     if since is not None:
         query = query.where(ledger_table.c.created_at >= _naive_utc(since))
-    with ledger.engine.connect() as conn:
+    with ledger.reading() as (conn, _):
         for row in conn.execution_options(yield_per=1000).execute(query):
             data = row._mapping
             yield {
@@ -2037,13 +2658,14 @@ def cell_text(value: Any) -> str:
 
 
 def csv_cell(value: Any) -> str:
-    """Text for a CSV cell that a spreadsheet will not run as a formula."""
-    text = cell_text(value)
-    return "'" + text if text.startswith(_FORMULA_PREFIXES) else text
+    """Text for a CSV cell that a spreadsheet will not run as a formula: a formula prefix at the
+    start, or after a line break inside the cell, gets an apostrophe before it."""
+    return _FORMULA_START.sub("'", cell_text(value))
 
 
 def write_csv(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], out: io.TextIOBase | Any) -> None:
-    writer = csv.writer(out, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    # RFC 4180 line ends: the writer quotes every cell holding CR, LF or the delimiter.
+    writer = csv.writer(out, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
     writer.writerow(fields)
     for row in rows:
         writer.writerow([csv_cell(row.get(field)) for field in fields])
@@ -2051,10 +2673,8 @@ def write_csv(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], out: io.
 
 def write_table(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], out: Any) -> None:
     """An aligned plain-text table: numbers right-aligned, text left-aligned."""
-    # Control characters are dropped: a user name must not be able to drive the admin's terminal.
-    cells = [
-        ["".join(c for c in cell_text(row.get(field)) if c.isprintable()) for field in fields] for row in rows
-    ]
+    # No control or bidi characters: a user name must not be able to drive the admin's terminal.
+    cells = [[terminal_text(cell_text(row.get(field))) for field in fields] for row in rows]
     numeric = [all(_looks_numeric(row[i]) for row in cells if row[i]) for i in range(len(fields))]
     widths = [max([len(field)] + [len(row[i]) for row in cells]) for i, field in enumerate(fields)]
 
@@ -2068,6 +2688,13 @@ def write_table(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], out: A
     out.write(line(["-" * width for width in widths]) + "\n")
     for row in cells:
         out.write(line(row) + "\n")
+
+
+def terminal_text(text: str) -> str:
+    """One line of printable text: line breaks and tabs become spaces, and C0/C1 controls, bidi
+    overrides and other invisible format characters are dropped."""
+    flat = text.replace("\r", " ").replace("\n", " ").replace("\t", " ")
+    return "".join(character for character in flat if character.isprintable())
 
 
 def _looks_numeric(text: str) -> bool:
@@ -2084,8 +2711,54 @@ def parse_since(text: str, zone: ZoneInfo, now: datetime | None = None) -> str:
     return date.fromisoformat(text).isoformat()
 
 
+def open_webui_data_dirs() -> list[Path]:
+    """Where an Open WebUI install keeps its data: $DATA_DIR, the data folder of an importable
+    open_webui package (pip installs), and the Docker image's /app/backend/data."""
+    directories = []
+    if os.environ.get("DATA_DIR"):
+        directories.append(Path(os.environ["DATA_DIR"]).absolute())
+    with contextlib.suppress(Exception):  # find_spec locates the package without importing it
+        spec = importlib.util.find_spec("open_webui")
+        if spec is not None and spec.origin:
+            package = Path(spec.origin).parent
+            directories += [package / "data", package.parent / "data"]
+    directories.append(Path("/app/backend/data"))
+    return directories
+
+
+def find_ledger_url(explicit: str = "") -> str | None:
+    """The ledger the CLI reads: --database-url, else $OPENROUTER_USAGE_DATABASE_URL, else Open
+    WebUI's PostgreSQL $DATABASE_URL, else an existing ledger file in an Open WebUI data
+    directory; None when there is none (a read never creates one)."""
+    for candidate in (explicit, os.environ.get(DATABASE_URL_ENV, "")):
+        if candidate.strip():
+            return normalize_database_url(candidate.strip())
+    owui_url = os.environ.get("DATABASE_URL", "").strip()
+    if owui_url.startswith(("postgres://", "postgresql")):
+        return normalize_database_url(owui_url)
+    for directory in open_webui_data_dirs():
+        if (directory / DEFAULT_SQLITE_NAME).is_file():
+            return f"sqlite:///{directory / DEFAULT_SQLITE_NAME}"
+    return None
+
+
+NO_LEDGER_HELP: Final = (
+    f"no ledger found. Name it with --database-url, or set ${DATABASE_URL_ENV}, $DATABASE_URL "
+    f"(Open WebUI's PostgreSQL) or $DATA_DIR (the folder holding {DEFAULT_SQLITE_NAME})."
+)
+CLI_ERRORS: Final = (
+    sa.exc.SQLAlchemyError,
+    UnsupportedDatabase,
+    NoLedger,
+    LedgerNeedsUpgrade,
+    RollupsRecounting,
+    OSError,
+    ValueError,
+)
+
+
 def cli_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `openrouter-usage` console script."""
+    """Entry point of the `openrouter-usage` console script. Exit status 2: nothing to read."""
     parser = argparse.ArgumentParser(
         prog="openrouter-usage",
         description="Read the OpenRouter usage ledger that the Open WebUI filter keeps.",
@@ -2097,7 +2770,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             "--database-url",
             default="",
             help=f"SQLAlchemy URL of the ledger (default: ${DATABASE_URL_ENV}, else Open WebUI's PostgreSQL "
-            f"$DATABASE_URL, else $DATA_DIR/{DEFAULT_SQLITE_NAME})",
+            f"$DATABASE_URL, else {DEFAULT_SQLITE_NAME} in $DATA_DIR or an Open WebUI data directory)",
         )
 
     export = commands.add_parser("export", help="every ledger record, one per row or object")
@@ -2109,9 +2782,23 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--since", default="30d", help="'30d' or an ISO date (default: 30d)")
     report.add_argument("--by", choices=("user", "model", "day", "provider"), default="user")
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    report.add_argument("--timezone", default="UTC", help="time zone of 'today' and of days (default: UTC)")
+    report.add_argument(
+        "--timezone",
+        default=None,
+        help="time zone of 'today' and of days (default: the zone the ledger's rollups are kept in, "
+        "the settings' report time zone); another zone is counted from the ledger rows, more slowly",
+    )
     report.add_argument("--rows", type=int, default=10, help="rows in the top lists (default: 10)")
     add_database_option(report)
+
+    spool = commands.add_parser(
+        "spool", help="records waiting for replay, and quarantined ones, with reasons"
+    )
+    action = spool.add_mutually_exclusive_group()
+    action.add_argument("--replay", action="store_true", help="write them to the ledger now")
+    action.add_argument("--discard", action="store_true", help="delete them (asks first)")
+    spool.add_argument("--yes", action="store_true", help="with --discard: do not ask")
+    add_database_option(spool)
 
     sync = commands.add_parser("sync", help="deprecated: prints why bulk sync cannot work, requests nothing")
     sync.add_argument("--date", help="ignored; kept so old scripts keep working")
@@ -2123,35 +2810,117 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         json.dump(sync_openrouter_usage(date=args.date), out, indent=2)
         out.write("\n")
         return 0
+    url = find_ledger_url(args.database_url)
+    if url is None:
+        sys.stderr.write(f"openrouter-usage: {NO_LEDGER_HELP}\n")
+        return 2
+    ledger = Ledger(url)
     try:
-        ledger = Ledger(resolve_database_url(args.database_url))
+        if args.command == "spool":
+            return spool_command(ledger, args.replay, args.discard, args.yes, out)
         if args.command == "export":
             since = datetime.fromisoformat(args.since) if args.since else None
             if since is not None and since.tzinfo is None:
                 since = since.replace(tzinfo=UTC)
-            rows = export_rows(ledger, since)
-            if args.format == "csv":
-                write_csv(rows, EXPORT_FIELDS, out)
-            else:
-                out.write("[")
-                for index, row in enumerate(rows):
-                    out.write(("," if index else "") + "\n  " + json.dumps(row, ensure_ascii=False))
-                out.write("\n]\n")
+            write_export(export_rows(ledger, since), args.format, out)
             return 0
-        zone = resolve_zone(args.timezone)
-        first_day = parse_since(args.since, zone)
-        usage_report = build_usage_report(ledger, zone, max(args.rows, 1))
-        breakdown = breakdown_rows(ledger, args.by, first_day, zone)
-        print_report(usage_report, args.by, first_day, breakdown, args.format, out)
+        zone = resolve_zone(args.timezone) if args.timezone else None
+        usage_report = build_usage_report(ledger, zone, max(args.rows, 1), breakdown=(args.by, args.since))
+        print_report(usage_report, args.by, args.format, out)
         return 0
-    except (sa.exc.SQLAlchemyError, UnsupportedDatabase, OSError, ValueError) as exc:
-        sys.stderr.write(f"openrouter-usage: {short_error(exc)}\n")
+    except CLI_ERRORS as exc:
+        sys.stderr.write(f"openrouter-usage: {cli_error_text(exc)} ({ledger.location})\n")
         return 2
+    finally:
+        ledger.dispose()
 
 
-def print_report(
-    usage_report: UsageReport, by: str, first_day: str, breakdown: list[dict[str, Any]], fmt: str, out: Any
-) -> None:
+def cli_error_text(exc: BaseException) -> str:
+    if isinstance(exc, NoLedger | LedgerNeedsUpgrade | RollupsRecounting):
+        return str(exc)
+    if isinstance(exc, sa.exc.ArgumentError):  # its message quotes the URL, secrets and all
+        return "the database URL could not be parsed"
+    return short_error(exc)
+
+
+def write_export(rows: Iterable[dict[str, Any]], fmt: str, out: Any) -> None:
+    if fmt == "csv":
+        write_csv(rows, EXPORT_FIELDS, out)
+        return
+    out.write("[")
+    for index, row in enumerate(rows):
+        out.write(("," if index else "") + "\n  " + json.dumps(row, ensure_ascii=False, allow_nan=False))
+    out.write("\n]\n")
+
+
+def spool_command(ledger: Ledger, replay: bool, discard: bool, assume_yes: bool, out: Any) -> int:
+    """`openrouter-usage spool`: list, replay or discard what waits outside the ledger."""
+    spool = ledger.spool
+    if replay:
+        replayed = ledger.replay_spool()
+        stored, refused = ledger.retry_quarantined()
+        out.write(
+            f"Replayed {replayed} spooled record(s); {stored} quarantined record(s) stored, "
+            f"{refused} still refused.\n"
+        )
+        return 0 if not refused else 1
+    pending = [path for path in spool.pending_files()]
+    quarantined = spool.quarantined()
+    if discard:
+        total = len(pending) + len(quarantined)
+        if total and not assume_yes:
+            if not sys.stdin.isatty():
+                sys.stderr.write("openrouter-usage: refusing to discard without --yes (no terminal to ask)\n")
+                return 2
+            answer_text = input(
+                f"Delete {len(pending)} spool file(s) and {len(quarantined)} quarantined "
+                "record(s) for good? Type yes: "
+            )
+            if answer_text.strip().lower() != "yes":
+                out.write("Nothing discarded.\n")
+                return 1
+        for path in [*pending, *spool.quarantined_files()]:
+            path.unlink(missing_ok=True)
+        out.write(f"Discarded {len(pending)} spool file(s) and {len(quarantined)} quarantined record(s).\n")
+        return 0
+    rows = []
+    for path in pending:
+        with contextlib.suppress(OSError):
+            records, unreadable = _read_records(path.open(encoding="utf-8"))
+            rows += [_spool_row("pending", record, "database unavailable when written") for record in records]
+            rows += [{"state": "pending", "reason": "unreadable line"} for _ in unreadable]
+    for entry in quarantined:
+        record = None
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            record = UsageRecord.from_json(entry["record"])
+        reason = str(entry.get("reason", ""))
+        rows.append(
+            _spool_row("quarantined", record, reason)
+            if record
+            else {"state": "quarantined", "reason": reason}
+        )
+    out.write(f"Spool: {spool.directory}\n")
+    out.write(f"{len(pending)} file(s) waiting for replay; {len(quarantined)} record(s) quarantined.\n\n")
+    if rows:
+        write_table(
+            rows, ["state", "message_id", "created_at", "user_id", "model", "spend_usd", "reason"], out
+        )
+    return 0
+
+
+def _spool_row(state: str, record: UsageRecord, reason: str) -> dict[str, Any]:
+    return {
+        "state": state,
+        "message_id": record.message_id,
+        "created_at": record.created_at.isoformat(),
+        "user_id": record.user_id,
+        "model": record.served_model or record.model,
+        "spend_usd": decimal_text(pico_to_usd(record.usage.spend_pico)),
+        "reason": reason,
+    }
+
+
+def print_report(usage_report: UsageReport, by: str, fmt: str, out: Any) -> None:
     fields = {
         "user": ["user_id", "user_name"],
         "model": ["served_model", "provider"],
@@ -2167,9 +2936,10 @@ def print_report(
         "reasoning_tokens",
         "total_tokens",
     ]
+    breakdown, since = usage_report.breakdown, usage_report.breakdown_since
     if fmt == "json":
         json.dump(
-            report_as_dict(usage_report) | {"breakdown": {"by": by, "since": first_day, "rows": breakdown}},
+            report_as_dict(usage_report) | {"breakdown": {"by": by, "since": since, "rows": breakdown}},
             out,
             indent=2,
         )
@@ -2188,9 +2958,12 @@ def print_report(
         }
         for key, label in [(k, lbl) for k, lbl, _ in PERIODS] + [("all_time", "All time")]
     ]
-    out.write(f"Ledger: {usage_report.location}   time zone: {usage_report.timezone}\n\n")
+    out.write(f"Ledger: {terminal_text(usage_report.health.location)}   time zone: {usage_report.timezone}\n")
+    for line in health_lines(usage_report.health)[1:]:
+        out.write(terminal_text(line.replace("\\", "")) + "\n")
+    out.write("\n")
     write_table(periods, ["period", "spend_usd", "requests", "tokens", "failed"], out)
-    out.write(f"\nBy {by}, since {first_day}:\n\n")
+    out.write(f"\nBy {by}, since {since}:\n\n")
     write_table(breakdown, fields, out)
 
 
@@ -2199,7 +2972,8 @@ def print_report(
 
 class SettingsMemory:
     """The admin valves this process last saw, for code Open WebUI calls without them: the
-    settings-panel report and the user read-out. Kept in a small file so a restart remembers."""
+    settings-panel report and the user read-out. Kept in a small file so a restart remembers,
+    except a database URL holding a secret, which never leaves Open WebUI's own store."""
 
     def __init__(self) -> None:
         self._values: dict[str, Any] | None = None
@@ -2216,12 +2990,15 @@ class SettingsMemory:
         snapshot = dict(values)
         with self._lock:
             self._values = snapshot
+        persisted = dict(snapshot)
+        if url_has_secret(str(persisted.get("database_url") or "")) and persisted.get("database_url"):
+            persisted.pop("database_url")
         try:
             path = self._path()
-            temporary = path.with_suffix(".tmp")
+            temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(snapshot, handle)
+                json.dump(persisted, handle)
             os.replace(temporary, path)
         except OSError as exc:
             log.debug("openrouter_usage: could not persist settings (%s)", exc)
@@ -2255,23 +3032,46 @@ def current_valves() -> Filter.Valves:
 
 
 def admin_report_markdown() -> str:
-    """The settings-panel report, or one line saying why it cannot be read."""
+    """The settings-panel report, or a line saying why it cannot be read and what waits. Reads
+    only: the rollups are read in the zone they are kept in."""
     valves = current_valves()
     url = resolve_database_url(valves.database_url)
+    ledger = ledger_for(url)
+    rows = min(max(valves.report_rows, 1), 100)
     try:
-        report = run_off_loop(
-            lambda: build_usage_report(
-                ledger_for(url), resolve_zone(valves.report_timezone), min(max(valves.report_rows, 1), 100)
-            )
-        )
-        return render_report_markdown(report)
+        report = run_off_loop(lambda: build_usage_report(ledger, None, rows))
     except concurrent.futures.TimeoutError:
-        return (
-            f"Usage report unavailable: the ledger did not answer within {PANEL_TIMEOUT_SECONDS:.0f} s "
-            f"(`{masked_url(url)}`)."
-        )
+        problem = f"the ledger did not answer within {PANEL_TIMEOUT_SECONDS:.0f} s"
+    except (NoLedger, LedgerNeedsUpgrade, RollupsRecounting) as exc:
+        problem = str(exc)
     except Exception as exc:
-        return f"Usage report unavailable: {escape_markdown(short_error(exc), 200)} (`{masked_url(url)}`)."
+        problem = cli_error_text(exc)
+    else:
+        wanted = resolve_zone(valves.report_timezone).key
+        markdown = render_report_markdown(report)
+        if wanted != report.timezone and not report.health.recount:
+            markdown += (
+                f"\n\nThe report time zone is now {escape_markdown(wanted)}: "
+                "the rollups are recounted for it "
+                "from the next recorded completion; until then figures are by day in "
+                f"{escape_markdown(report.timezone)}."
+            )
+        return markdown
+    unavailable = f"Usage report unavailable: {escape_markdown(problem, 300)} (`{ledger.location}`)."
+    return unavailable + waiting_note(ledger)
+
+
+def waiting_note(ledger: Ledger) -> str:
+    """What waits outside the ledger, for a panel that cannot read it."""
+    with contextlib.suppress(OSError):
+        pending, quarantined = ledger.spool.pending_count(), ledger.spool.quarantined_count()
+        parts = []
+        if pending:
+            parts.append(f"{pending} spooled batch(es) of completions will be written once it can be reached")
+        if quarantined:
+            parts.append(f"{quarantined} record(s) are quarantined (`openrouter-usage spool` lists them)")
+        return " " + "; ".join(parts) + "." if parts else ""
+    return ""
 
 
 def _admin_report_schema(schema: dict[str, Any]) -> None:
@@ -2290,9 +3090,8 @@ def user_usage_options(user: Mapping[str, Any] | None) -> list[dict[str, str]]:
         return [{"value": "today", "label": "Usage unavailable: not signed in"}]
     valves = current_valves()
     url = resolve_database_url(valves.database_url)
-    zone = resolve_zone(valves.report_timezone)
     try:
-        summary = run_off_loop(lambda: user_usage_summary(ledger_for(url), user_id, zone))
+        summary = run_off_loop(lambda: user_usage_summary(ledger_for(url), user_id))
     except Exception as exc:
         log.warning("openrouter_usage: user read-out unavailable (%s)", short_error(exc))
         return [{"value": "today", "label": "Your usage is unavailable right now"}]
@@ -2313,6 +3112,7 @@ def user_usage_options(user: Mapping[str, Any] | None) -> list[dict[str, str]]:
 
 
 _BASE_URLS_TTL: Final = 30.0
+INTERNAL_WAIT_SECONDS: Final = 5.0  # longest a hook waits on an Open WebUI internal or an emitter
 _base_urls_cache: tuple[float, list[Any]] = (0.0, [])
 
 
@@ -2328,7 +3128,7 @@ async def connection_base_url(model: Any) -> str | None:
         if config is None:
             return None
         try:
-            fetched = await config.get("openai.api_base_urls", [])
+            fetched = await asyncio.wait_for(config.get("openai.api_base_urls", []), INTERNAL_WAIT_SECONDS)
         except Exception as exc:
             log.debug("openrouter_usage: connection URLs unavailable (%s)", exc)
             return None
@@ -2410,15 +3210,33 @@ async def record_completion(
     if outcome.stored == "duplicate":
         log.info("openrouter_usage: message %s was already recorded; not counted again", record.message_id)
         return outcome
-    if show_line and emitter is not None:
-        chat_spend = outcome.chat_spend_pico
-        if chat_spend is not None and record.message_id not in request.chat_message_ids:
-            chat_spend += record.usage.spend_pico
-        today = outcome.user_today.spend_pico if outcome.user_today else None
-        description = render_usage_line(record, parts, chat_spend, today)
-        await emitter({"type": "status", "data": {"description": description, "done": True, "hidden": False}})
-    await deliver_bulk_sync_notice(user, emitter, valves, writer.ledger)
+    try:
+        if show_line and emitter is not None:
+            chat_spend = outcome.chat_spend_pico
+            if chat_spend is not None and record.message_id not in request.chat_message_ids:
+                chat_spend += record.usage.spend_pico
+            today = outcome.user_today.spend_pico if outcome.user_today else None
+            description = render_usage_line(record, parts, chat_spend, today)
+            await emit(
+                emitter,
+                {"type": "status", "data": {"description": description, "done": True, "hidden": False}},
+            )
+        await deliver_bulk_sync_notice(user, emitter, valves, writer.ledger)
+    except Exception as exc:
+        log.warning(
+            "openrouter_usage: completion %s was %s, but the usage line or a notice could not be shown (%s)",
+            record.message_id,
+            outcome.stored,
+            short_error(exc),
+        )
     return outcome
+
+
+async def emit(emitter: EventEmitter, event: dict[str, Any]) -> None:
+    """Send an event to the browser, waiting at most INTERNAL_WAIT_SECONDS."""
+    sent = emitter(event)
+    if asyncio.iscoroutine(sent) or isinstance(sent, asyncio.Future):
+        await asyncio.wait_for(sent, INTERNAL_WAIT_SECONDS)
 
 
 async def deliver_bulk_sync_notice(
@@ -2429,9 +3247,10 @@ async def deliver_bulk_sync_notice(
     if not notice or emitter is None or (user or {}).get("role") != "admin":
         return
     key = "bulk_sync_notice:" + hashlib.sha256(notice.encode()).hexdigest()[:16]
-    if await asyncio.wrap_future(_READ_POOL.submit(ledger.claim_once, key)):
+    claimed = asyncio.wrap_future(_READ_POOL.submit(ledger.claim_once, key))
+    if await asyncio.wait_for(claimed, INTERNAL_WAIT_SECONDS):
         text = BULK_SYNC_NOTICE["message"] + " " + BULK_SYNC_NOTICE["details"]["alternative"]
-        await emitter({"type": "notification", "data": {"type": "warning", "content": text}})
+        await emit(emitter, {"type": "notification", "data": {"type": "warning", "content": text}})
 
 
 class Filter:
@@ -2554,12 +3373,15 @@ class Filter:
         # A plain function, not a coroutine: it never waits, and creating a coroutine for every
         # chunk would cost more than the work it does.
         try:
-            observe_chunk(__metadata__[STATE_KEY], event)  # type: ignore[index]
-        except Exception:
             try:
-                observe_chunk(capture_state(__metadata__), event)
-            except Exception:
-                log.exception("openrouter_usage: could not read a stream chunk; the chat continues")
+                state = __metadata__[STATE_KEY]  # type: ignore[index]
+            except (KeyError, TypeError):
+                state = capture_state(__metadata__)
+            if observe_chunk(state, event):
+                # The one change made to what the user sees: see surface_stream_error.
+                surface_stream_error(event)
+        except Exception:
+            log.exception("openrouter_usage: could not read a stream chunk; the chat continues")
         return event
 
     async def outlet(
@@ -2571,6 +3393,8 @@ class Filter:
     ) -> dict[str, Any]:
         try:
             await record_completion(body, __user__, __metadata__, __event_emitter__, self.valves)
+        except RecordNotDurable as exc:
+            log.critical("openrouter_usage: a completion could not be recorded or spooled (%s)", exc)
         except Exception:
             log.exception("openrouter_usage: could not record a completion; the chat continues")
         return body

@@ -8,7 +8,8 @@ this module only adds binary discovery, the root workaround and the fixtures.
 Fixtures:
 
 * ``postgres_server`` (session): a :class:`PostgresServer` with ``url_for(dbname)``, ``stop()``,
-  ``start()`` (same data dir, same port), ``running()``, ``port``, ``host``, ``user``.
+  ``stop_immediately()`` (a crash-like stop), ``start()`` (same data dir, same port),
+  ``running()``, ``port``, ``host``, ``user``.
 * ``pg_url`` (function): SQLAlchemy URL of a fresh empty database, dropped afterwards.
 
 Binaries are looked up in ``$PG_BINDIR``, on ``PATH`` and in ``/usr/lib/postgresql/*/bin``.
@@ -42,7 +43,7 @@ from urllib.parse import quote, urlencode
 
 import psycopg
 import pytest
-from mirakuru.exceptions import AlreadyRunning, ProcessExitedWithError
+from mirakuru.exceptions import AlreadyRunning, ProcessExitedWithError, ProcessFinishedWithError
 from psycopg import sql
 from pytest_postgresql.executors import PostgreSQLExecutor
 
@@ -272,6 +273,22 @@ class PostgresServer:
         """Stop the server (fast shutdown), keeping its data. No-op when it is stopped."""
         if self.running():
             self.executor.stop()
+
+    def stop_immediately(self) -> None:
+        """Stop the server as a crash would (``pg_ctl stop -m immediate``): every backend is cut off
+        without a checkpoint and the next ``start()`` runs crash recovery. No-op when it is stopped."""
+        if not self.running():
+            return
+        subprocess.run(
+            [str(self._pg_ctl), "stop", "-D", str(self.datadir), "-m", "immediate"],
+            check=True,
+            capture_output=True,
+            timeout=START_TIMEOUT,
+        )
+        # mirakuru still holds the `pg_ctl start` launcher (long exited); until it lets go of it,
+        # executor.start() would not launch anything. Its own stop() releases it, as stop() does.
+        with contextlib.suppress(ProcessFinishedWithError):
+            super(PostgreSQLExecutor, self.executor).stop()
 
     def create_database(self, name: str) -> None:
         with self.connect() as conn:

@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests.unit.test_ledger import make_record, write
 
@@ -80,7 +81,7 @@ def test_export_csv_is_quoted_and_neutralises_formulas(
     _, out = run_cli(plugin, capsys, "export", "--format", "csv")
     (row,) = list(csv.DictReader(io.StringIO(out)))
     assert row["user_name"] == '\'=HYPERLINK("http://evil","x")'
-    assert row["chat_id"] == "'+1, -2\n@3"
+    assert row["chat_id"] == "'+1, -2\n'@3"  # after a line break too
     assert row["message_id"] == "msg-1" and Decimal(row["cost_usd"]) > 0
 
 
@@ -120,18 +121,28 @@ def test_report_formats_agree(
     assert len(list(csv.DictReader(io.StringIO(text)))) == len(report["breakdown"]["rows"])
 
 
-def test_the_console_script_is_installed_and_works(data_dir: Path) -> None:
+def test_the_console_script_is_installed_and_works(plugin: types.ModuleType, data_dir: Path) -> None:
     script = shutil.which("openrouter-usage", path=str(Path(sys.executable).parent))
     assert script, "pip install -e . declares the console script"
-    result = subprocess.run(
-        [script, "report", "--format", "json"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DATA_DIR": str(data_dir)},
-        timeout=60,
-        check=True,
+
+    def report() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [script, "report", "--format", "json"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DATA_DIR": str(data_dir)},
+            timeout=60,
+            check=False,
+        )
+
+    nothing = report()  # no ledger yet: a clear "not found", and none is created
+    assert (
+        nothing.returncode == 2 and "no ledger found" in nothing.stderr and "--database-url" in nothing.stderr
     )
-    assert json.loads(result.stdout)["periods"]["all_time"]["requests"] == 0
+    assert not (data_dir / "openrouter_usage.sqlite3").exists()
+    write(plugin, plugin.resolve_database_url(""), [make_record(plugin, 1, created_at=datetime.now(UTC))])
+    found = report()
+    assert found.returncode == 0 and json.loads(found.stdout)["periods"]["all_time"]["requests"] == 1
 
 
 def test_a_bad_database_url_is_a_clear_error(
@@ -139,3 +150,74 @@ def test_a_bad_database_url_is_a_clear_error(
 ) -> None:
     code = plugin.cli_main(["report", "--database-url", "mysql://x@localhost/db"])
     assert code == 2 and "SQLite and PostgreSQL" in capsys.readouterr().err
+
+
+def test_spool_lists_replays_and_discards_what_waits_outside_the_ledger(
+    plugin: types.ModuleType, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{data_dir / 'spooled.sqlite3'}"
+    write(plugin, url, [make_record(plugin, 1)])
+    ledger = plugin.ledger_for(url)
+    ledger.spool.append([make_record(plugin, 2), make_record(plugin, 3)])
+    refused = make_record(plugin, 4, usage=plugin.Usage(cost_pico=10**19))
+    ledger.spool.quarantine([(refused, "DataError: integer out of range")])
+
+    code, listing = run_cli(plugin, capsys, "spool", "--database-url", url)
+    assert code == 0
+    assert "1 file(s) waiting for replay; 1 record(s) quarantined." in listing
+    assert "msg-2" in listing and "msg-3" in listing and "integer out of range" in listing
+
+    code, replayed = run_cli(plugin, capsys, "spool", "--replay", "--database-url", url)
+    assert code == 1  # the quarantined record is refused again, and says so
+    assert "Replayed 2 spooled record(s); 0 quarantined record(s) stored, 1 still refused." in replayed
+    assert ledger.spool.pending_count() == 0 and ledger.spool.quarantined_count() == 1
+
+    assert plugin.cli_main(["spool", "--discard", "--database-url", url]) == 2  # no terminal, no --yes
+    assert ledger.spool.quarantined_count() == 1
+    code, discarded = run_cli(plugin, capsys, "spool", "--discard", "--yes", "--database-url", url)
+    assert code == 0 and "1 quarantined record(s)" in discarded
+    assert ledger.spool.quarantined_count() == 0
+    _, out = run_cli(plugin, capsys, "export", "--database-url", url)
+    assert [row["message_id"] for row in json.loads(out)] == ["msg-1", "msg-2", "msg-3"]
+
+
+def test_the_cli_finds_the_ledger_in_the_documented_order(
+    plugin: types.ModuleType, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert plugin.find_ledger_url("") is None  # nothing anywhere: the caller exits with status 2
+    (data_dir / "openrouter_usage.sqlite3").touch()
+    assert plugin.find_ledger_url("") == f"sqlite:///{data_dir / 'openrouter_usage.sqlite3'}"
+    monkeypatch.setenv("DATABASE_URL", "postgresql://owui@db/owui")
+    assert plugin.find_ledger_url("") == "postgresql+psycopg://owui@db/owui"
+    monkeypatch.setenv("OPENROUTER_USAGE_DATABASE_URL", "sqlite:////srv/usage.sqlite3")
+    assert plugin.find_ledger_url("") == "sqlite:////srv/usage.sqlite3"
+    assert plugin.find_ledger_url("sqlite:////x.sqlite3") == "sqlite:////x.sqlite3"
+
+
+def test_a_report_in_another_zone_counts_from_the_rows_and_leaves_the_rollups(
+    plugin: types.ModuleType, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = datetime.now(UTC)
+    write(
+        plugin,
+        database_url,
+        [make_record(plugin, i, created_at=now - timedelta(hours=5 * i)) for i in range(20)],
+    )
+    _, utc = run_cli(plugin, capsys, "report", "--format", "json", "--database-url", database_url)
+    _, kiritimati = run_cli(
+        plugin,
+        capsys,
+        "report",
+        "--format",
+        "json",
+        "--timezone",
+        "Pacific/Kiritimati",
+        "--database-url",
+        database_url,
+    )
+    assert json.loads(utc)["timezone"] == "UTC" and json.loads(kiritimati)["timezone"] == "Pacific/Kiritimati"
+    both = [json.loads(text)["periods"]["all_time"] for text in (utc, kiritimati)]
+    assert both[0] == both[1]  # the same records, whatever the zone of their days
+    with plugin.ledger_for(database_url).engine.connect() as conn:
+        zones = {row.zone for table in plugin.ROLLUP_TABLES for row in conn.execute(sa.select(table.c.zone))}
+    assert zones == {"UTC"}
