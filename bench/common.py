@@ -35,6 +35,8 @@ CACHE_DIR = REPO / ".cache" / "bench"
 if str(REPO) not in sys.path:  # `python bench/x.py` as well as `python -m bench.x`
     sys.path.insert(0, str(REPO))
 
+from tests.reliability.independent import RELEASE_1_0_0, load_release_1_0_0  # noqa: E402
+
 Verdict = bool | None  # None: informational figure, no target
 
 
@@ -204,8 +206,16 @@ def load_plugin() -> types.ModuleType:
     return load_plugin_module()
 
 
+# Release 1.0.0, the plugin the event-loop target is measured against ("no worse than 1.2x today's"),
+# read from git history and loaded by the module the upgrade test loads it with.
+RELEASE_COMMIT = RELEASE_1_0_0
+RELEASE_LABEL = "1.0.0"
+load_release_plugin = load_release_1_0_0
+
+
 def close_plugin(plugin: types.ModuleType) -> None:
-    for writer in list(plugin._LEDGERS.values()):
+    """Dispose of every ledger engine this plugin instance opened (as tests/conftest.py does)."""
+    for writer in list(getattr(plugin, "_LEDGERS", {}).values()):
         writer.ledger.dispose()
 
 
@@ -384,12 +394,17 @@ def main_for(name: str, run: Callable[[bool], BenchResult], argv: Sequence[str] 
     parser.add_argument("--json", type=Path, help="also write the figures to this file (for run_all)")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     try:
         result = run(args.quick)
     except Exception:
         result = BenchResult(name, args.quick, command_for(f"bench.{name}", args.quick))
         result.error = traceback.format_exc()
     result.seconds = time.monotonic() - started
+    result.note(
+        f"machine load (1-minute load average, {os.cpu_count()} cores): {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end (other work on this shared machine shows here)"
+    )
     print_result(result)
     if args.json:
         args.json.write_text(json.dumps(result.to_json(), indent=2))

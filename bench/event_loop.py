@@ -1,19 +1,30 @@
-"""Event-loop time per completion: inlet + stream (every chunk) + outlet, off-loop write excluded.
+"""Event-loop time per completion: inlet + stream (every chunk) + outlet, off-loop write excluded,
+for the current plugin and for release 1.0.0, measured interleaved in one run.
 
-Method: one asyncio loop runs completions one after another against an SQLite ledger (the
-plugin's durable group-commit writer, usage line on, as with default valves). For each completion
-the loop thread reads its own CPU clock (`time.thread_time_ns`, CLOCK_THREAD_CPUTIME_ID) before
-inlet and after outlet: the writer thread's work is on another thread, and while outlet awaits
-its future the loop thread sleeps, so both are excluded by construction. Chunks are real ones from
-the OpenRouter simulator (100 and 2,000 content chunks), outlet bodies are built as Open WebUI
-0.12.4 builds them (tests/unit/helpers.py::outlet_body). Median over many completions, after a
-warm-up.
+Target: the current plugin's event-loop CPU per 100-chunk completion is at most 1.2x release
+1.0.0's (git c1e0c47). The machine is shared and noisy, and an absolute figure moves by tens of
+percent from one run to the next, so the comparison is a ratio of two figures measured in the
+same process, on the same event loop, in alternating blocks.
+
+Method: both versions are loaded in this process as Open WebUI loads a function (the source text
+exec'd into a fresh module, tests/conftest.py::load_plugin_module; 1.0.0's source comes from
+`git show c1e0c47…:plugin/openrouter_usage.py`), so they share no module globals: each has its own
+group-commit writer, writer thread and SQLite ledger file. One asyncio loop runs completions one
+after another, in blocks of BLOCK completions alternating between the two versions (ABBA order);
+within each block the loop thread reads its own CPU clock (`time.thread_time_ns`,
+CLOCK_THREAD_CPUTIME_ID) before inlet and after outlet: the writer thread's work is on another
+thread, and while outlet awaits the write the loop thread sleeps, so both are excluded by
+construction. Chunks are real ones from the OpenRouter simulator (100 and 2,000 content chunks),
+parsed fresh for every completion (timed apart, left out); outlet bodies are built as Open WebUI
+0.12.4 builds them (tests/unit/helpers.py::outlet_body); valves are the defaults (usage line on
+with the chat total, so the writer also sums the chat's spend off the loop). The ratio is
+median(current) / median(1.0.0) over all interleaved completions; the per-block-pair ratios are
+printed as its spread.
 
 On this machine (a microVM) a thread that blocks and is woken up is charged tens of microseconds
-of CPU for the sleep itself (see the `idle` figures), which a loop with other ready work would not
-pay per completion. The loop therefore runs on a selector that also reads the thread's CPU clock
-around every blocking select(), and the benchmark reports the total both with and without that
-idle-wait charge.
+of CPU for the sleep itself (see the `idle` figures). The loop therefore runs on a selector that
+also reads the thread's CPU clock around every blocking select(), and the benchmark reports the
+total both with and without that idle-wait charge.
 """
 
 from __future__ import annotations
@@ -24,14 +35,19 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import queue
 import resource
 import selectors
+import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from bench.common import (
+    RELEASE_COMMIT,
+    RELEASE_LABEL,
     BenchResult,
     Figure,
     SimulatedStream,
@@ -42,6 +58,7 @@ from bench.common import (
     gc_paused,
     isolated_data_dir,
     load_plugin,
+    load_release_plugin,
     main_for,
     median,
     progress,
@@ -51,13 +68,15 @@ from bench.common import (
 )
 
 NAME = "event_loop"
-TARGET_US = 200.0
+TARGET_RATIO = 1.2  # current / release 1.0.0, loop CPU per 100-chunk completion
+BLOCK = 10  # completions per block; blocks alternate between the two versions
 MODEL = {"id": "openai/gpt-4o-mini", "urlIdx": 0}
+VERSIONS = ("current", "release")
 
 
 class IdleMeasuringSelector(selectors.EpollSelector):
     """An epoll selector that charges the loop thread's CPU time spent inside blocking selects
-    (the loop's idle wait, e.g. for the writer's future) to `idle_ns`."""
+    (the loop's idle wait, e.g. for the writer's answer) to `idle_ns`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,18 +110,42 @@ class Sample:
 
 
 class Emitter:
+    """Counts the usage lines outlet shows: every measured completion must show one, so an outlet
+    that failed (and returned early, which would look cheap) stops the benchmark."""
+
     def __init__(self) -> None:
         self.last: dict[str, Any] | None = None
+        self.lines = 0
 
     async def __call__(self, event: dict[str, Any]) -> None:
         self.last = event
+        if event.get("type") == "status":
+            self.lines += 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepared:
+    body: dict[str, Any]
+    metadata: dict[str, Any]
+    outlet: dict[str, Any]
+    user: dict[str, Any]
+
+
+def _nothing() -> None:
+    return None
 
 
 class CompletionRunner:
-    """Runs whole completions through one Filter instance, as Open WebUI calls its hooks."""
+    """Runs whole completions through one Filter instance of one plugin version, as Open WebUI
+    calls its hooks."""
 
     def __init__(
-        self, plugin: types.ModuleType, url: str, stream: SimulatedStream, selector: IdleMeasuringSelector
+        self,
+        plugin: types.ModuleType,
+        url: str,
+        stream: SimulatedStream,
+        selector: IdleMeasuringSelector,
+        label: str,
     ):
         from tests.unit.helpers import answer_text, usage_from_events
 
@@ -114,6 +157,7 @@ class CompletionRunner:
         self.answer = answer_text(stream.chunks)
         self.usage = usage_from_events(stream.chunks)
         self.selector = selector
+        self.label = label  # keeps message ids unique per runner on a ledger shared by two runners
         self.emitter = Emitter()
         self.user: dict[str, Any] = {
             "id": "user-1",
@@ -132,7 +176,7 @@ class CompletionRunner:
         from tests.unit.helpers import outlet_body
 
         self.counter += 1
-        message_id = f"msg-{self.counter}"
+        message_id = f"msg-{self.label}-{self.counter}"
         chat_id = f"chat-{self.counter % 50}"
         return Prepared(
             body=dict(self.stream.request),
@@ -169,6 +213,7 @@ class CompletionRunner:
         rebuild()
         if rebuild_valves:
             request.user["valves"] = self.plugin.Filter.UserValves()
+        lines = self.emitter.lines
         await call_hook(
             hook.outlet,
             body=request.outlet,
@@ -177,6 +222,11 @@ class CompletionRunner:
             __event_emitter__=self.emitter,
         )
         finished = time.thread_time_ns()
+        if self.emitter.lines == lines:
+            raise RuntimeError(
+                f"{self.label}: outlet showed no usage line for {request.metadata['message_id']}: the "
+                "completion was not recorded (see the plugin's log above)"
+            )
         return Sample(
             after_inlet - started,
             after_stream - parsed,
@@ -186,29 +236,24 @@ class CompletionRunner:
         )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Prepared:
-    body: dict[str, Any]
-    metadata: dict[str, Any]
-    outlet: dict[str, Any]
-    user: dict[str, Any]
-
-
-def _nothing() -> None:
-    return None
-
-
 class ResolvedWriter:
     """Diagnostic stand-in for the group-commit writer: the outcome is there at once, so outlet
     never waits for another thread (what is left is the plugin's own on-loop work). Offers both
-    ways the plugin has awaited its writer: `submit` (a concurrent Future) and `write` (async)."""
+    ways an outlet may await its writer: `submit` (a concurrent Future, e.g. through
+    asyncio.wrap_future) and `write` (a coroutine). Counts its calls, so a plugin that no longer
+    reaches its writer through `writer_for` is noticed instead of measured wrongly."""
 
     def __init__(self, plugin: types.ModuleType, ledger: Any) -> None:
         self.plugin = plugin
-        self.ledger = ledger
+        self.ledger = ledger  # outlet may read through it (the one-time bulk-sync notice)
+        self.calls = 0
 
     def _outcome(self) -> Any:
-        return self.plugin.WriteOutcome("recorded", chat_spend_pico=0)
+        self.calls += 1
+        try:
+            return self.plugin.WriteOutcome("recorded", chat_spend_pico=0)
+        except TypeError:
+            return self.plugin.WriteOutcome("recorded")
 
     def submit(self, request: Any) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -223,6 +268,9 @@ class SleepingWriter(ResolvedWriter):
     """Control: the outcome arrives after a 2 ms asyncio timer, about as long as a real durable
     write, with no other thread and no database. What outlet then costs the loop is what this
     machine charges any coroutine that sleeps for that long, not the plugin's hand-off."""
+
+    def submit(self, request: Any) -> concurrent.futures.Future[Any]:
+        raise NotImplementedError("the sleeping control only models an awaited write")
 
     async def write(self, request: Any) -> Any:
         await asyncio.sleep(0.002)
@@ -249,147 +297,153 @@ def _us(samples: list[Sample], field: Callable[[Sample], int]) -> list[float]:
     return [field(s) / 1000 for s in samples]
 
 
+def _total(sample: Sample) -> int:
+    return sample.total_ns
+
+
+@dataclasses.dataclass(slots=True)
+class Paired:
+    """One comparison: samples of both versions, and the ratio of each interleaved block pair."""
+
+    samples: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: {v: [] for v in VERSIONS})
+    block_ratios: list[float] = dataclasses.field(default_factory=list)
+    cpu: dict[str, list[float]] = dataclasses.field(default_factory=lambda: {v: [0.0, 0.0] for v in VERSIONS})
+
+    def ratio(self, value: Callable[[Any], float]) -> float:
+        current = median([value(s) for s in self.samples["current"]])
+        release = median([value(s) for s in self.samples["release"]])
+        return current / release
+
+
+def interleave(
+    loop: asyncio.AbstractEventLoop,
+    work: dict[str, Callable[[], Awaitable[Any]]],
+    blocks: int,
+    per_block: int,
+    into: Paired,
+    value: Callable[[Any], float],
+) -> None:
+    """`blocks` pairs of blocks of `per_block` runs of each version's `work`, in ABBA order, so
+    neither version always runs first or in the wake of the other's writer."""
+    for index in range(blocks):
+        order = VERSIONS if index % 2 == 0 else VERSIONS[::-1]
+        block_medians: dict[str, float] = {}
+        for version in order:
+            user0, system0 = _thread_rusage()
+            block = [loop.run_until_complete(work[version]()) for _ in range(per_block)]
+            user1, system1 = _thread_rusage()
+            into.cpu[version][0] += user1 - user0
+            into.cpu[version][1] += system1 - system0
+            into.samples[version].extend(block)
+            block_medians[version] = median([value(sample) for sample in block])
+        into.block_ratios.append(block_medians["current"] / block_medians["release"])
+
+
 @dataclasses.dataclass(slots=True)
 class Collected:
-    real: dict[int, list[Sample]] = dataclasses.field(default_factory=lambda: {100: [], 2000: []})
-    resolved: list[Sample] = dataclasses.field(default_factory=list)
+    real: dict[int, Paired] = dataclasses.field(default_factory=lambda: {100: Paired(), 2000: Paired()})
+    resolved: Paired = dataclasses.field(default_factory=Paired)
+    concurrent: Paired = dataclasses.field(default_factory=Paired)
     sleeping: list[Sample] = dataclasses.field(default_factory=list)
     with_valves: list[Sample] = dataclasses.field(default_factory=list)
-    concurrent_us: list[float] = dataclasses.field(default_factory=list)
     json_ns: list[float] = dataclasses.field(default_factory=list)
-    handoff_us: list[float] = dataclasses.field(default_factory=list)
-    cpu: dict[int, list[float]] = dataclasses.field(
-        default_factory=lambda: {100: [0.0, 0.0], 2000: [0.0, 0.0]}
-    )
+    handoff_us: dict[str, list[float]] = dataclasses.field(default_factory=lambda: {h: [] for h in HANDOFFS})
+    stub_missed: dict[str, bool] = dataclasses.field(default_factory=dict)
+    build_record: Paired = dataclasses.field(default_factory=Paired)
+    build_record_error: str = ""
+
+
+@dataclasses.dataclass(slots=True)
+class Version:
+    plugin: types.ModuleType
+    runners: dict[int, CompletionRunner]
+    stub: ResolvedWriter
 
 
 def run(quick: bool) -> BenchResult:
     result = BenchResult(NAME, quick, command_for(f"bench.{NAME}", quick))
     rounds = 1 if quick else 3
-    per_round = {100: 100 if quick else 150, 2000: 15 if quick else 20}
+    blocks = {100: 6 if quick else 15, 2000: 2 if quick else 3}  # block pairs per round
+    per_block = {100: BLOCK, 2000: 5}
     warmup = 10 if quick else 30
     collected = Collected()
     with isolated_data_dir(NAME) as data:
-        plugin = load_plugin()
-        url = sqlite_url(data / "ledger.sqlite3")
-        streams = {n: simulated_stream(n) for n in per_round}
+        plugins = {"current": load_plugin(), "release": load_release_plugin()}
+        streams = {n: simulated_stream(n) for n in per_block}
         selector = IdleMeasuringSelector()
         loop = asyncio.SelectorEventLoop(selector)
-        runners = {n: CompletionRunner(plugin, url, streams[n], selector) for n in per_round}
-        stub = ResolvedWriter(plugin, plugin.writer_for(plugin.resolve_database_url(url)).ledger)
+        versions: dict[str, Version] = {}
+        for key, plugin in plugins.items():
+            url = sqlite_url(data / f"ledger-{key}.sqlite3")  # one ledger file per version
+            versions[key] = Version(
+                plugin,
+                {n: CompletionRunner(plugin, url, streams[n], selector, f"{key}-{n}") for n in per_block},
+                ResolvedWriter(plugin, plugin.ledger_for(url)),
+            )
         try:
-            for runner in runners.values():
-                for _ in range(warmup):
-                    loop.run_until_complete(runner.completion())
+            for key, version in versions.items():
+                progress(f"warming up {key}: {warmup} completions of each size")
+                for runner in version.runners.values():
+                    for _ in range(warmup):
+                        loop.run_until_complete(runner.completion())
             for index in range(rounds):
                 progress(
-                    f"round {index + 1}/{rounds}: {per_round[100]} completions of 100 chunks (and every "
-                    f"variant as a block), {per_round[2000]} of 2000 chunks"
+                    f"round {index + 1}/{rounds}: {blocks[100]} x {per_block[100]} completions of 100 chunks "
+                    f"per version, interleaved; {blocks[2000]} x {per_block[2000]} of 2000 chunks; controls"
                 )
-                _round(loop, plugin, runners, stub, per_round, collected)
+                _round(loop, versions, blocks, per_block, collected)
         finally:
             loop.close()
-            close_plugin(plugin)
-    for chunks in per_round:
-        _report(result, chunks, collected.real[chunks], target=chunks == 100)
-        user, system = collected.cpu[chunks]
-        result.note(
-            f"{chunks} chunks: {100 * system / (user + system):.0f}% of the loop thread's CPU is system time "
-            "(getrusage RUSAGE_THREAD)"
-        )
-    total = _us(collected.with_valves, lambda s: s.total_ns)
-    for key, label, values in (
-        (
-            "outlet_no_handoff_us",
-            "  outlet with the writer stubbed (future already resolved)",
-            _us(collected.resolved, lambda s: s.outlet_ns),
-        ),
-        (
-            "completion_100_no_handoff_us",
-            "100 chunks with the writer stubbed: the plugin's own work, loop never idle",
-            _us(collected.resolved, lambda s: s.total_ns),
-        ),
-        (
-            "completion_100_sleeping_writer_us",
-            "100 chunks, control: writer replaced by a 2 ms asyncio.sleep (no thread, no database)",
-            _us(collected.sleeping, lambda s: s.total_ns),
-        ),
-    ):
-        result.add(Figure(f"event_loop.{key}", label, median(values), "µs", detail=spread(values, unit="µs")))
-    result.add(
-        Figure(
-            "event_loop.bare_handoff_us",
-            "await of a future another thread resolves after 2 ms (no plugin)",
-            median(collected.handoff_us),
-            "µs",
-            detail=spread(collected.handoff_us, unit="µs"),
-        )
-    )
-    result.add(
-        Figure(
-            "event_loop.concurrent_16_us",
-            "100 chunks, 16 completions at once: loop CPU per completion",
-            median(collected.concurrent_us),
-            "µs",
-            detail=spread(collected.concurrent_us, unit="µs") + "; one batch's loop CPU / 16",
-        )
-    )
-    result.add(
-        Figure(
-            "event_loop.completion_100_with_valves_us",
-            "100 chunks, incl. Open WebUI's Valves(**saved) before every hook",
-            median(total),
-            "µs",
-            detail=spread(total, unit="µs"),
-        )
-    )
-    result.add(
-        Figure(
-            "event_loop.json_loads_ns",
-            "calibration: json.loads of one chunk, same run",
-            median(collected.json_ns),
-            "ns/chunk",
-            detail="what Open WebUI pays per chunk anyway; shows how fast the machine was",
-        )
-    )
-    result.note(
-        "total = loop-thread CPU from inlet to outlet's return (time.thread_time_ns); 'net' subtracts the "
-        "CPU this VM charges the loop thread inside blocking epoll waits (idle, waiting for the writer). "
-        f"{rounds} round(s), each running every variant as a block."
-    )
+            for plugin in plugins.values():
+                close_plugin(plugin)
+    _report(result, collected, rounds)
     return result
 
 
 def _round(
     loop: asyncio.AbstractEventLoop,
-    plugin: types.ModuleType,
-    runners: dict[int, CompletionRunner],
-    stub: ResolvedWriter,
-    per_round: dict[int, int],
+    versions: dict[str, Version],
+    blocks: dict[int, int],
+    per_block: dict[int, int],
     collected: Collected,
 ) -> None:
-    """One block of each variant, back to back (blocks rather than completion-by-completion
-    interleaving, so that no variant runs in the wake of another's writer-thread activity)."""
+    """One round: both versions interleaved for each comparison, then the current plugin's controls
+    as blocks (so that no control runs in the wake of a real writer's work)."""
     for chunks in (100, 2000):
-        user0, system0 = _thread_rusage()
-        for _ in range(per_round[chunks]):
-            collected.real[chunks].append(loop.run_until_complete(runners[chunks].completion()))
-        user1, system1 = _thread_rusage()
-        collected.cpu[chunks][0] += user1 - user0
-        collected.cpu[chunks][1] += system1 - system0
-    runner, count = runners[100], per_round[100]
-    with stubbed_writer(plugin, stub):
-        for _ in range(count // 2):
-            collected.resolved.append(loop.run_until_complete(runner.completion()))
-    with stubbed_writer(plugin, SleepingWriter(plugin, stub.ledger)):
-        for _ in range(count // 2):
+        work = {key: v.runners[chunks].completion for key, v in versions.items()}
+        interleave(loop, work, blocks[chunks], per_block[chunks], collected.real[chunks], _total)
+    for key, version in versions.items():  # the plugin's own work: every writer stubbed
+        with stubbed_writer(version.plugin, version.stub):
+            before = version.stub.calls
+            loop.run_until_complete(version.runners[100].completion())
+            collected.stub_missed[key] = version.stub.calls == before
+    with contextlib.ExitStack() as stack:
+        for version in versions.values():
+            stack.enter_context(stubbed_writer(version.plugin, version.stub))
+        work = {key: v.runners[100].completion for key, v in versions.items()}
+        interleave(loop, work, max(blocks[100] // 2, 2), per_block[100], collected.resolved, _total)
+    concurrent_work = {key: _concurrent_factory(v.runners[100], 16) for key, v in versions.items()}
+    interleave(loop, concurrent_work, max(blocks[100] // 5, 2), 3, collected.concurrent, float)
+    current = versions["current"]
+    runner, count = current.runners[100], blocks[100] * per_block[100] // 2
+    with stubbed_writer(current.plugin, SleepingWriter(current.plugin, current.stub.ledger)):
+        for _ in range(count):
             collected.sleeping.append(loop.run_until_complete(runner.completion()))
-    for _ in range(count // 2):
+    for _ in range(count):
         collected.with_valves.append(loop.run_until_complete(runner.completion(rebuild_valves=True)))
-    for _ in range(count // 3):
-        collected.handoff_us.append(loop.run_until_complete(_bare_handoff()))
-    for _ in range(max(count // 20, 3)):
-        collected.concurrent_us.append(loop.run_until_complete(_concurrent(runner, 16)))
+    answerer = Answerer()
+    try:
+        for index in range(count // 2):  # every style in turn, the order rotating
+            for style in HANDOFFS[index % 3 :] + HANDOFFS[: index % 3]:
+                collected.handoff_us[style].append(loop.run_until_complete(_handoff_cpu(answerer, style)))
+    finally:
+        answerer.close()
+    if not collected.build_record_error:
+        try:
+            timers = {key: build_record_timer(loop, v.runners[100]) for key, v in versions.items()}
+            interleave(loop, timers, 5, 20, collected.build_record, float)
+        except (AttributeError, TypeError, RuntimeError) as exc:  # an API the two versions no longer share
+            collected.build_record_error = f"{type(exc).__name__}: {exc}"
     payloads = runner.stream.payloads
     for _ in range(20):
         with gc_paused():
@@ -399,15 +453,59 @@ def _round(
             collected.json_ns.append((time.perf_counter_ns() - started) / len(payloads))
 
 
-_HANDOFF_POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bench-handoff")
+class Answerer:
+    """A thread that answers each hand-off 2 ms after it arrives (about one durable write), in one
+    of the ways a writer thread can wake an awaiting coroutine."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="bench-answerer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (answer := self._queue.get()) is not None:
+            time.sleep(0.002)
+            answer()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    async def wrap_future(self) -> None:
+        """The answer sets a concurrent Future; the coroutine awaits asyncio.wrap_future of it."""
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._queue.put(lambda: future.set_result(1))
+        await asyncio.wrap_future(future)
+
+    async def wait_for_shield_wrap_future(self) -> None:
+        """As GroupCommitWriter.write awaits its writer: wait_for(shield(wrap_future(f)), timeout)."""
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._queue.put(lambda: future.set_result(1))
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), 10)
+
+    async def call_soon_threadsafe(self) -> None:
+        """As release 1.0.0 answered (LoopReply): the thread schedules set_result on the loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._queue.put(lambda: loop.call_soon_threadsafe(future.set_result, 1))
+        await future
 
 
-async def _bare_handoff() -> float:
-    """Loop-thread CPU (µs) of awaiting one future another thread resolves after 2 ms: what any
-    off-loop hand-off costs on this machine, independent of the plugin."""
+HANDOFFS = ("wrap_future", "wait_for_shield_wrap_future", "call_soon_threadsafe")
+
+
+async def _handoff_cpu(answerer: Answerer, style: str) -> float:
+    """Loop-thread CPU (µs) of one hand-off of `style` (no plugin involved)."""
     started = time.thread_time_ns()
-    await asyncio.wrap_future(_HANDOFF_POOL.submit(time.sleep, 0.002))
+    await getattr(answerer, style)()
     return (time.thread_time_ns() - started) / 1000
+
+
+def _concurrent_factory(runner: CompletionRunner, count: int) -> Callable[[], Awaitable[float]]:
+    async def completions() -> float:
+        return await _concurrent(runner, count)
+
+    return completions
 
 
 async def _concurrent(runner: CompletionRunner, count: int) -> float:
@@ -420,49 +518,247 @@ async def _concurrent(runner: CompletionRunner, count: int) -> float:
     return elapsed / 1000 / count
 
 
-def _report(result: BenchResult, chunks: int, samples: list[Sample], target: bool) -> None:
-    total = _us(samples, lambda s: s.total_ns)
-    net = _us(samples, lambda s: s.net_ns)
+def _ratio_detail(paired: Paired) -> str:
+    return f"per block pair: {spread(paired.block_ratios)}; medians of {len(paired.samples['current'])} each"
+
+
+def _ratio_figure(key: str, label: str, paired: Paired, measure: Callable[[Any], float]) -> Figure:
+    """median(current) / median(release) of `measure` over the paired samples (informational)."""
+    return Figure(key, label, paired.ratio(measure), "ratio", detail=_ratio_detail(paired))
+
+
+def _us_figure(key: str, label: str, values: list[float], detail: str = "") -> Figure:
+    """The median of `values` in µs, with their spread (then `detail`) as the detail."""
+    return Figure(key, label, median(values), "µs", detail=spread(values, unit="µs") + detail)
+
+
+BUILD_RECORD_CALLS = 20
+
+
+def build_record_timer(
+    loop: asyncio.AbstractEventLoop, runner: CompletionRunner
+) -> Callable[[], Awaitable[float]]:
+    """outlet's own first step, build_record, timed alone (µs per call, warm, 20 calls in a row) on
+    the state a real completion's inlet and stream left behind."""
+    plugin = runner.plugin
+    request = runner.prepare()
+
+    async def inlet_and_stream() -> None:
+        await call_hook(runner.hook.inlet, body=request.body, __metadata__=request.metadata, __model__=MODEL)
+        for payload in runner.stream.payloads:
+            await call_hook(runner.hook.stream, event=json.loads(payload), __metadata__=request.metadata)
+
+    loop.run_until_complete(inlet_and_stream())
+    state = request.metadata[plugin.STATE_KEY]
+    context = plugin.CompletionContext(
+        body=request.outlet,
+        user=request.user,
+        metadata=request.metadata,
+        record_all_models=False,
+        now=datetime.now(UTC),
+        now_monotonic=time.monotonic(),
+    )
+    if plugin.build_record(state, context) is None:
+        raise RuntimeError("build_record recorded nothing")
+
+    async def timed() -> float:
+        with gc_paused():
+            started = time.perf_counter_ns()
+            for _ in range(BUILD_RECORD_CALLS):
+                plugin.build_record(state, context)
+            return (time.perf_counter_ns() - started) / 1000 / BUILD_RECORD_CALLS
+
+    return timed
+
+
+def _report(result: BenchResult, collected: Collected, rounds: int) -> None:
+    real = collected.real[100]
+    ratio = real.ratio(_total)
+    release = f"{RELEASE_LABEL} (git {RELEASE_COMMIT[:7]})"
     result.add(
         Figure(
-            f"event_loop.completion_{chunks}_us",
-            f"{chunks} chunks: inlet + stream + outlet (thread_time)",
-            median(total),
-            "µs",
-            f"<= {TARGET_US:.0f} µs" if target else "",
-            at_most(median(total), TARGET_US) if target else None,
-            spread(total, unit="µs") + ("" if target else f"; target is for 100 chunks (this: {chunks})"),
+            "event_loop.ratio_100",
+            f"100 chunks: loop CPU per completion, current / {RELEASE_LABEL}",
+            ratio,
+            "ratio",
+            f"<= {TARGET_RATIO}",
+            at_most(ratio, TARGET_RATIO),
+            _ratio_detail(real),
         )
     )
+    for key, label in (("current", "current plugin"), ("release", release)):
+        result.add(
+            _us_figure(
+                f"event_loop.{key}_completion_100_us",
+                f"  100 chunks, {label}: inlet + stream + outlet (thread_time)",
+                _us(real.samples[key], _total),
+            )
+        )
     result.add(
         Figure(
-            f"event_loop.completion_{chunks}_net_us",
-            f"{chunks} chunks: same, net of idle-wait CPU in epoll",
-            median(net),
-            "µs",
-            detail=spread(net, unit="µs"),
+            "event_loop.ratio_100_net",
+            f"  100 chunks, net of idle-wait CPU in epoll: current / {RELEASE_LABEL}",
+            real.ratio(lambda s: s.net_ns),
+            "ratio",
+            detail="the same completions, each minus the CPU charged inside blocking epoll waits",
         )
     )
-    relative = [s.total_ns / s.parse_ns for s in samples]
+    for key, label in (("current", "current"), ("release", RELEASE_LABEL)):
+        samples = real.samples[key]
+        for part, field in (
+            ("inlet", lambda s: s.inlet_ns),
+            ("stream", lambda s: s.stream_ns),
+            ("outlet", lambda s: s.outlet_ns),
+            ("idle", lambda s: s.idle_ns),
+        ):
+            result.add(
+                _us_figure(
+                    f"event_loop.{key}_{part}_100_us",
+                    f"    {label}: {part}" + (" (CPU inside blocking epoll waits)" if part == "idle" else ""),
+                    _us(samples, field),
+                )
+            )
+        user, system = real.cpu[key]
+        result.note(
+            f"100 chunks, {label}: {100 * system / (user + system):.0f}% of the loop thread's CPU is system "
+            "time (getrusage RUSAGE_THREAD)"
+        )
+    current_total = _us(real.samples["current"], _total)
+    relative = [s.total_ns / s.parse_ns for s in real.samples["current"]]
     result.add(
         Figure(
-            f"event_loop.completion_{chunks}_over_parse",
-            f"{chunks} chunks: same / json.loads of the completion's chunks",
+            "event_loop.current_completion_100_over_parse",
+            "  100 chunks, current / json.loads of the completion's chunks",
             median(relative),
             "ratio",
-            detail="per completion; Open WebUI's own parsing of the same chunks, timed just before",
+            detail=f"per completion; median total {median(current_total):.0f} µs",
         )
     )
-    for key, label, field in (
-        ("inlet", "inlet", lambda s: s.inlet_ns),
-        ("stream", f"stream ({chunks} chunks)", lambda s: s.stream_ns),
-        ("outlet", "outlet (incl. idle wait)", lambda s: s.outlet_ns),
-        ("idle", "idle-wait CPU in epoll", lambda s: s.idle_ns),
-    ):
-        values = _us(samples, field)
-        result.add(
-            Figure(f"event_loop.{key}_{chunks}_us", f"  {label}", median(values), "µs", detail=spread(values))
+    long = collected.real[2000]
+    result.add(
+        _ratio_figure(
+            "event_loop.ratio_2000",
+            f"2000 chunks: loop CPU per completion, current / {RELEASE_LABEL}",
+            long,
+            _total,
         )
+    )
+    for key, label in (("current", "current"), ("release", RELEASE_LABEL)):
+        result.add(
+            _us_figure(
+                f"event_loop.{key}_completion_2000_us",
+                f"  2000 chunks, {label}",
+                _us(long.samples[key], _total),
+            )
+        )
+    missed = [key for key, was_missed in collected.stub_missed.items() if was_missed]
+    if missed:
+        result.note(
+            "writer stub not reached through writer_for by: "
+            + ", ".join(missed)
+            + " (their 'writer stubbed' figures measure a real write)"
+        )
+    resolved = collected.resolved
+    result.add(
+        _ratio_figure(
+            "event_loop.ratio_100_no_handoff",
+            f"100 chunks, writer stubbed (the plugin's own work): current / {RELEASE_LABEL}",
+            resolved,
+            _total,
+        )
+    )
+    for key, label in (("current", "current"), ("release", RELEASE_LABEL)):
+        for part, field in (("completion", _total), ("outlet", lambda s: s.outlet_ns)):
+            result.add(
+                _us_figure(
+                    f"event_loop.{key}_{part}_100_no_handoff_us",
+                    f"  {label}, writer stubbed: {'whole completion' if part == 'completion' else 'outlet'}",
+                    _us(resolved.samples[key], field),
+                )
+            )
+    if collected.build_record_error:
+        result.note(f"build_record not timed: {collected.build_record_error}")
+    else:
+        built = collected.build_record
+        result.add(
+            _ratio_figure(
+                "event_loop.ratio_build_record",
+                f"build_record alone (outlet's first step), warm: current / {RELEASE_LABEL}",
+                built,
+                float,
+            )
+        )
+        for key, label in (("current", "current"), ("release", RELEASE_LABEL)):
+            result.add(
+                _us_figure(
+                    f"event_loop.{key}_build_record_us",
+                    f"  {label}: build_record per call",
+                    [float(v) for v in built.samples[key]],
+                    f"; {BUILD_RECORD_CALLS} calls in a row, GC paused",
+                )
+            )
+    concurrent = collected.concurrent
+    result.add(
+        _ratio_figure(
+            "event_loop.ratio_concurrent_16",
+            f"100 chunks, 16 completions at once, loop CPU per completion: current / {RELEASE_LABEL}",
+            concurrent,
+            float,
+        )
+    )
+    for key, label in (("current", "current"), ("release", RELEASE_LABEL)):
+        result.add(
+            _us_figure(
+                f"event_loop.{key}_concurrent_16_us",
+                f"  {label}, 16 at once: per completion",
+                [float(v) for v in concurrent.samples[key]],
+                "; one batch's loop CPU / 16",
+            )
+        )
+    for key, label, values in (
+        (
+            "current_completion_100_sleeping_writer_us",
+            "control, current: writer replaced by a 2 ms asyncio.sleep (no thread, no database)",
+            _us(collected.sleeping, _total),
+        ),
+        (
+            "current_completion_100_with_valves_us",
+            "current, incl. Open WebUI's Valves(**saved) before every hook",
+            _us(collected.with_valves, _total),
+        ),
+    ):
+        result.add(_us_figure(f"event_loop.{key}", label, values))
+    for style, label in (
+        ("wrap_future", "await asyncio.wrap_future(f)"),
+        ("wait_for_shield_wrap_future", "await wait_for(shield(wrap_future(f)), 10) (current write())"),
+        ("call_soon_threadsafe", "one call_soon_threadsafe(set_result) per answer (1.0.0 LoopReply)"),
+    ):
+        values = collected.handoff_us[style]
+        result.add(
+            Figure(
+                f"event_loop.handoff_{style}_us",
+                f"control, no plugin: another thread answers after 2 ms; {label}",
+                median(values),
+                "µs",
+                detail="loop CPU per await; " + spread(values, unit="µs"),
+            )
+        )
+    result.add(
+        Figure(
+            "event_loop.json_loads_ns",
+            "calibration: json.loads of one chunk, same run",
+            median(collected.json_ns),
+            "ns/chunk",
+            detail="what Open WebUI pays per chunk anyway; shows how fast the machine was",
+        )
+    )
+    result.note(
+        f"both versions loaded in this process, each with its own module globals, writer and SQLite file; "
+        f"{release} from `git show {RELEASE_COMMIT}:plugin/openrouter_usage.py`. total = loop-thread CPU "
+        "from inlet to outlet's return (time.thread_time_ns); 'net' subtracts the CPU this VM charges the "
+        f"loop thread inside blocking epoll waits. {rounds} round(s); blocks of each version alternate "
+        "(ABBA); the ratio is median(current) / median(release) over all interleaved completions."
+    )
 
 
 if __name__ == "__main__":

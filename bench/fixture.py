@@ -1,11 +1,18 @@
 """The report fixture: a ledger of N random but seeded completions (200 users, 50 models on 1-3
 providers each, 400 days), on SQLite, cached in .cache/bench/ and loadable into PostgreSQL.
 
-Generation: ledger rows (time-ordered, as ids grow with time in a live ledger) are inserted with
-`conn.execute(plugin.ledger_table.insert(), rows)` in 100,000-row transactions, the users table
-gets one row per user, and the rollups are built by the ledger's own `Ledger._rebuild_rollups`
-inside `Ledger._write_transaction()`. The file is keyed by FIXTURE_VERSION and a digest of the
-plugin's schema, so a schema change or a generator change regenerates it.
+Generation: the plugin creates the database itself (`ledger_for(url).ensure_schema()`: its own
+migrations, so every table, column, index and meta row is the plugin's). The bench then reflects
+the tables from the database and bulk-inserts the ledger rows (time-ordered, as ids grow with time
+in a live ledger; `notes` '' and `omitted_generation_ids` 0, as for a record nothing had to be
+repaired in) in 100,000-row transactions, one users row per user, and computes the rollups in SQL
+for the zone UTC (one INSERT ... SELECT ... GROUP BY per rollup table: zone, local day, the
+table's keys, and the measures as the contract defines them: requests = rows, failed = status !=
+'ok', the other measures summed with NULL as 0). Meta `rollup_timezone` is set to UTC (and no
+recount is pending). The rollups are then checked against the ledger's totals and, up to
+CROSS_CHECK_ROWS rows, against the plugin's own count of the same rows. The file is keyed by
+FIXTURE_VERSION and a digest of the schema the plugin creates, so a schema change or a generator
+change regenerates it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import os
 import random
 import sqlite3
+import tempfile
 import time
 import types
 from collections.abc import Iterator
@@ -26,11 +34,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from bench.common import CACHE_DIR, file_size_mb, progress, sqlite_url
 
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 SEED = 20261126
 USERS = 200
 MODELS = 50
@@ -39,7 +46,13 @@ DAYS = 400
 REPORT_NOW = datetime(2026, 6, 30, 18, 0, tzinfo=UTC)
 FIRST_MOMENT = datetime(2026, 6, 30, tzinfo=UTC) - timedelta(days=DAYS - 1)
 INSERT_CHUNK = 100_000
+CROSS_CHECK_ROWS = 100_000  # up to this size, a generated fixture is checked against the plugin's own count
 UTC_ZONE = ZoneInfo("UTC")
+PREFIX = "openrouter_usage_"
+LEDGER = f"{PREFIX}ledger"
+USERS_TABLE = f"{PREFIX}users"
+META = f"{PREFIX}meta"
+ROLLUPS = (f"{PREFIX}rollup_day", f"{PREFIX}rollup_user_day", f"{PREFIX}rollup_model_day")
 
 _VENDORS = (
     "openai",
@@ -96,16 +109,26 @@ def user_id(index: int) -> str:
     return f"user-{index:03d}"
 
 
+def create_schema(plugin: types.ModuleType, url: str) -> None:
+    """The plugin creates (or migrates) the ledger at `url` with its own migrations."""
+    ledger = plugin.ledger_for(url)
+    try:
+        ledger.ensure_schema()
+    finally:
+        ledger.dispose()
+
+
 def schema_digest(plugin: types.ModuleType) -> str:
-    dialect = sqlite_dialect.dialect()
-    parts = [name for name, _ in plugin.MIGRATIONS]
-    for table in plugin.schema.sorted_tables:
-        parts.append(str(sa.schema.CreateTable(table).compile(dialect=dialect)))
-        parts.extend(
-            str(sa.schema.CreateIndex(index).compile(dialect=dialect))
-            for index in sorted(table.indexes, key=lambda i: str(i.name))
-        )
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+    """A digest of the schema the plugin creates: its migrations run on an empty SQLite file."""
+    with tempfile.TemporaryDirectory(prefix="bench-schema-") as scratch:
+        path = Path(scratch) / "schema.sqlite3"
+        create_schema(plugin, sqlite_url(path))
+        with contextlib.closing(sqlite3.connect(path)) as raw:
+            rows = raw.execute(
+                "SELECT type, name, coalesce(sql, '') FROM sqlite_master "
+                "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
+            ).fetchall()
+    return hashlib.sha256("\n".join("|".join(row) for row in rows).encode()).hexdigest()[:10]
 
 
 def fixture_path(plugin: types.ModuleType, rows: int) -> Path:
@@ -135,6 +158,8 @@ def report_fixture(plugin: types.ModuleType, rows: int) -> FixtureInfo:
         leftover.unlink(missing_ok=True)
     progress(f"generating the {rows:,}-row report fixture (cached afterwards in {CACHE_DIR})")
     insert_seconds, rollup_seconds = _generate(plugin, building, rows)
+    if rows <= CROSS_CHECK_ROWS:
+        cross_check(plugin, sqlite_url(building))
     os.replace(building, path)
     info = FixtureInfo(
         path,
@@ -160,24 +185,138 @@ def report_fixture(plugin: types.ModuleType, rows: int) -> FixtureInfo:
     return info
 
 
-def _generate(plugin: types.ModuleType, path: Path, rows: int) -> tuple[float, float]:
-    ledger = plugin.Ledger(sqlite_url(path))
+def reflect(engine: sa.Engine) -> dict[str, sa.Table]:
+    """The plugin's tables as the database holds them."""
+    metadata = sa.MetaData()
+    metadata.reflect(bind=engine, only=lambda name, _meta: name.startswith(PREFIX))
+    missing = {LEDGER, USERS_TABLE, META, *ROLLUPS} - set(metadata.tables)
+    if missing:
+        raise RuntimeError(f"the plugin's schema lacks tables the fixture fills: {sorted(missing)}")
+    return dict(metadata.tables)
+
+
+def ledger_rows_for(table: sa.Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The generated rows as `table` takes them; a NOT NULL column without default left unfilled
+    is an error here rather than a fixture that differs from what the plugin writes."""
+    generated = set(rows[0])
+    unknown = generated - set(table.c.keys())
+    required = {
+        column.name
+        for column in table.columns
+        if not column.nullable and column.server_default is None and not column.primary_key
+    }
+    if required - generated:
+        raise RuntimeError(f"the fixture does not fill ledger columns {sorted(required - generated)}")
+    if not unknown:
+        return rows
+    return [{key: value for key, value in row.items() if key not in unknown} for row in rows]
+
+
+def _day(column: sa.ColumnElement[Any], dialect: str) -> sa.ColumnElement[str]:
+    """The UTC calendar day of a naive-UTC timestamp, 'YYYY-MM-DD' (the rollups' zone is UTC)."""
+    if dialect == "sqlite":  # SQLAlchemy stores SQLite datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff'
+        return sa.func.substr(column, 1, 10)
+    return sa.func.to_char(column, "YYYY-MM-DD")
+
+
+def compute_rollups(conn: sa.Connection, tables: dict[str, sa.Table], zone: ZoneInfo) -> None:
+    """Every rollup table recounted from the ledger for `zone` (UTC only: days are UTC dates), and
+    meta `rollup_timezone` set to it with no recount pending."""
+    if zone.key != "UTC":
+        raise ValueError("the fixture computes UTC days only")
+    ledger = tables[LEDGER]
+    day = _day(ledger.c.created_at, conn.dialect.name)
+    for name in ROLLUPS:
+        rollup = tables[name]
+        keys = [column.name for column in rollup.primary_key.columns if column.name not in ("zone", "day")]
+        if not keys and name != f"{PREFIX}rollup_day":
+            raise RuntimeError(f"{name} has no key columns besides zone and day")
+        measures: list[sa.ColumnElement[Any]] = []
+        names: list[str] = []
+        for column in rollup.columns:
+            if column.name in ("zone", "day", *keys):
+                continue
+            if column.name == "requests":
+                measure: sa.ColumnElement[Any] = sa.func.count()
+            elif column.name == "failed":
+                measure = sa.func.sum(sa.case((ledger.c.status != "ok", 1), else_=0))
+            elif column.name in ledger.c:
+                measure = sa.func.sum(sa.func.coalesce(ledger.c[column.name], 0))
+            else:
+                raise RuntimeError(f"{name}.{column.name}: a measure the fixture does not know")
+            names.append(column.name)
+            measures.append(measure)
+        # Release 1.0.0's rollups had no zone column (one zone at a time); the fixture serves both.
+        zoned = "zone" in rollup.c
+        leading = [sa.literal(zone.key), day] if zoned else [day]
+        select = sa.select(*leading, *(ledger.c[key] for key in keys), *measures).group_by(
+            day, *(ledger.c[key] for key in keys)
+        )
+        conn.execute(rollup.delete())
+        target = ["zone", "day"] if zoned else ["day"]
+        conn.execute(rollup.insert().from_select([*target, *keys, *names], select))
+    meta = tables[META]
+    conn.execute(meta.delete().where(meta.c.key.in_(["rollup_timezone", "rollup_recount"])))
+    conn.execute(meta.insert().values(key="rollup_timezone", value=zone.key))
+    _check_rollups(conn, tables, zone)
+
+
+def _check_rollups(conn: sa.Connection, tables: dict[str, sa.Table], zone: ZoneInfo) -> None:
+    """Each rollup's totals equal the ledger's (what the plugin's own invariant requires)."""
+    ledger = tables[LEDGER]
+    expected = conn.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(ledger.c.spend_pico), 0))
+    ).one()
+    for name in ROLLUPS:
+        rollup = tables[name]
+        totals = sa.select(
+            sa.func.coalesce(sa.func.sum(rollup.c.requests), 0),
+            sa.func.coalesce(sa.func.sum(rollup.c.spend_pico), 0),
+        )
+        if "zone" in rollup.c:
+            totals = totals.where(rollup.c.zone == zone.key)
+        found = conn.execute(totals).one()
+        if tuple(map(int, found)) != tuple(map(int, expected)):
+            raise RuntimeError(f"{name} totals {tuple(found)} differ from the ledger's {tuple(expected)}")
+
+
+def cross_check(plugin: types.ModuleType, url: str) -> None:
+    """The rollups computed in SQL give the report the plugin computes from the ledger rows itself:
+    asked for another zone with the same days (Etc/UTC), build_usage_report counts the rows afresh
+    with its own rollup code (in a scratch database)."""
+    ledger = plugin.ledger_for(url)
     try:
-        ledger.ensure_schema()
-        started = time.perf_counter()
-        for chunk in generate_rows(rows, INSERT_CHUNK):
-            with ledger._write_transaction() as conn:
-                conn.execute(plugin.ledger_table.insert(), chunk)
-        with ledger._write_transaction() as conn:
-            conn.execute(plugin.users_table.insert(), user_rows())
-        inserted = time.perf_counter()
-        progress(f"  {rows:,} ledger rows inserted in {inserted - started:.1f} s; rebuilding rollups")
-        with ledger._write_transaction() as conn:
-            ledger._rebuild_rollups(conn, UTC_ZONE)
-        rolled_up = time.perf_counter()
-        progress(f"  rollups rebuilt in {rolled_up - inserted:.1f} s")
+        from_sql = plugin.build_usage_report(ledger, UTC_ZONE, 10, REPORT_NOW)
+        recounted = plugin.build_usage_report(ledger, ZoneInfo("Etc/UTC"), 10, REPORT_NOW)
     finally:
         ledger.dispose()
+    if recounted.timezone == from_sql.timezone:
+        raise RuntimeError("cross-check: the plugin did not recount for Etc/UTC")
+    for field in ("periods", "top_users", "top_models"):
+        if getattr(from_sql, field) != getattr(recounted, field):
+            raise RuntimeError(f"the fixture's rollups differ from the plugin's own count: {field}")
+
+
+def _generate(plugin: types.ModuleType, path: Path, rows: int) -> tuple[float, float]:
+    url = sqlite_url(path)
+    create_schema(plugin, url)
+    engine = sa.create_engine(url)
+    try:
+        tables = reflect(engine)
+        started = time.perf_counter()
+        for chunk in generate_rows(rows, INSERT_CHUNK):
+            with engine.begin() as conn:
+                conn.execute(tables[LEDGER].insert(), ledger_rows_for(tables[LEDGER], chunk))
+        with engine.begin() as conn:
+            conn.execute(tables[USERS_TABLE].insert(), user_rows())
+        inserted = time.perf_counter()
+        progress(f"  {rows:,} ledger rows inserted in {inserted - started:.1f} s; computing rollups")
+        with engine.begin() as conn:
+            compute_rollups(conn, tables, UTC_ZONE)
+        rolled_up = time.perf_counter()
+        progress(f"  rollups computed in {rolled_up - inserted:.1f} s")
+    finally:
+        engine.dispose()
     with contextlib.closing(sqlite3.connect(path)) as raw:  # fold the WAL into the file
         raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     Path(f"{path}-wal").unlink(missing_ok=True)
@@ -278,6 +417,8 @@ def generate_rows(rows: int, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
                 "latency_ms": latency,
                 "ttft_ms": int(latency * rng.uniform(0.05, 0.4)),
                 "usage_json": None if failed else json.dumps(usage),
+                "notes": "",
+                "omitted_generation_ids": 0,
             }
         )
         if len(chunk) == chunk_size:
@@ -293,43 +434,40 @@ def generate_rows(rows: int, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
 def load_into_postgres(
     plugin: types.ModuleType, fixture: FixtureInfo, server: Any, dbname: str
 ) -> dict[str, float]:
-    """Copy the fixture's ledger and users into a fresh PostgreSQL database (COPY), rebuild the
-    rollups there with the ledger's own code, then VACUUM ANALYZE. Returns phase durations."""
+    """A fresh PostgreSQL database, its schema created by the plugin; the fixture's ledger and users
+    copied in (COPY), the rollups computed there in SQL, then VACUUM ANALYZE. Returns durations."""
     server.create_database(dbname)
     url = server.url_for(dbname)
-    ledger = plugin.Ledger(url)
+    create_schema(plugin, url)
     timings: dict[str, float] = {}
+    engine = sa.create_engine(url)
     try:
-        ledger.ensure_schema()
+        tables = reflect(engine)
         started = time.perf_counter()
-        columns = [column.name for column in plugin.ledger_table.columns]
         with contextlib.closing(sqlite3.connect(fixture.path)) as source, server.connect(dbname) as target:
-            for table, names in (
-                (plugin.ledger_table, columns),
-                (plugin.users_table, ["user_id", "user_name", "last_seen_at"]),
-            ):
-                column_list = ", ".join(names)
-                with (
-                    target.cursor() as cursor,
-                    cursor.copy(f"COPY {table.name} ({column_list}) FROM STDIN") as copy,
-                ):
-                    for row in source.execute(f"SELECT {column_list} FROM {table.name}"):
+            for name in (LEDGER, USERS_TABLE):
+                source_columns = [row[1] for row in source.execute(f"PRAGMA table_info({name})")]
+                if set(source_columns) != set(tables[name].c.keys()):
+                    raise RuntimeError(f"{name}: SQLite and PostgreSQL columns differ")
+                column_list = ", ".join(source_columns)
+                statement = f"COPY {name} ({column_list}) FROM STDIN"
+                with target.cursor() as cursor, cursor.copy(statement) as copy:
+                    for row in source.execute(f"SELECT {column_list} FROM {name}"):
                         copy.write_row(row)
             target.execute(
-                f"SELECT setval(pg_get_serial_sequence('{plugin.ledger_table.name}', 'id'), "
-                f"(SELECT max(id) FROM {plugin.ledger_table.name}))"
+                f"SELECT setval(pg_get_serial_sequence('{LEDGER}', 'id'), (SELECT max(id) FROM {LEDGER}))"
             )
         copied = time.perf_counter()
         timings["copy_seconds"] = copied - started
-        with ledger._write_transaction() as conn:
-            ledger._rebuild_rollups(conn, UTC_ZONE)
+        with engine.begin() as conn:
+            compute_rollups(conn, tables, UTC_ZONE)
         rebuilt = time.perf_counter()
         timings["rollup_seconds"] = rebuilt - copied
-        with server.connect(dbname) as admin:
+        with server.connect(dbname) as admin:  # autocommit: VACUUM runs outside a transaction
             admin.execute("VACUUM ANALYZE")
         timings["vacuum_seconds"] = time.perf_counter() - rebuilt
     finally:
-        ledger.dispose()
+        engine.dispose()
     return timings
 
 

@@ -1,5 +1,6 @@
 """The child side of bench.multiprocess_writers: one OS process, one plugin module instance (loaded
-as Open WebUI loads it), one group-commit writer, `concurrency` asyncio outlets submitting records.
+as Open WebUI loads it), one group-commit writer, `concurrency` asyncio outlets each awaiting
+`writer.write(request)` (what outlet awaits).
 
 Kept in its own module so that spawn children import only this (not the parent's __main__)."""
 
@@ -12,6 +13,7 @@ import os
 import time
 import traceback
 from typing import Any
+from zoneinfo import ZoneInfo
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -22,6 +24,7 @@ class WorkerSpec:
     count: int
     concurrency: int
     prefix: str
+    release: bool = False  # run release 1.0.0 (from git) instead of the working tree's plugin
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,26 +41,29 @@ def writer_process(spec: WorkerSpec, ready: Any, go: Any, results: Any) -> None:
     os.environ.pop("OPENROUTER_USAGE_DATABASE_URL", None)
     os.environ.pop("DATABASE_URL", None)
     plugin = None
+    announced = False
     try:
-        from bench.common import close_plugin, load_plugin, make_records
+        from bench.common import close_plugin, load_plugin, load_release_plugin, make_records
 
-        plugin = load_plugin()
-        records = make_records(plugin, spec.count, f"{spec.prefix}-p{spec.index}")
+        plugin = load_release_plugin() if spec.release else load_plugin()
+        records = make_records(plugin, spec.count + 1, f"{spec.prefix}-p{spec.index}")
         writer = plugin.writer_for(spec.url)
-        writer.ledger.ensure_schema()
-        ready.put(spec.index)
-        if not go.wait(timeout=300):
-            raise TimeoutError("never told to start")
-        zone = plugin.resolve_zone("UTC")
+        zone = ZoneInfo("UTC")
         outcomes: collections.Counter[str] = collections.Counter()
 
         async def outlets() -> tuple[int, int]:
-            pending = iter(records)
+            # One untimed write first: creates or checks the schema, connects, starts the writer thread.
+            outcomes[(await writer.write(plugin.WriteRequest(record=records[0], zone=zone))).stored] += 1
+            nonlocal announced
+            ready.put(spec.index)
+            announced = True
+            if not await asyncio.to_thread(go.wait, 300):
+                raise TimeoutError("never told to start")
+            pending = iter(records[1:])
 
             async def outlet_task() -> None:
                 for record in pending:
-                    request = plugin.WriteRequest(record=record, zone=zone)
-                    outcome = await asyncio.wrap_future(writer.submit(request))
+                    outcome = await writer.write(plugin.WriteRequest(record=record, zone=zone))
                     outcomes[outcome.stored] += 1
 
             started = time.monotonic_ns()
@@ -67,7 +73,8 @@ def writer_process(spec: WorkerSpec, ready: Any, go: Any, results: Any) -> None:
         started, finished = asyncio.run(outlets())
         results.put(WorkerResult(spec.index, started, finished, dict(outcomes)))
     except BaseException:
-        ready.put(spec.index)  # never leave the parent waiting for a crashed child
+        if not announced:
+            ready.put(spec.index)  # never leave the parent waiting for a crashed child
         results.put(WorkerResult(spec.index, 0, 0, {}, traceback.format_exc()))
     finally:
         if plugin is not None:

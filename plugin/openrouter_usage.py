@@ -42,6 +42,7 @@ import copy
 import csv
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import io
@@ -173,11 +174,13 @@ class UsageRecord:
     omitted_generation_ids: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-safe form, used by the spool: it round-trips through `from_json` unchanged."""
-        data = dataclasses.asdict(self)
+        """A strict-JSON form, used by the spool: it round-trips through `from_json` (raw usage
+        as strict_json_value makes it)."""
+        data = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        data["usage"] = dataclasses.asdict(self.usage) | {"notes": list(self.usage.notes)}
         data["generation_ids"] = list(self.generation_ids)
         data["notes"] = list(self.notes)
-        data["usage"]["notes"] = list(self.usage.notes)
+        data["raw_usage"] = strict_json_value(self.raw_usage) if self.raw_usage is not None else None
         data["created_at"] = self.created_at.isoformat()
         return data
 
@@ -364,23 +367,30 @@ def parse_usage(raw: Mapping[str, Any]) -> Usage:
     )
 
 
-_UNSAFE_CHARACTERS: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Control characters, bidi controls, and lone surrogates (valid in JSON text, unencodable in UTF-8).
+_UNSAFE_CHARACTERS: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 
 
 def clean_text(value: Any, limit: int = MAX_TEXT) -> str:
-    """Text safe to store and show: no NUL, C0/C1 control or bidi control characters (line breaks
-    and tabs become spaces), at most `limit` characters."""
+    """Text safe to store and show: no NUL, C0/C1 control or bidi control characters and no lone
+    surrogates (line breaks and tabs become spaces), at most `limit` characters."""
     text = value if isinstance(value, str) else ("" if value is None else str(value))
-    if _UNSAFE_CHARACTERS.search(text):
+    # isprintable() is one C pass and true for almost every real name; the regex runs otherwise.
+    if not text.isprintable() and _UNSAFE_CHARACTERS.search(text):
         text = _UNSAFE_CHARACTERS.sub(lambda m: " " if m.group() in "\t\n\r" else "", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def strict_json_value(value: Any, depth: int = 0) -> Any:
     """`value` as strict JSON data: NaN and infinities become null, depth and width are bounded,
-    keys are text, and anything that is not JSON becomes its (short) text."""
-    if value is None or isinstance(value, bool | int | str):
+    keys are text, strings are cleaned and bounded, and anything that is not JSON becomes its
+    (short) text."""
+    if value is None or isinstance(value, bool | int):
         return value
+    if isinstance(value, str):
+        return clean_text(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if depth >= MAX_RAW_DEPTH:
@@ -547,13 +557,16 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
         usage, raw = Usage(), None
 
     notes = list(usage.notes)
+    usage = _bounded_per_completion(usage, notes)
     metadata = context.metadata or {}
     user = context.user or {}
     message_id = _clean_field(
         notes, "message_id", _first_text(metadata.get("message_id"), body.get("id"), message.get("id"))
     )
     if not message_id:
-        message_id = state.generation_ids[0] if state.generation_ids else f"unidentified-{uuid.uuid4()}"
+        message_id = (
+            clean_text(state.generation_ids[0]) if state.generation_ids else f"unidentified-{uuid.uuid4()}"
+        )
         log.warning("openrouter_usage: completion has no message id; recorded as %s", message_id)
     user_id = _clean_field(notes, "user_id", _first_text(user.get("id"))) or "unknown"
     if user_id == "unknown":
@@ -584,18 +597,32 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
         error=error,
         latency_ms=round((context.now_monotonic - state.started_at) * 1000),
         ttft_ms=ttft_ms,
-        raw_usage=strict_json_value(raw) if raw is not None else None,
+        raw_usage=raw,  # made strict JSON by the writer thread (ledger_values, to_json), off the loop
         created_at=context.now,
         notes=tuple(notes),
         omitted_generation_ids=state.omitted_generation_ids,
     )
 
 
+MAX_COMPLETION_PICO: Final = usd_to_pico(MAX_COMPLETION_USD)
+
+
+def _bounded_per_completion(usage: Usage, notes: list[str]) -> Usage:
+    """The money ceiling holds for the completion as a whole, not only for each of its calls."""
+    if (usage.cost_pico or 0) > MAX_COMPLETION_PICO:
+        notes.append("cost summed over the calls is out of range; cost unknown")
+        usage = dataclasses.replace(usage, cost_pico=None)
+    if (usage.upstream_cost_pico or 0) > MAX_COMPLETION_PICO:
+        notes.append("upstream_inference_cost summed over the calls is out of range; unknown")
+        usage = dataclasses.replace(usage, upstream_cost_pico=None)
+    return usage
+
+
 def display_name(user: Mapping[str, Any], user_id: str, notes: list[str]) -> str:
     """The name reports show: the user's name, never an e-mail address (then the user id)."""
     name = _clean_field(notes, "user_name", _first_text(user.get("name"))).strip()
     email = str(user.get("email") or "").strip().lower()
-    if not name or name.lower() == email or _EMAIL.fullmatch(name):
+    if not name or name.lower() == email or ("@" in name and _EMAIL.fullmatch(name)):
         return user_id
     return name
 
@@ -853,7 +880,12 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
                 "CREATE INDEX openrouter_usage_ledger_repaired ON openrouter_usage_ledger (id) "
                 "WHERE notes <> ''",
                 *zoned,
-                # A ledger whose rollups were stale (0004 drops them) is recounted, in UTC first.
+                # The rollup zone is settled here, under the migration lock, never by racing writers:
+                # an empty ledger starts in UTC (the first write's zone, if another, is a recount of
+                # nothing); one whose rollups were stale (0004 drops them) is recounted, in UTC first.
+                "INSERT INTO openrouter_usage_meta (\"key\", value) SELECT 'rollup_timezone', 'UTC' "
+                "WHERE NOT EXISTS (SELECT 1 FROM openrouter_usage_meta WHERE \"key\" = 'rollup_timezone') "
+                "AND NOT EXISTS (SELECT 1 FROM openrouter_usage_ledger)",
                 "INSERT INTO openrouter_usage_meta (\"key\", value) SELECT 'rollup_recount', "
                 '\'{"zone": "UTC", "after_id": 0}\' WHERE NOT EXISTS (SELECT 1 FROM openrouter_usage_meta '
                 "WHERE \"key\" = 'rollup_timezone') AND EXISTS (SELECT 1 FROM openrouter_usage_ledger)",
@@ -934,8 +966,16 @@ def resolve_database_url(configured: str = "") -> str:
         if owui_url.startswith(("postgres://", "postgresql")):
             url = owui_url
     if not url:
-        url = f"sqlite:///{data_dir() / DEFAULT_SQLITE_NAME}"
+        owui_data_dir = getattr(sys.modules.get("open_webui.env"), "DATA_DIR", None)
+        url = _default_sqlite_url(str(owui_data_dir), os.environ.get("DATA_DIR"), os.getcwd())
     return normalize_database_url(url)
+
+
+@functools.lru_cache(maxsize=8)
+def _default_sqlite_url(*_where_data_dir_comes_from: str | None) -> str:
+    """The default ledger's URL, for each place data_dir() reads (the arguments are only the
+    cache key: every outlet resolves the URL, and building paths is not free)."""
+    return f"sqlite:///{data_dir() / DEFAULT_SQLITE_NAME}"
 
 
 _SECRET_PARAMETER: Final = re.compile(r"pass|secret|token|key", re.IGNORECASE)
@@ -1084,12 +1124,17 @@ def _rollup_upsert(table: sa.Table) -> sa.TextClause:
 
 
 ROLLUP_UPSERTS: Final = {table.name: _rollup_upsert(table) for table in ROLLUP_TABLES}
-# A user's name as of their latest completion: a replayed older record changes nothing.
-USERS_UPSERT: Final = sa.text(
+# A user's name as of their latest completion, in two statements that touch (and on PostgreSQL
+# lock) a users row only when the user is new or renamed, so that writers in several processes do
+# not queue behind each other on the same users' rows. `last_seen_at` is when the stored name was
+# last seen: a replayed older record never brings an old name back.
+USERS_INSERT_NEW: Final = sa.text(
     f"INSERT INTO {users_table.name} (user_id, user_name, last_seen_at) "
-    "VALUES (:user_id, :user_name, :last_seen_at) ON CONFLICT (user_id) DO UPDATE SET "
-    "user_name = excluded.user_name, last_seen_at = excluded.last_seen_at "
-    f"WHERE excluded.last_seen_at >= {users_table.name}.last_seen_at"
+    "VALUES (:user_id, :user_name, :last_seen_at) ON CONFLICT (user_id) DO NOTHING"
+).bindparams(sa.bindparam("last_seen_at", type_=sa.DateTime))
+USERS_RENAME: Final = sa.text(
+    f"UPDATE {users_table.name} SET user_name = :user_name, last_seen_at = :last_seen_at "
+    "WHERE user_id = :user_id AND user_name <> :user_name AND last_seen_at <= :last_seen_at"
 ).bindparams(sa.bindparam("last_seen_at", type_=sa.DateTime))
 META_UPSERT: Final = sa.text(
     f'INSERT INTO {meta_table.name} ("key", value) VALUES (:key, :value) '
@@ -1144,7 +1189,11 @@ def ledger_values(record: UsageRecord) -> dict[str, Any]:
         "error": record.error,
         "latency_ms": record.latency_ms,
         "ttft_ms": record.ttft_ms,
-        "usage_json": json.dumps(record.raw_usage, allow_nan=False) if record.raw_usage is not None else None,
+        "usage_json": (
+            json.dumps(strict_json_value(record.raw_usage), allow_nan=False)
+            if record.raw_usage is not None
+            else None
+        ),
         "notes": "; ".join(record.notes),
         "omitted_generation_ids": record.omitted_generation_ids,
     }
@@ -1274,15 +1323,13 @@ def _delete_zone_rollups(conn: sa.Connection, zones: set[str]) -> None:
 
 
 def settle_zone(conn: sa.Connection, state: RollupState, zone: str) -> RollupState:
-    """Bring the rollup state in line with the zone the settings ask for (inside a write)."""
-    if state.zone is None and state.recount_zone is None:
-        if conn.execute(sa.select(ledger_table.c.id).limit(1)).first() is None:
-            conn.execute(META_UPSERT, {"key": ROLLUP_ZONE_KEY, "value": zone})
-            return RollupState(zone)
+    """Bring the rollup state in line with the zone the settings ask for (inside a write, which
+    several processes may run at once: every branch is safe to take twice)."""
+    if state.zone is None and state.recount_zone is None:  # not left by any migration; recount
         return _start_recount(conn, state, zone)
     if state.zone == zone:
         if state.recount_zone is not None:  # the settings went back: the recount is not needed
-            _delete_zone_rollups(conn, {state.recount_zone})
+            _delete_zone_rollups(conn, {state.recount_zone} - {zone})  # never the complete zone's
             conn.execute(meta_table.delete().where(meta_table.c.key == RECOUNT_KEY))
         return RollupState(zone)
     if state.recount_zone != zone:
@@ -1295,6 +1342,9 @@ def recount_chunk(conn: sa.Connection) -> bool:
     excludes other writers); True while more remain."""
     state = read_rollup_state(conn)
     if state.recount_zone is None:
+        return False
+    if state.recount_zone == state.zone:  # nothing to recount: its rollups are complete
+        conn.execute(meta_table.delete().where(meta_table.c.key == RECOUNT_KEY))
         return False
     rows = conn.execute(
         sa.select(*_RECOUNT_COLUMNS)
@@ -1644,13 +1694,12 @@ class Ledger:
         for record in fresh:
             if record.user_id not in latest or record.created_at >= latest[record.user_id].created_at:
                 latest[record.user_id] = record
-        conn.execute(
-            USERS_UPSERT,
-            [
-                {"user_id": r.user_id, "user_name": r.user_name, "last_seen_at": _naive_utc(r.created_at)}
-                for _, r in sorted(latest.items())
-            ],
-        )
+        users = [
+            {"user_id": r.user_id, "user_name": r.user_name, "last_seen_at": _naive_utc(r.created_at)}
+            for _, r in sorted(latest.items())
+        ]
+        conn.execute(USERS_INSERT_NEW, users)
+        conn.execute(USERS_RENAME, users)
         return {record.message_id for record in fresh}
 
     def claim_once(self, key: str) -> bool:
@@ -1743,17 +1792,17 @@ class Ledger:
                 self._engine.dispose()
 
 
+_SELECT_USER_TOTALS: Final = sa.select(*_sums(rollup_user_day_table)).where(
+    rollup_user_day_table.c.zone == sa.bindparam("zone"),
+    rollup_user_day_table.c.user_id == sa.bindparam("user_id"),
+    rollup_user_day_table.c.day >= sa.bindparam("first_day"),
+    rollup_user_day_table.c.day <= sa.bindparam("last_day"),
+)
+
+
 def user_totals(conn: sa.Connection, zone: str, user_id: str, first_day: str, last_day: str) -> Totals:
-    table = rollup_user_day_table
-    row = conn.execute(
-        sa.select(*_sums(table)).where(
-            table.c.zone == zone,
-            table.c.user_id == user_id,
-            table.c.day >= first_day,
-            table.c.day <= last_day,
-        )
-    ).first()
-    return Totals.from_row(row)
+    parameters = {"zone": zone, "user_id": user_id, "first_day": first_day, "last_day": last_day}
+    return Totals.from_row(conn.execute(_SELECT_USER_TOTALS, parameters).first())
 
 
 def _utcnow_naive() -> datetime:
@@ -1801,18 +1850,64 @@ class RecordNotDurable(Exception):
     """The record could neither be committed nor spooled (both the database and the disk failed)."""
 
 
-Pending = tuple[WriteRequest, concurrent.futures.Future[WriteOutcome]]
+class WriterTimedOut(Exception):
+    """The writer did not answer an outlet within OUTLET_WAIT_SECONDS."""
 
 
-def answer(future: concurrent.futures.Future[WriteOutcome], outcome: WriteOutcome | BaseException) -> None:
-    """Settle a waiter's future; a waiter that gave up (cancelled) is skipped. Never raises."""
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if future.done():
-            return
+class LoopReply:
+    """An outlet waiting on its event loop for a write's outcome."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[WriteOutcome]) -> None:
+        self.loop = loop
+        self.future = future
+
+
+# Outlets wait on their event loop; the CLI, tests and benchmarks on a concurrent Future.
+Reply = concurrent.futures.Future[WriteOutcome] | LoopReply
+Pending = tuple[WriteRequest, Reply]
+Settlement = tuple[asyncio.Future[WriteOutcome], WriteOutcome | BaseException]
+
+
+def answer_all(replies: Iterable[tuple[Reply, WriteOutcome | BaseException]]) -> None:
+    """Settle every waiter (from the writer thread). The outlets of one event loop are woken with
+    one call: a wake-up costs the loop a self-pipe read, and a batch under load holds dozens of
+    outlets of the same loop. A waiter that gave up is skipped. Never raises."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]] = {}
+    for reply, outcome in replies:
+        if isinstance(reply, LoopReply):
+            by_loop.setdefault(reply.loop, []).append((reply.future, outcome))
+            continue
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if reply.done():  # cancelled
+                continue
+            if isinstance(outcome, BaseException):
+                reply.set_exception(outcome)
+            else:
+                reply.set_result(outcome)
+    for loop, settlements in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, settlements)
+
+
+def _settle(settlements: list[Settlement]) -> None:
+    for future, outcome in settlements:
+        if future.done():  # timed out or cancelled
+            continue
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+
+
+def _time_out(future: asyncio.Future[WriteOutcome]) -> None:
+    if not future.done():
+        future.set_exception(WriterTimedOut())
+
+
+def _answered(reply: Reply) -> bool:
+    return reply.future.done() if isinstance(reply, LoopReply) else reply.done()
 
 
 def _records_json(records: Iterable[UsageRecord]) -> str:
@@ -1848,15 +1943,20 @@ class GroupCommitWriter:
         """Commit `request` and return once it is durable; the event loop only waits, and for at
         most OUTLET_WAIT_SECONDS: then the record is spooled from here (a later commit of the same
         message by the writer is a duplicate, never a second count)."""
-        future = self.submit(request)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[WriteOutcome] = loop.create_future()
+        self._enqueue(request, LoopReply(loop, future))
+        timer = loop.call_later(OUTLET_WAIT_SECONDS, _time_out, future)
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), OUTLET_WAIT_SECONDS)
-        except TimeoutError:
+            return await future
+        except WriterTimedOut:
             log.error(
                 "openrouter_usage: the ledger writer did not answer within %.0f s; spooling %s",
                 OUTLET_WAIT_SECONDS,
                 request.record.message_id,
             )
+        finally:
+            timer.cancel()
         try:
             await asyncio.wait_for(
                 asyncio.to_thread(self.ledger.spool.append, [request.record]), SPOOL_WAIT_SECONDS
@@ -1870,12 +1970,15 @@ class GroupCommitWriter:
     def submit(self, request: WriteRequest) -> concurrent.futures.Future[WriteOutcome]:
         """The same for callers outside an event loop (the CLI, tests, benchmarks), unbounded."""
         future: concurrent.futures.Future[WriteOutcome] = concurrent.futures.Future()
-        self._queue.put((request, future))
+        self._enqueue(request, future)
+        return future
+
+    def _enqueue(self, request: WriteRequest, reply: Reply) -> None:
+        self._queue.put((request, reply))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="openrouter_usage_writer", daemon=True)
                 self._thread.start()
-        return future
 
     def _run(self) -> None:
         while True:
@@ -1928,8 +2031,8 @@ class GroupCommitWriter:
             self._spool(batch, exc)
             return
         self._recount_due = self._recount_due or result.recounting
-        for (_, future), outcome in zip(batch, self._outcomes(batch, result), strict=True):
-            answer(future, outcome)
+        outcomes = self._outcomes(batch, result)
+        answer_all((reply, outcome) for (_, reply), outcome in zip(batch, outcomes, strict=True))
 
     def _spool(self, batch: list[Pending], exc: BaseException) -> None:
         log.error(
@@ -1947,24 +2050,22 @@ class GroupCommitWriter:
                 len(batch),
                 _records_json(request.record for request, _ in batch),
             )
-            for _, future in batch:
-                answer(future, RecordNotDurable(short_error(spool_exc)))
+            answer_all((reply, RecordNotDurable(short_error(spool_exc))) for _, reply in batch)
             return
         self._spool_waiting = True
         self._next_replay = time.monotonic() + REPLAY_INTERVAL_SECONDS
-        for _, future in batch:
-            answer(future, WriteOutcome("spooled"))
+        answer_all((reply, WriteOutcome("spooled")) for _, reply in batch)
 
     def _rescue(self, exc: BaseException) -> None:
         """After a failure in the loop: whatever was in hand and unanswered is spooled (a record
         that was in fact committed replays as a duplicate)."""
-        unanswered = [pending for pending in self._in_hand if not pending[1].done()]
+        unanswered = [pending for pending in self._in_hand if not _answered(pending[1])]
         self._in_hand = []
         if unanswered:
             with contextlib.suppress(BaseException):
                 self._spool(unanswered, exc)
-            for _, future in unanswered:  # if even that failed
-                answer(future, RecordNotDurable(short_error(exc)))
+            # If even that failed (a waiter answered twice keeps the first answer):
+            answer_all((reply, RecordNotDurable(short_error(exc))) for _, reply in unanswered)
 
     def _upkeep(self) -> None:
         if self._spool_waiting and time.monotonic() >= self._next_replay:
@@ -2285,11 +2386,14 @@ def _report_figures(
     return periods, top_users, top_models
 
 
+_SELECT_PERIOD_TOTALS: Final = sa.select(*_sums(rollup_day_table)).where(
+    rollup_day_table.c.zone == sa.bindparam("zone"), rollup_day_table.c.day >= sa.bindparam("first_day")
+)
+
+
 def _period_totals(conn: sa.Connection, zone: str, first_day: str | None) -> Totals:
-    query = sa.select(*_sums(rollup_day_table)).where(rollup_day_table.c.zone == zone)
-    if first_day is not None:
-        query = query.where(rollup_day_table.c.day >= first_day)
-    return Totals.from_row(conn.execute(query).first())
+    parameters = {"zone": zone, "first_day": first_day or ""}  # every day sorts after ""
+    return Totals.from_row(conn.execute(_SELECT_PERIOD_TOTALS, parameters).first())
 
 
 def render_report_markdown(report: UsageReport) -> str:
@@ -3236,7 +3340,8 @@ async def emit(emitter: EventEmitter, event: dict[str, Any]) -> None:
     """Send an event to the browser, waiting at most INTERNAL_WAIT_SECONDS."""
     sent = emitter(event)
     if asyncio.iscoroutine(sent) or isinstance(sent, asyncio.Future):
-        await asyncio.wait_for(sent, INTERNAL_WAIT_SECONDS)
+        async with asyncio.timeout(INTERNAL_WAIT_SECONDS):  # no Task per event, unlike wait_for
+            await sent
 
 
 async def deliver_bulk_sync_notice(

@@ -25,11 +25,12 @@ import select
 import sys
 import time
 import types
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
+
+from tests.reliability.independent import TOKEN_COLUMNS, load_source
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN_PATH = REPO / "plugin" / "openrouter_usage.py"
@@ -107,34 +108,16 @@ def record_fields(message_id: str) -> dict[str, Any]:
 def load_plugin() -> types.ModuleType:
     """The plugin as Open WebUI loads it: its source exec'd into a fresh module without __file__.
 
-    The same steps as tests.conftest.load_plugin_module, repeated here because importing
-    tests.conftest imports pytest, and every restart would pay for it on the test's clock."""
-    name = f"function_openrouter_usage_{uuid.uuid4().hex}"
-    module = types.ModuleType(name)
-    sys.modules[name] = module
-    source = PLUGIN_PATH.read_text(encoding="utf-8")
-    exec(compile(source, f"<function {name}>", "exec"), module.__dict__)
-    return module
+    Not tests.conftest.load_plugin_module: importing tests.conftest imports pytest, and every
+    restart would pay for it on the test's clock."""
+    return load_source(PLUGIN_PATH.read_text(encoding="utf-8"))
 
 
 def build_request(plugin: types.ModuleType, message_id: str, zone: ZoneInfo) -> Any:
     fields = record_fields(message_id)
-    usage = plugin.Usage(
-        **{
-            name: fields[name]
-            for name in (
-                "prompt_tokens",
-                "completion_tokens",
-                "total_tokens",
-                "cached_tokens",
-                "cache_write_tokens",
-                "reasoning_tokens",
-                "cost_pico",
-                "upstream_cost_pico",
-                "is_byok",
-            )
-        }
-    )
+    # A Usage holds the token and money columns but spend_pico, which it derives.
+    usage_fields = (*TOKEN_COLUMNS, "cost_pico", "upstream_cost_pico", "is_byok")
+    usage = plugin.Usage(**{name: fields[name] for name in usage_fields})
     record = plugin.UsageRecord(
         message_id=message_id,
         chat_id=fields["chat_id"],

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +30,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from tests.reliability.independent import (
+    LEDGER_COLUMNS_1_0_0,
+    MEASURES,
+    ROLLUP_KEYS,
+    Rollups,
+    scanned_rollups,
+)
 from tests.reliability.kill9_worker import REPO, ZONE_NAME, record_fields
 
 KILLS = 20
@@ -37,44 +44,11 @@ LOCK_TIMEOUT_SECONDS = 0.3  # the ledger's own busy timeout: a write blocked by 
 START_SECONDS = 60.0  # bound on an interpreter start (imports) on a loaded 2-core machine
 DEATH_SECONDS = 10.0
 FINAL_SECONDS = 60.0
-MEASURES = (
-    "requests",
-    "failed",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost_pico",
-    "upstream_cost_pico",
-    "spend_pico",
-)
-ROLLUP_KEYS = {
-    "openrouter_usage_rollup_day": ("day",),
-    "openrouter_usage_rollup_user_day": ("day", "user_id"),
-    "openrouter_usage_rollup_model_day": ("day", "served_model", "provider"),
-}
-COMPARED_COLUMNS = (
-    "chat_id",
-    "user_id",
-    "user_name",
-    "model",
-    "served_model",
-    "provider",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost_pico",
-    "upstream_cost_pico",
-    "spend_pico",
-    "status",
-    "error",
-    "latency_ms",
-    "ttft_ms",
+# The ledger columns a record's fields are stored in as they are; row_mismatches converts the others.
+COMPARED_COLUMNS = tuple(
+    column
+    for column in LEDGER_COLUMNS_1_0_0
+    if column not in ("id", "message_id", "generation_ids", "is_byok", "usage_json", "created_at")
 )
 
 
@@ -332,27 +306,6 @@ def row_mismatches(row: sqlite3.Row) -> list[str]:
     if "omitted_generation_ids" in keys and row["omitted_generation_ids"] != 0:
         problems.append(f"omitted_generation_ids: {row['omitted_generation_ids']}")
     return problems
-
-
-Rollups = dict[str, dict[tuple[str, ...], tuple[int, ...]]]
-
-
-def scanned_rollups(rows: list[sqlite3.Row], zone: ZoneInfo) -> Rollups:
-    """The rollups recomputed from the ledger rows, without the plugin's code."""
-    sums: dict[str, dict[tuple[str, ...], list[int]]] = {
-        table: defaultdict(lambda: [0] * len(MEASURES)) for table in ROLLUP_KEYS
-    }
-    for row in rows:
-        moment = datetime.fromisoformat(row["created_at"]).replace(tzinfo=UTC)
-        values = {
-            "day": moment.astimezone(zone).date().isoformat(),
-            **dict(zip(row.keys(), row, strict=True)),
-        }
-        measures = [1, int(row["status"] != "ok"), *(int(row[name] or 0) for name in MEASURES[2:])]
-        for table, keys in ROLLUP_KEYS.items():
-            bucket = sums[table][tuple(values[key] for key in keys)]
-            bucket[:] = [left + right for left, right in zip(bucket, measures, strict=True)]
-    return {table: {key: tuple(bucket) for key, bucket in buckets.items()} for table, buckets in sums.items()}
 
 
 def stored_rollups(connection: sqlite3.Connection, zone_name: str) -> tuple[Rollups, set[str]]:

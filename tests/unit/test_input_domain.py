@@ -252,3 +252,24 @@ def test_reads_never_create_a_ledger(plugin: types.ModuleType, data_dir: Path) -
     assert plugin.cli_main(["export", "--database-url", url]) == 2
     assert not (data_dir / "never.sqlite3").exists()
     assert not (data_dir / "openrouter_usage_spool").exists()
+
+
+async def test_a_lone_surrogate_is_cleaned_not_quarantined(plugin: types.ModuleType, url: str) -> None:
+    """JSON text may carry "\\ud800", which no database can encode as UTF-8."""
+    user = {"id": "u-1", "name": "Ada\ud800", "role": "user"}
+    await outlet_with_usage(
+        plugin, url, {"prompt_tokens": 1, "cost": 0.1, "note\udfff": "x\ud800"}, "m-s", user=user
+    )
+    (row,) = ledger_rows(plugin, url)
+    assert row["user_name"] == "Ada" and plugin.ledger_for(url).spool.quarantined_count() == 0
+    assert json.loads(row["usage_json"]) == {"prompt_tokens": 1, "cost": 0.1, "note": "x"}
+
+
+async def test_the_money_ceiling_holds_for_the_whole_completion(plugin: types.ModuleType, url: str) -> None:
+    """Three calls, each just under $100,000 (BYOK: upstream too), are one absurd completion."""
+    usage = {"cost": 99_999.99, "is_byok": True, "cost_details": {"upstream_inference_cost": 99_999.99}}
+    chunks = [{"id": f"gen-{i}", "choices": [], "usage": usage} for i in range(3)]
+    await outlet_with_usage(plugin, url, None, "m-huge", chunks=chunks)
+    (row,) = ledger_rows(plugin, url)
+    assert row["cost_pico"] is None and row["upstream_cost_pico"] is None and row["spend_pico"] == 0
+    assert "summed over the calls is out of range" in row["notes"]
