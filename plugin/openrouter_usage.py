@@ -1124,17 +1124,19 @@ def _rollup_upsert(table: sa.Table) -> sa.TextClause:
 
 
 ROLLUP_UPSERTS: Final = {table.name: _rollup_upsert(table) for table in ROLLUP_TABLES}
-# A user's name as of their latest completion, in two statements that touch (and on PostgreSQL
-# lock) a users row only when the user is new or renamed, so that writers in several processes do
-# not queue behind each other on the same users' rows. `last_seen_at` is when the stored name was
-# last seen: a replayed older record never brings an old name back.
-USERS_INSERT_NEW: Final = sa.text(
+# A user's name as of their latest completion. The SELECT proposes a row only for a new user or a
+# new name, so the common case (same user, same name) writes nothing and, on PostgreSQL, locks no
+# users row that writers in other processes would queue behind. `last_seen_at` is when the stored
+# name was last seen; a replayed older record never brings an old name back. (SQLite needs the
+# WHERE on the SELECT to read ON CONFLICT as the upsert clause.)
+USERS_UPSERT: Final = sa.text(
     f"INSERT INTO {users_table.name} (user_id, user_name, last_seen_at) "
-    "VALUES (:user_id, :user_name, :last_seen_at) ON CONFLICT (user_id) DO NOTHING"
-).bindparams(sa.bindparam("last_seen_at", type_=sa.DateTime))
-USERS_RENAME: Final = sa.text(
-    f"UPDATE {users_table.name} SET user_name = :user_name, last_seen_at = :last_seen_at "
-    "WHERE user_id = :user_id AND user_name <> :user_name AND last_seen_at <= :last_seen_at"
+    "SELECT :user_id, :user_name, :last_seen_at WHERE NOT EXISTS ("
+    f"SELECT 1 FROM {users_table.name} WHERE user_id = :user_id "
+    "AND (user_name = :user_name OR last_seen_at > :last_seen_at)) "
+    "ON CONFLICT (user_id) DO UPDATE SET "
+    "user_name = excluded.user_name, last_seen_at = excluded.last_seen_at "
+    f"WHERE {users_table.name}.last_seen_at <= excluded.last_seen_at"
 ).bindparams(sa.bindparam("last_seen_at", type_=sa.DateTime))
 META_UPSERT: Final = sa.text(
     f'INSERT INTO {meta_table.name} ("key", value) VALUES (:key, :value) '
@@ -1698,8 +1700,7 @@ class Ledger:
             {"user_id": r.user_id, "user_name": r.user_name, "last_seen_at": _naive_utc(r.created_at)}
             for _, r in sorted(latest.items())
         ]
-        conn.execute(USERS_INSERT_NEW, users)
-        conn.execute(USERS_RENAME, users)
+        conn.execute(USERS_UPSERT, users)
         return {record.message_id for record in fresh}
 
     def claim_once(self, key: str) -> bool:
