@@ -1144,6 +1144,9 @@ META_UPSERT: Final = sa.text(
 )
 _AMONG_MESSAGE_IDS: Final = ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
 SELECT_RECORDED_MESSAGE_IDS: Final = sa.select(ledger_table.c.message_id).where(_AMONG_MESSAGE_IDS)
+SELECT_RECORDED_MESSAGE_ID: Final = sa.select(ledger_table.c.message_id).where(
+    ledger_table.c.message_id == sa.bindparam("message_id")
+)
 SELECT_SPEND_OF_MESSAGES: Final = sa.select(
     sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)
 ).where(_AMONG_MESSAGE_IDS)
@@ -1158,6 +1161,8 @@ def in_list_chunks(message_ids: Sequence[str]) -> Iterator[dict[str, list[str]]]
 
 def recorded_message_ids(conn: sa.Connection, message_ids: Sequence[str]) -> set[str]:
     """Which of these messages the ledger already holds."""
+    if len(message_ids) == 1:  # a batch of one, the common case under light load: no IN list to render
+        return set(conn.execute(SELECT_RECORDED_MESSAGE_ID, {"message_id": message_ids[0]}).scalars())
     found: set[str] = set()
     for parameters in in_list_chunks(message_ids):
         found.update(conn.execute(SELECT_RECORDED_MESSAGE_IDS, parameters).scalars())
@@ -1294,8 +1299,9 @@ class RollupState:
 ROLLUP_ZONE_KEY: Final = "rollup_timezone"
 RECOUNT_KEY: Final = "rollup_recount"
 RECOUNT_CHUNK_ROWS: Final = 5_000
+# Two equalities, not IN: an IN list is re-rendered at every execution, and this runs in every write.
 _SELECT_ROLLUP_STATE: Final = sa.select(meta_table.c.key, meta_table.c.value).where(
-    meta_table.c.key.in_((ROLLUP_ZONE_KEY, RECOUNT_KEY))
+    sa.or_(meta_table.c.key == ROLLUP_ZONE_KEY, meta_table.c.key == RECOUNT_KEY)
 )
 
 
