@@ -70,7 +70,6 @@ from pydantic import BaseModel, Field, model_validator
 
 log = logging.getLogger("openrouter_usage")
 
-RELIABILITY_API: Final = 1  # the write path of issue 11: strict domain, quarantine, supervised writer
 STATE_KEY: Final = "openrouter_usage"
 PICO: Final = Decimal("1e-12")
 DEFAULT_SQLITE_NAME: Final = "openrouter_usage.sqlite3"
@@ -1432,15 +1431,7 @@ class Spool:
 
     def quarantined(self) -> list[dict[str, Any]]:
         """Every quarantined entry: {"reason", and "record" or the unreadable "line"}."""
-        entries = []
-        for path in self.quarantined_files():
-            with contextlib.suppress(OSError):
-                for line in path.read_text(encoding="utf-8").splitlines():
-                    with contextlib.suppress(ValueError):
-                        entry = json.loads(line)
-                        if isinstance(entry, dict):
-                            entries.append(entry)
-        return entries
+        return [entry for path in self.quarantined_files() for entry in quarantine_entries(path)]
 
     def quarantined_count(self) -> int:
         return len(self.quarantined())
@@ -1477,6 +1468,27 @@ class Spool:
                 return
             records, unreadable = _read_records(handle)
             yield SpoolClaim(self, path, records, unreadable)
+
+
+def quarantine_entries(path: Path) -> list[dict[str, Any]]:
+    """The entries of one quarantine file; a line that is not an entry is kept as one."""
+    entries: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            entries.append(entry if isinstance(entry, dict) else {"reason": "unreadable entry", "line": line})
+    return entries
+
+
+def entry_record(entry: Mapping[str, Any]) -> UsageRecord | None:
+    """The record of a quarantine entry, or None when it holds none that can be read."""
+    try:
+        return UsageRecord.from_json(entry["record"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _read_records(handle: io.TextIOBase | Any) -> tuple[list[UsageRecord], list[str]]:
@@ -1757,9 +1769,9 @@ class Ledger:
             with self.spool.claim(path) as claim:
                 if claim is None:
                     continue
-                entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-                records = [UsageRecord.from_json(e["record"]) for e in entries if "record" in e]
-                unreadable = [e["line"] for e in entries if "line" in e]
+                entries = quarantine_entries(path)
+                records = [record for record in map(entry_record, entries) if record is not None]
+                unreadable = [str(e.get("line", json.dumps(e))) for e in entries if entry_record(e) is None]
                 result = self.store(records, None) if records else StoreResult(set(), {}, None)
                 if unreadable:
                     self.spool.quarantine_lines(unreadable, "unreadable spool line")
@@ -2975,7 +2987,7 @@ def spool_command(ledger: Ledger, replay: bool, discard: bool, assume_yes: bool,
             f"{refused} still refused.\n"
         )
         return 0 if not refused else 1
-    pending = [path for path in spool.pending_files()]
+    pending = spool.pending_files()
     quarantined = spool.quarantined()
     if discard:
         total = len(pending) + len(quarantined)
@@ -2996,14 +3008,12 @@ def spool_command(ledger: Ledger, replay: bool, discard: bool, assume_yes: bool,
         return 0
     rows = []
     for path in pending:
-        with contextlib.suppress(OSError):
-            records, unreadable = _read_records(path.open(encoding="utf-8"))
+        with contextlib.suppress(OSError), path.open(encoding="utf-8") as handle:
+            records, unreadable = _read_records(handle)
             rows += [_spool_row("pending", record, "database unavailable when written") for record in records]
             rows += [{"state": "pending", "reason": "unreadable line"} for _ in unreadable]
     for entry in quarantined:
-        record = None
-        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
-            record = UsageRecord.from_json(entry["record"])
+        record = entry_record(entry)
         reason = str(entry.get("reason", ""))
         rows.append(
             _spool_row("quarantined", record, reason)
@@ -3102,7 +3112,7 @@ class SettingsMemory:
         with self._lock:
             self._values = snapshot
         persisted = dict(snapshot)
-        if url_has_secret(str(persisted.get("database_url") or "")) and persisted.get("database_url"):
+        if persisted.get("database_url") and url_has_secret(str(persisted["database_url"])):
             persisted.pop("database_url")
         try:
             path = self._path()

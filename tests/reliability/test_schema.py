@@ -10,7 +10,6 @@ from __future__ import annotations
 import types
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 
@@ -95,8 +94,6 @@ def test_a_freshly_migrated_ledger_matches_the_declared_schema(
 ) -> None:
     """Migrating an empty database builds exactly the declared tables: same columns, nullability,
     generic types, primary keys, unique constraints and indexes, on SQLite and PostgreSQL."""
-    if not hasattr(plugin, "RELIABILITY_API"):
-        pytest.fail("the plugin predates the reliability rewrite (no RELIABILITY_API marker)")
     plugin.ledger_for(database_url).ensure_schema()
     differences = schema_differences(plugin, database_url)
     engine_name = sa.engine.make_url(database_url).get_backend_name()

@@ -529,3 +529,19 @@ def test_a_half_written_spool_file_of_a_dead_writer_is_cleared_only_when_old(
     os.utime(old, (hours_ago, hours_ago))
     assert ledger.replay_spool() == 0
     assert fresh.exists() and not old.exists()
+
+
+def test_an_unreadable_quarantine_entry_never_blocks_retrying_the_others(
+    plugin: types.ModuleType, data_dir: Path
+) -> None:
+    url = f"sqlite:///{data_dir / 'retry.sqlite3'}"
+    ledger = plugin.ledger_for(url)
+    ledger.spool.quarantine([(make_record(plugin, 1), "OperationalError: was locked")])
+    (path,) = ledger.spool.quarantined_files()
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("{not json\n")
+    assert ledger.retry_quarantined() == (1, 1)
+    (kept,) = ledger.spool.quarantined()
+    assert kept["line"] == "{not json"
+    with ledger.engine.connect() as conn:
+        assert list(conn.execute(sa.select(plugin.ledger_table.c.message_id)).scalars()) == ["msg-1"]
