@@ -12,15 +12,17 @@ $(STAMP): pyproject.toml constraints.txt
 	VIRTUAL_ENV=$(VENV) uv pip install --quiet -e '.[dev]' -c constraints.txt uv
 	@touch $@
 
-## Everything: lint, types, manifest drift, unit + PostgreSQL + real Open WebUI end-to-end tests.
+## Everything: lint, types, manifest drift, unit + PostgreSQL + real Open WebUI end-to-end tests,
+## and at least 90% branch coverage of the plugin (coverage.py with branch = true, [tool.coverage] in
+## pyproject.toml) by the in-process tests.
 test: $(STAMP)
 	bash scripts/ensure-postgres.sh >/dev/null
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --cov --cov-report=term-missing:skip-covered
 
 lint: $(STAMP)
 	$(BIN)/ruff check plugin openrouter_sim scripts tests bench
-	$(BIN)/mypy --strict plugin/openrouter_usage.py openrouter_sim
+	$(BIN)/mypy --strict plugin/openrouter_usage.py openrouter_sim scripts tests bench
 	$(BIN)/python scripts/build_manifest.py --check
 
 ## A real Open WebUI on http://127.0.0.1:8080 with the function installed (simulator, or
@@ -36,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

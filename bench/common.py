@@ -199,7 +199,7 @@ _LOADED_PLUGIN: list[str] = []  # the version of the first plugin source this pr
 
 def load_plugin() -> types.ModuleType:
     """The plugin as Open WebUI loads it: its source text exec'd into a fresh module."""
-    from tests.conftest import load_plugin_module
+    from tests.factories import load_plugin_module
 
     if not _LOADED_PLUGIN:
         _LOADED_PLUGIN.append(plugin_version())
@@ -214,7 +214,8 @@ load_release_plugin = load_release_1_0_0
 
 
 def close_plugin(plugin: types.ModuleType) -> None:
-    """Dispose of every ledger engine this plugin instance opened (as tests/conftest.py does)."""
+    """Dispose of every ledger engine this plugin instance opened (as tests/conftest.py's `plugin`
+    fixture does)."""
     for writer in list(getattr(plugin, "_LEDGERS", {}).values()):
         writer.ledger.dispose()
 
@@ -257,7 +258,7 @@ def simulated_stream(content_chunks: int, model: str = "openai/gpt-4o-mini") -> 
     """A real streamed response from the simulator with exactly `content_chunks` content chunks
     (plus the role, finish and usage chunks the simulator always sends)."""
     from openrouter_sim import OpenRouterSimulator
-    from tests.unit.helpers import complete
+    from tests.factories import complete
 
     request = {
         "model": model,
@@ -284,9 +285,9 @@ BENCH_USERS = 200
 def make_records(
     plugin: types.ModuleType, count: int, prefix: str, created_at: datetime | None = None
 ) -> list[Any]:
-    """`count` UsageRecords as tests/unit/test_ledger.py::make_record builds them, with unique
+    """`count` UsageRecords as tests/factories.py::make_record builds them, with unique
     message ids, 200 users, and (like live traffic) all created now, so they share today's rollups."""
-    from tests.unit.test_ledger import make_record
+    from tests.factories import make_record
 
     moment = created_at or datetime.now(UTC)
     return [
@@ -329,10 +330,11 @@ def machine_note() -> str:
     )
 
 
-def plugin_version() -> str:
-    """Which plugin source was measured: git HEAD, and the file's own digest (it may be uncommitted)."""
-    source = REPO / "plugin" / "openrouter_usage.py"
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+def plugin_version(source: bytes | None = None) -> str:
+    """Which plugin source was measured: git HEAD, and the file's own digest (it may be uncommitted),
+    or the digest of `source`, the text a benchmark read earlier."""
+    path = REPO / "plugin" / "openrouter_usage.py"
+    digest = hashlib.sha256(path.read_bytes() if source is None else source).hexdigest()[:12]
     head = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         head = subprocess.run(
@@ -343,6 +345,14 @@ def plugin_version() -> str:
 
 def measured_plugin() -> str:
     return _LOADED_PLUGIN[0] if _LOADED_PLUGIN else plugin_version()
+
+
+def mark_measured(source: bytes) -> str:
+    """For a benchmark that does not call load_plugin (e.g. one that installs the text into a
+    server): record `source` as the plugin this process measured; return its version."""
+    if not _LOADED_PLUGIN:
+        _LOADED_PLUGIN.append(plugin_version(source))
+    return _LOADED_PLUGIN[0]
 
 
 def command_for(module: str, quick: bool) -> str:

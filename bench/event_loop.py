@@ -7,7 +7,7 @@ percent from one run to the next, so the comparison is a ratio of two figures me
 same process, on the same event loop, in alternating blocks.
 
 Method: both versions are loaded in this process as Open WebUI loads a function (the source text
-exec'd into a fresh module, tests/conftest.py::load_plugin_module; 1.0.0's source comes from
+exec'd into a fresh module, tests/factories.py::load_plugin_module; 1.0.0's source comes from
 `git show c1e0c47…:plugin/openrouter_usage.py`), so they share no module globals: each has its own
 group-commit writer, writer thread and SQLite ledger file. One asyncio loop runs completions one
 after another, in blocks of BLOCK completions alternating between the two versions (ABBA order);
@@ -16,7 +16,7 @@ CLOCK_THREAD_CPUTIME_ID) before inlet and after outlet: the writer thread's work
 thread, and while outlet awaits the write the loop thread sleeps, so both are excluded by
 construction. Chunks are real ones from the OpenRouter simulator (100 and 2,000 content chunks),
 parsed fresh for every completion (timed apart, left out); outlet bodies are built as Open WebUI
-0.12.4 builds them (tests/unit/helpers.py::outlet_body); valves are the defaults (usage line on
+0.12.4 builds them (tests/factories.py::outlet_body); valves are the defaults (usage line on
 with the chat total, so the writer also sums the chat's spend off the loop). The ratio is
 median(current) / median(1.0.0) over all interleaved completions; the per-block-pair ratios are
 printed as its spread.
@@ -41,8 +41,7 @@ import selectors
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from bench.common import (
@@ -146,8 +145,8 @@ class CompletionRunner:
         stream: SimulatedStream,
         selector: IdleMeasuringSelector,
         label: str,
-    ):
-        from tests.unit.helpers import answer_text, usage_from_events
+    ) -> None:
+        from tests.factories import answer_text, usage_from_events
 
         self.plugin = plugin
         self.hook = plugin.Filter()
@@ -173,7 +172,7 @@ class CompletionRunner:
 
     def prepare(self) -> Prepared:
         """Everything Open WebUI has before the hooks run for one request (not timed)."""
-        from tests.unit.helpers import outlet_body
+        from tests.factories import outlet_body
 
         self.counter += 1
         message_id = f"msg-{self.label}-{self.counter}"
@@ -249,11 +248,13 @@ class ResolvedWriter:
         self.calls = 0
 
     def _outcome(self) -> Any:
+        """A recorded outcome; for a plugin whose writer renders the usage line (it builds the
+        record off the loop), with a line, so outlet still shows one."""
         self.calls += 1
-        try:
-            return self.plugin.WriteOutcome("recorded", chat_spend_pico=0)
-        except TypeError:
-            return self.plugin.WriteOutcome("recorded")
+        fields = {f.name for f in dataclasses.fields(self.plugin.WriteOutcome)}
+        if "usage_line" in fields:
+            return self.plugin.WriteOutcome("recorded", chat_spend_pico=0, usage_line="model · $0.0001")
+        return self.plugin.WriteOutcome("recorded", chat_spend_pico=0)
 
     def submit(self, request: Any) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -317,7 +318,7 @@ class Paired:
 
 def interleave(
     loop: asyncio.AbstractEventLoop,
-    work: dict[str, Callable[[], Awaitable[Any]]],
+    work: Mapping[str, Callable[[], Awaitable[Any]]],
     blocks: int,
     per_block: int,
     into: Paired,
@@ -349,8 +350,6 @@ class Collected:
     json_ns: list[float] = dataclasses.field(default_factory=list)
     handoff_us: dict[str, list[float]] = dataclasses.field(default_factory=lambda: {h: [] for h in HANDOFFS})
     stub_missed: dict[str, bool] = dataclasses.field(default_factory=dict)
-    build_record: Paired = dataclasses.field(default_factory=Paired)
-    build_record_error: str = ""
 
 
 @dataclasses.dataclass(slots=True)
@@ -438,12 +437,6 @@ def _round(
                 collected.handoff_us[style].append(loop.run_until_complete(_handoff_cpu(answerer, style)))
     finally:
         answerer.close()
-    if not collected.build_record_error:
-        try:
-            timers = {key: build_record_timer(loop, v.runners[100]) for key, v in versions.items()}
-            interleave(loop, timers, 5, 20, collected.build_record, float)
-        except (AttributeError, TypeError, RuntimeError) as exc:  # an API the two versions no longer share
-            collected.build_record_error = f"{type(exc).__name__}: {exc}"
     payloads = runner.stream.payloads
     for _ in range(20):
         with gc_paused():
@@ -458,7 +451,7 @@ class Answerer:
     of the ways a writer thread can wake an awaiting coroutine."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="bench-answerer", daemon=True)
         self._thread.start()
 
@@ -491,7 +484,7 @@ class Answerer:
         await future
 
 
-HANDOFFS = ("wrap_future", "wait_for_shield_wrap_future", "call_soon_threadsafe")
+HANDOFFS: tuple[str, ...] = ("wrap_future", "wait_for_shield_wrap_future", "call_soon_threadsafe")
 
 
 async def _handoff_cpu(answerer: Answerer, style: str) -> float:
@@ -532,46 +525,7 @@ def _us_figure(key: str, label: str, values: list[float], detail: str = "") -> F
     return Figure(key, label, median(values), "µs", detail=spread(values, unit="µs") + detail)
 
 
-BUILD_RECORD_CALLS = 20
-
-
-def build_record_timer(
-    loop: asyncio.AbstractEventLoop, runner: CompletionRunner
-) -> Callable[[], Awaitable[float]]:
-    """outlet's own first step, build_record, timed alone (µs per call, warm, 20 calls in a row) on
-    the state a real completion's inlet and stream left behind."""
-    plugin = runner.plugin
-    request = runner.prepare()
-
-    async def inlet_and_stream() -> None:
-        await call_hook(runner.hook.inlet, body=request.body, __metadata__=request.metadata, __model__=MODEL)
-        for payload in runner.stream.payloads:
-            await call_hook(runner.hook.stream, event=json.loads(payload), __metadata__=request.metadata)
-
-    loop.run_until_complete(inlet_and_stream())
-    state = request.metadata[plugin.STATE_KEY]
-    context = plugin.CompletionContext(
-        body=request.outlet,
-        user=request.user,
-        metadata=request.metadata,
-        record_all_models=False,
-        now=datetime.now(UTC),
-        now_monotonic=time.monotonic(),
-    )
-    if plugin.build_record(state, context) is None:
-        raise RuntimeError("build_record recorded nothing")
-
-    async def timed() -> float:
-        with gc_paused():
-            started = time.perf_counter_ns()
-            for _ in range(BUILD_RECORD_CALLS):
-                plugin.build_record(state, context)
-            return (time.perf_counter_ns() - started) / 1000 / BUILD_RECORD_CALLS
-
-    return timed
-
-
-def _report(result: BenchResult, collected: Collected, rounds: int) -> None:
+def _report(result: BenchResult, collected: Collected, rounds: int) -> None:  # noqa: C901 (figure by figure)
     real = collected.real[100]
     ratio = real.ratio(_total)
     release = f"{RELEASE_LABEL} (git {RELEASE_COMMIT[:7]})"
@@ -674,27 +628,6 @@ def _report(result: BenchResult, collected: Collected, rounds: int) -> None:
                     f"event_loop.{key}_{part}_100_no_handoff_us",
                     f"  {label}, writer stubbed: {'whole completion' if part == 'completion' else 'outlet'}",
                     _us(resolved.samples[key], field),
-                )
-            )
-    if collected.build_record_error:
-        result.note(f"build_record not timed: {collected.build_record_error}")
-    else:
-        built = collected.build_record
-        result.add(
-            _ratio_figure(
-                "event_loop.ratio_build_record",
-                f"build_record alone (outlet's first step), warm: current / {RELEASE_LABEL}",
-                built,
-                float,
-            )
-        )
-        for key, label in (("current", "current"), ("release", RELEASE_LABEL)):
-            result.add(
-                _us_figure(
-                    f"event_loop.{key}_build_record_us",
-                    f"  {label}: build_record per call",
-                    [float(v) for v in built.samples[key]],
-                    f"; {BUILD_RECORD_CALLS} calls in a row, GC paused",
                 )
             )
     concurrent = collected.concurrent

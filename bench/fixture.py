@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import sqlite3
 import tempfile
@@ -160,7 +159,7 @@ def report_fixture(plugin: types.ModuleType, rows: int) -> FixtureInfo:
     insert_seconds, rollup_seconds = _generate(plugin, building, rows)
     if rows <= CROSS_CHECK_ROWS:
         cross_check(plugin, sqlite_url(building))
-    os.replace(building, path)
+    building.replace(path)
     info = FixtureInfo(
         path,
         rows,

@@ -11,7 +11,7 @@ connection, and after the run the ledger must hold every record, and the writer'
 report journal_mode=wal and synchronous=FULL (or EXTRA). One warm-up write (not timed) creates the
 schema and starts the writer thread. Each round starts on a fresh database file; records/s is all
 records over the wall time from the first write to the last answer; the figure is the median over
-rounds. Records are tests/unit/test_ledger.py::make_record records spread over 200 users, all created now,
+rounds. Records are tests/factories.py::make_record records spread over 200 users, all created now,
 like live traffic.
 
 For information: release 1.0.0 (git c1e0c47, loaded from git like bench.event_loop does) in the

@@ -4,7 +4,7 @@ Target: at least 1,000 records/s on one durable PostgreSQL ledger with 4 writer 
 (SQLite with 4 processes: information).
 
 Writers: 4 OS processes (multiprocessing, spawn), each loading its own plugin module instance
-(tests.conftest.load_plugin_module in the child) with its own group-commit writer, each awaiting
+(tests.factories.load_plugin_module in the child) with its own group-commit writer, each awaiting
 `writer.write(request)` (what outlet awaits) from 16 concurrent asyncio outlets. All children
 prepare (load, build records, one untimed write that creates or checks the schema and starts the
 writer thread) and then start together on an Event; records/s = all timed records / (last child's
@@ -51,7 +51,7 @@ from bench.common import (
 )
 from bench.fixture import REPORT_NOW, UTC_ZONE, expected_rows_ok, load_into_postgres, report_fixture
 from bench.mp_worker import WorkerResult, WorkerSpec, writer_process
-from bench.pgserver import PostgresUnavailable, durable_postgres, server_version
+from bench.pgserver import PostgresUnavailableError, durable_postgres, server_version
 
 NAME = "multiprocess_writers"
 TARGET_PG_RATE = 1000.0
@@ -211,7 +211,7 @@ def run(quick: bool) -> BenchResult:
                         progress(f"  {rate:,.0f} records/s")
                         rates[engine].append(rate)
                 report_ratio(plugin, server, fixture_rows, calls, result)
-        except PostgresUnavailable as exc:
+        except PostgresUnavailableError as exc:
             result.error = f"PostgreSQL unavailable: {exc}"
         finally:
             close_plugin(plugin)

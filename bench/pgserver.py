@@ -20,7 +20,7 @@ DURABLE_OPTIONS = (
 )
 
 
-class PostgresUnavailable(Exception):
+class PostgresUnavailableError(Exception):
     pass
 
 
@@ -34,7 +34,7 @@ def _bindir() -> Any:
         completed = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
         bindir = pg.find_bindir()
         if bindir is None:
-            raise PostgresUnavailable(
+            raise PostgresUnavailableError(
                 f"PostgreSQL server binaries not found: {completed.stderr.strip()[-300:]}"
             )
     return bindir
@@ -56,7 +56,7 @@ def durable_postgres() -> Iterator[Any]:
         with server.connect() as conn:
             settings = {name: _show(conn, name) for name in ("fsync", "synchronous_commit")}
         if settings != {"fsync": "on", "synchronous_commit": "on"}:
-            raise PostgresUnavailable(f"server is not durable: {settings}")
+            raise PostgresUnavailableError(f"server is not durable: {settings}")
         yield server
     finally:
         server.cleanup()

@@ -1,8 +1,8 @@
 """Run every benchmark, each in its own process, and print one results table.
 
-    python -m bench.run_all            # full sizes, about 10 minutes (plus ~2 minutes the first
+    python -m bench.run_all            # full sizes, about 13 minutes (plus ~2 minutes the first
                                        # time, to generate the cached 1M-row fixture)
-    python -m bench.run_all --quick    # smaller sizes, under 2 minutes; labelled QUICK
+    python -m bench.run_all --quick    # smaller sizes, about 4 minutes; labelled QUICK
 
 Each benchmark also runs alone: python -m bench.<name> [--quick]. The combined figures are also
 written to .cache/bench/last-run[-quick].json.
@@ -30,7 +30,14 @@ from bench.common import (
     write_table,
 )
 
-BENCHMARKS = ("stream_cost", "event_loop", "ledger_throughput", "report_scale", "multiprocess_writers")
+BENCHMARKS = (
+    "stream_cost",
+    "event_loop",
+    "ledger_throughput",
+    "report_scale",
+    "multiprocess_writers",
+    "server_overhead",
+)
 TIMEOUT_SECONDS = {"full": 1800, "quick": 600}  # generous: the machine is shared and slows down
 
 
@@ -84,16 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for result in results:
         if result.error:
             rows.append([result.name, "ERROR", result.error.strip().splitlines()[-1][:80], "-", "-"])
-        for figure in result.figures:
-            rows.append(
-                [
-                    result.name,
-                    figure.label.strip(),
-                    figure.value_text(),
-                    figure.target or "-",
-                    figure.verdict_text(result.quick),
-                ]
-            )
+        rows.extend(
+            [
+                result.name,
+                figure.label.strip(),
+                figure.value_text(),
+                figure.target or "-",
+                figure.verdict_text(result.quick),
+            ]
+            for figure in result.figures
+        )
     write_table(["benchmark", "figure", "value", "target", "verdict"], rows, sys.stdout)
     targeted = [f for r in results for f in r.figures if f.passed is not None]
     missed = [f for f in targeted if not f.passed]

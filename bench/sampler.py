@@ -4,8 +4,9 @@ plugin, where cProfile, which profiles only the thread that enables it, cannot f
 A daemon thread wakes every `interval` seconds and reads the Python stack of every thread whose
 name matches (sys._current_frames), and that thread's CPU clock. A sample is "on CPU" when the
 thread ran for at least ON_CPU_SHARE of the time since the previous sample; on-CPU samples are
-bucketed by their innermost Python frame: the plugin (the exec'd source's filename starts with
-"<function function_openrouter_usage"), SQLAlchemy, or a database driver call (SQLAlchemy's
+bucketed by their innermost Python frame: the plugin (the exec'd source's filename: the plugin's
+real path, as tests.factories compiles it, or "<function function_openrouter_usage…", as release
+1.0.0 is loaded), SQLAlchemy, or a database driver call (SQLAlchemy's
 do_execute/do_executemany/do_commit, where the time is spent in the C driver and SQLite's
 library). Off-CPU samples inside a driver call are waits on the disk (fsync), a lock or the
 server; other off-CPU samples are idle (or waiting for the GIL). Cumulative shares count a plugin
@@ -21,12 +22,26 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
+from typing import Self
 
-PLUGIN_FILE_PREFIX = "<function function_openrouter_usage"
+PLUGIN_FILE_PREFIXES = (
+    str(Path(__file__).resolve().parent.parent / "plugin" / "openrouter_usage.py"),
+    "<function function_openrouter_usage",
+)
 ON_CPU_SHARE = 0.3
 SWITCH_INTERVAL = 0.00005  # seconds, while sampling
 DRIVER_CALLS = frozenset({"do_execute", "do_executemany", "do_commit", "do_rollback", "do_begin"})
+
+
+def _seconds() -> collections.defaultdict[str, float]:
+    return collections.defaultdict(float)
+
+
+def _most(weights: dict[str, float], count: int | None = None) -> list[tuple[str, float]]:
+    """The heaviest entries first, as Counter.most_common (whose counts are typed as int)."""
+    return sorted(weights.items(), key=lambda item: item[1], reverse=True)[:count]
 
 
 @dataclasses.dataclass(slots=True)
@@ -38,24 +53,24 @@ class Profile:
     samples: float = 0.0
     busy: float = 0.0  # on CPU
     driver_wait: float = 0.0  # off CPU inside a driver call: fsync, a database lock, a server round trip
-    buckets: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    other_files: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    plugin_cumulative: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    plugin_self: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    buckets: collections.defaultdict[str, float] = dataclasses.field(default_factory=_seconds)
+    other_files: collections.defaultdict[str, float] = dataclasses.field(default_factory=_seconds)
+    plugin_cumulative: collections.defaultdict[str, float] = dataclasses.field(default_factory=_seconds)
+    plugin_self: collections.defaultdict[str, float] = dataclasses.field(default_factory=_seconds)
 
     def shares(self) -> dict[str, float]:
         """Share of on-CPU time per bucket."""
-        return {key: weight / max(self.busy, 1e-9) for key, weight in self.buckets.most_common()}
+        return {key: weight / max(self.busy, 1e-9) for key, weight in _most(self.buckets)}
 
     def top_plugin(self, count: int = 6) -> list[tuple[str, float]]:
         """Plugin functions by cumulative share of on-CPU time."""
-        return [(name, t / max(self.busy, 1e-9)) for name, t in self.plugin_cumulative.most_common(count)]
+        return [(name, t / max(self.busy, 1e-9)) for name, t in _most(self.plugin_cumulative, count)]
 
     def summary(self) -> str:
         buckets = ", ".join(f"{share:.0%} {key}" for key, share in self.shares().items())
         top = ", ".join(f"{name} {share:.0%}" for name, share in self.top_plugin())
         busy = max(self.busy, 1e-9)
-        other = ", ".join(f"{name} {t / busy:.0%}" for name, t in self.other_files.most_common(3))
+        other = ", ".join(f"{name} {t / busy:.0%}" for name, t in _most(self.other_files, 3))
         if other:
             buckets += f" (other: {other})"
         sampled = max(self.samples, 1e-9)
@@ -66,12 +81,12 @@ class Profile:
         )
 
 
-def _bucket(frame: FrameType) -> str:
+def _bucket(frame: FrameType) -> str:  # noqa: PLR0911 (a return per bucket)
     code = frame.f_code
     filename = code.co_filename
     if code.co_name in DRIVER_CALLS and "/sqlalchemy/" in filename:
         return f"driver {code.co_name} (C driver / database)"
-    if filename.startswith(PLUGIN_FILE_PREFIX):
+    if filename.startswith(PLUGIN_FILE_PREFIXES):
         return "plugin Python"
     if "/sqlalchemy/" in filename:
         return "SQLAlchemy Python"
@@ -99,7 +114,7 @@ class ThreadSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
 
-    def __enter__(self) -> ThreadSampler:
+    def __enter__(self) -> Self:
         # A thread running Python keeps the GIL for up to the switch interval (5 ms), so samples
         # would land where it next releases it (a select, a C call), not where it is: a short
         # interval lets the sampler in promptly (the sampled run is slower for it, and untimed).
@@ -153,7 +168,7 @@ class ThreadSampler:
         current: FrameType | None = frame
         while current is not None:
             code = current.f_code
-            if code.co_filename.startswith(PLUGIN_FILE_PREFIX):
+            if code.co_filename.startswith(PLUGIN_FILE_PREFIXES):
                 name = code.co_qualname if hasattr(code, "co_qualname") else code.co_name
                 if innermost_plugin:
                     profile.plugin_self[name] += weight

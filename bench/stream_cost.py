@@ -15,7 +15,7 @@ is paused in timed regions.
 
 For information it also times the Valves rebuild Open WebUI performs before every hook call,
 stream events included (0.12.4 utils/filter.py: `function_module.valves = Valves(**saved)`, as
-tests/conftest.py's HookDriver models it), since this plugin's Valves run a model validator: the
+tests/factories.py's HookDriver models it), since this plugin's Valves run a model validator: the
 validator's share is the difference with a validator-free copy of the same fields.
 """
 

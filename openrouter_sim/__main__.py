@@ -6,9 +6,12 @@ import argparse
 import logging
 import signal
 import threading
-from types import FrameType
+from typing import TYPE_CHECKING
 
 from openrouter_sim.server import OpenRouterSimulator
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     done = threading.Event()
 
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
+    def _on_signal(_signum: int, _frame: FrameType | None) -> None:
         done.set()
 
     # Handle SIGINT ourselves too: a shell starting us in the background sets it to "ignore".

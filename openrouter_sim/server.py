@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Final, cast
+from typing import Any, Final, Self, cast
 from urllib.parse import parse_qsl, urlsplit
 
 __all__ = [
@@ -226,7 +226,7 @@ def to_json(obj: Any) -> str:
     return "".join(out)
 
 
-def _encode(obj: Any, out: list[str]) -> None:
+def _encode(obj: Any, out: list[str]) -> None:  # noqa: C901, PLR0912 (a branch per JSON type)
     if obj is None:
         out.append("null")
     elif obj is True:
@@ -600,7 +600,7 @@ class GenerationRecord:
 # --------------------------------------------------------------------------------------------
 
 
-class _ClientGone(Exception):
+class _ClientGoneError(Exception):
     """The client disconnected, or the simulator is stopping."""
 
 
@@ -608,13 +608,17 @@ _PRE_STREAM_ERRORS: Final[dict[int, tuple[str, dict[str, Any]]]] = {
     400: ("Invalid request parameters", {}),
     401: ("User not found.", {}),
     402: (
-        "Insufficient credits. This account never purchased credits. Make sure your key is on the "
-        "correct account or org, and if so, purchase more at https://openrouter.ai/settings/credits",
+        (
+            "Insufficient credits. This account never purchased credits. Make sure your key is on the "
+            "correct account or org, and if so, purchase more at https://openrouter.ai/settings/credits"
+        ),
         {},
     ),
     403: (
-        '{model} requires moderation on {provider}. Your input was flagged for "harassment". No credits '
-        "were charged.",
+        (
+            '{model} requires moderation on {provider}. Your input was flagged for "harassment". No credits '
+            "were charged."
+        ),
         {"reasons": ["harassment"], "flagged_input": "...", "provider_name": "{provider}"},
     ),
     408: ("Operation timed out. Please try again later.", {}),
@@ -657,7 +661,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     @property
     def sim(self) -> OpenRouterSimulator:
-        return cast(_SimHTTPServer, self.server).sim
+        return cast("_SimHTTPServer", self.server).sim
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -671,8 +675,8 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.sim._track(self.connection, add=False)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s - " + format, self.address_string(), *args)
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's parameter name)
+        log.debug("%s - %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -724,7 +728,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _send_error(
-        self, status: int, message: str, metadata: Mapping[str, Any] | None = None, retry_after: bool = False
+        self,
+        status: int,
+        message: str,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        retry_after: bool = False,
     ) -> None:
         error: dict[str, Any] = {"code": status, "message": message}
         if metadata:
@@ -751,7 +760,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---- dispatch -------------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
+    def _dispatch(self) -> None:  # noqa: C901, PLR0912 (the route table)
         started = time.time()
         self._status, self._headers_sent, self._note = 0, False, ""
         split = urlsplit(self.path)
@@ -783,7 +792,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         try:
             if is_chat:
-                self._chat(body, body_ok, headers, task)
+                self._chat(body, headers, task, body_ok=body_ok)
             elif read and route == f"{API_PREFIX}/models":
                 self._send_json(200, _models_payload())
             elif read and route == f"{API_PREFIX}/generation":
@@ -792,7 +801,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._key()
             else:
                 self._not_found()
-        except _ClientGone:
+        except _ClientGoneError:
             self.close_connection = True
             self._note += " client-gone"
         except (BrokenPipeError, ConnectionResetError):
@@ -835,7 +844,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_json(200, {"data": _key_payload(key, self.sim.generations.values())})
 
-    def _chat(self, body: Any, body_ok: bool, headers: dict[str, str], task: str | None) -> None:
+    def _chat(self, body: Any, headers: dict[str, str], task: str | None, *, body_ok: bool) -> None:
         if self._require_key() is None:
             return
         if not body_ok or not isinstance(body, dict):
@@ -920,19 +929,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _pause(self, seconds: float) -> None:
         if seconds > 0 and self.sim._stopping.wait(seconds):
-            raise _ClientGone("simulator stopping")
+            raise _ClientGoneError("simulator stopping")
 
     def _write_chunk(self, data: bytes) -> None:
         try:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
         except OSError as exc:
-            raise _ClientGone(str(exc)) from exc
+            raise _ClientGoneError(str(exc)) from exc
 
     def _sse(self, payload: Any) -> None:
         self._write_chunk(b"data: " + to_json(payload).encode("utf-8") + b"\n\n")
 
-    def _stream(self, plan: _Plan, headers: dict[str, str], delay: float) -> None:
+    def _stream(  # noqa: C901, PLR0912, PLR0915 (one stream, chunk by chunk, with every injected fault)
+        self, plan: _Plan, headers: dict[str, str], delay: float
+    ) -> None:
         started = time.time()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -1015,7 +1026,7 @@ class _Handler(BaseHTTPRequestHandler):
                     chunk["usage"] = usage
                     self._sse(chunk)
             self._finish_stream()
-        except _ClientGone:
+        except _ClientGoneError:
             if not self.sim.has_generation(plan.gen_id):
                 if plan.tool_call is not None:
                     partial_tokens = 0
@@ -1031,7 +1042,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream_tool_call(self, plan: _Plan, emit: Callable[..., None], delay: float) -> None:
         call = plan.tool_call
-        assert call is not None
+        if call is None:
+            raise AssertionError("a tool-call plan always has a tool call")
         self._pause(delay)
         first = {"index": 0, "id": call["id"], "type": "function"}
         first["function"] = {"name": call["function"]["name"], "arguments": ""}
@@ -1052,7 +1064,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except OSError as exc:
-            raise _ClientGone(str(exc)) from exc
+            raise _ClientGoneError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -1092,7 +1104,7 @@ def _stream_choice(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
     }
 
 
-def _example_value(schema: Any) -> Any:
+def _example_value(schema: Any) -> Any:  # noqa: PLR0911 (a return per JSON Schema type)
     if not isinstance(schema, dict):
         return "example"
     if isinstance(schema.get("enum"), list) and schema["enum"]:
@@ -1179,7 +1191,7 @@ class _Plan:
             self.model, self.prompt_tokens, completion_tokens, self.cached, self.cache_write
         )
 
-    def money(self, completion_tokens: int, billed: bool = True) -> tuple[Decimal, Decimal, Charge]:
+    def money(self, completion_tokens: int, *, billed: bool = True) -> tuple[Decimal, Decimal, Charge]:
         """(cost, upstream_inference_cost, provider charge) of ``completion_tokens``."""
         charge = self.charge(completion_tokens)
         if not billed:
@@ -1189,8 +1201,8 @@ class _Plan:
             return charge.total * BYOK_FEE_RATE, charge.total, charge
         return charge.total, charge.total, charge
 
-    def usage(self, completion_tokens: int, billed: bool = True) -> dict[str, Any]:
-        cost, upstream, charge = self.money(completion_tokens, billed)
+    def usage(self, completion_tokens: int, *, billed: bool = True) -> dict[str, Any]:
+        cost, upstream, charge = self.money(completion_tokens, billed=billed)
         cost_details: dict[str, Any] | None = {
             "upstream_inference_cost": upstream,
             "upstream_inference_prompt_cost": charge.prompt_cost,
@@ -1219,7 +1231,7 @@ class _Plan:
             },
         }
 
-    def record(
+    def record(  # noqa: PLR0913, PLR0917 (what one generation was: every field of its record)
         self,
         usage: dict[str, Any] | None,
         completion_tokens: int,
@@ -1234,7 +1246,7 @@ class _Plan:
     ) -> GenerationRecord:
         cost: Decimal | None
         upstream: Decimal | None
-        cost, upstream, charge = self.money(completion_tokens, billed)
+        cost, upstream, charge = self.money(completion_tokens, billed=billed)
         if usage is not None and usage.get("cost") is None:
             cost, upstream = None, None  # null-cost: what was sent is what is recorded
         now = time.time()
@@ -1580,7 +1592,7 @@ class OpenRouterSimulator:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> OpenRouterSimulator:
+    def start(self) -> Self:
         if self._server is not None:
             raise RuntimeError("simulator already started")
         self._stopping.clear()
@@ -1609,7 +1621,7 @@ class OpenRouterSimulator:
             thread.join(timeout=5)
         self._server, self._thread = None, None
 
-    def __enter__(self) -> OpenRouterSimulator:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

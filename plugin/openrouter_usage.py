@@ -28,9 +28,12 @@ required_open_webui_version: 0.10.0
 #   specs are rebuilt synchronously on the event loop on every GET …/valves/spec, which runs a
 #   callable json_schema_extra and calls a UserValves classmethod named in input.options with
 #   __user__. A validation error on save reaches the admin only as a generic toast.
-# * Internals read, each behind a guard that degrades to "unknown": open_webui.env.DATA_DIR (where
-#   the default ledger lives) and the `openai.api_base_urls` config key with the model's urlIdx
-#   (which connection served the request).
+# * Internals read (next section), each behind a guard that degrades to "unknown":
+#   open_webui.env.DATA_DIR (where the default ledger lives); the `openai.api_base_urls` config key
+#   with the model's urlIdx (which connection served the request); the module name Open WebUI gives
+#   this source, `function_<id>_<hex>`, and `sys.modules["function_<id>"]`, its newest copy; the
+#   function's saved valves, through open_webui.internal.db.get_db (a synchronous session),
+#   open_webui.models.functions.Function and open_webui.utils.valves.decrypt_valves.
 
 from __future__ import annotations
 
@@ -71,6 +74,7 @@ from pydantic import BaseModel, Field, model_validator
 log = logging.getLogger("openrouter_usage")
 
 STATE_KEY: Final = "openrouter_usage"
+INTERNAL_WAIT_SECONDS: Final = 5.0  # longest a hook waits on an Open WebUI internal or an emitter
 PICO: Final = Decimal("1e-12")
 DEFAULT_SQLITE_NAME: Final = "openrouter_usage.sqlite3"
 DATABASE_URL_ENV: Final = "OPENROUTER_USAGE_DATABASE_URL"
@@ -88,7 +92,95 @@ MAX_RAW_DEPTH: Final = 16  # raw usage JSON is cut below this depth
 MAX_RAW_ITEMS: Final = 64  # … and after this many items per object or list
 
 
+# ══ Open WebUI internals, each behind a guard that degrades to "unknown" ══════════════════════════
+
+
+def data_dir() -> Path:
+    """Open WebUI's data directory, resolved as Open WebUI resolves it when it is running."""
+    owui_env = sys.modules.get("open_webui.env")
+    configured = getattr(owui_env, "DATA_DIR", None)
+    if configured is not None:
+        return Path(configured)
+    return Path(os.path.abspath(os.environ.get("DATA_DIR") or "data"))
+
+
+FUNCTION_MODULE_NAME: Final = re.compile(r"function_(?P<id>.+)_[0-9a-f]{32}")
+
+
+def open_webui_function_id() -> str | None:
+    """This function's id in Open WebUI: it loads the source as module `function_<id>_<hex>`."""
+    match = FUNCTION_MODULE_NAME.fullmatch(__name__)
+    return match.group("id") if match else None
+
+
+def superseded() -> bool:
+    """Whether Open WebUI has since loaded a newer copy of this function (an admin saved code)."""
+    function_id = open_webui_function_id()
+    current = sys.modules.get(f"function_{function_id}") if function_id else None
+    return current is not None and getattr(current, "superseded", None) is not superseded
+
+
+def valves_in_open_webui_store(function_id: str) -> dict[str, Any] | None:
+    """The function's saved valves, read through Open WebUI's synchronous database session (the
+    async `Functions.get_function_valves_by_id` cannot be awaited from a synchronous spec builder
+    that holds the event loop). None when any internal is missing or the read fails. Blocking:
+    call it off the event loop."""
+    database = sys.modules.get("open_webui.internal.db")
+    functions = sys.modules.get("open_webui.models.functions")
+    valves_module = sys.modules.get("open_webui.utils.valves")
+    get_db = getattr(database, "get_db", None)
+    function_table = getattr(functions, "Function", None)
+    decrypt = getattr(valves_module, "decrypt_valves", None)
+    if get_db is None or function_table is None or decrypt is None:
+        return None
+    try:
+        with get_db() as session:
+            stored = session.execute(
+                sa.select(function_table.valves).filter_by(id=function_id)
+            ).scalar_one_or_none()
+        valves = decrypt(stored)
+    except Exception as exc:
+        log.warning("openrouter_usage: saved settings unreadable in Open WebUI (%s)", short_error(exc))
+        return None
+    return valves if isinstance(valves, dict) else None
+
+
+_BASE_URLS_TTL: Final = 30.0
+_base_urls_cache: tuple[float, list[Any]] = (0.0, [])
+
+
+async def connection_base_url(model: Any) -> str | None:
+    """The base URL of the OpenAI-compatible connection serving `model`, or None when unknown."""
+    global _base_urls_cache
+    index = model.get("urlIdx") if isinstance(model, Mapping) else None
+    if not isinstance(index, int):
+        return None
+    expires, urls = _base_urls_cache
+    if time.monotonic() > expires:
+        config = getattr(sys.modules.get("open_webui.models.config"), "Config", None)
+        if config is None:
+            return None
+        try:
+            fetched = await asyncio.wait_for(config.get("openai.api_base_urls", []), INTERNAL_WAIT_SECONDS)
+        except Exception as exc:
+            log.debug("openrouter_usage: connection URLs unavailable (%s)", exc)
+            return None
+        urls = fetched if isinstance(fetched, list) else []
+        _base_urls_cache = (time.monotonic() + _BASE_URLS_TTL, urls)
+    return str(urls[index]) if 0 <= index < len(urls) else None
+
+
 # ══ Value types ═══════════════════════════════════════════════════════════════════════════════════
+# The measures have one home: the token kinds are Usage's `token_kind` fields, and the money
+# measures are MONEY_MEASURES. Parsing, the ledger and rollup columns, Totals, the rollup
+# arithmetic and the export all follow MEASURES; adding a token kind is one line in Usage plus the
+# frozen migration that adds its columns (docs/internals.md, "Adding a measure").
+
+
+def token_kind(*keys: str, details: Literal["prompt", "completion"] | None = None) -> Any:
+    """A token count of Usage, and where a usage object reports it: the first of `keys` present,
+    at the top level or in `prompt_tokens_details` / `completion_tokens_details`."""
+    return dataclasses.field(default=0, metadata={"keys": keys, "details": details})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,12 +190,14 @@ class Usage:
     `notes` names every value that was outside the input domain and was therefore treated as
     missing (tokens 0, cost unknown)."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cached_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
+    # Open WebUI's merged input/output keys are sums over tool rounds, while prompt/completion_tokens
+    # keep only the last round, so the merged keys come first.
+    prompt_tokens: int = token_kind("input_tokens", "prompt_tokens")
+    completion_tokens: int = token_kind("output_tokens", "completion_tokens")
+    total_tokens: int = token_kind("total_tokens")  # missing: prompt + completion
+    cached_tokens: int = token_kind("cached_tokens", details="prompt")
+    cache_write_tokens: int = token_kind("cache_write_tokens", details="prompt")
+    reasoning_tokens: int = token_kind("reasoning_tokens", details="completion")
     cost_pico: int | None = None
     upstream_cost_pico: int | None = None
     is_byok: bool = False
@@ -123,17 +217,19 @@ class Usage:
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-            total_tokens=self.total_tokens + other.total_tokens,
-            cached_tokens=self.cached_tokens + other.cached_tokens,
-            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
-            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+            **{name: getattr(self, name) + getattr(other, name) for name in TOKEN_MEASURES},
             cost_pico=_add_optional(self.cost_pico, other.cost_pico),
             upstream_cost_pico=_add_optional(self.upstream_cost_pico, other.upstream_cost_pico),
             is_byok=self.is_byok or other.is_byok,
             notes=self.notes + other.notes,
         )
+
+
+TOKEN_KINDS: Final = tuple(field for field in dataclasses.fields(Usage) if "keys" in field.metadata)
+TOKEN_MEASURES: Final = tuple(field.name for field in TOKEN_KINDS)
+MONEY_MEASURES: Final = ("cost_pico", "upstream_cost_pico", "spend_pico")  # cost unknown counts 0
+# What rollups sum and reports show, in column order: completions, failed ones, tokens, money.
+MEASURES: Final = ("requests", "failed", *TOKEN_MEASURES, *MONEY_MEASURES)
 
 
 def _add_optional(left: int | None, right: int | None) -> int | None:
@@ -195,6 +291,26 @@ class UsageRecord:
         return cls(**fields)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Totals:
+    """Sums of each of MEASURES over some set of completions, read by name (`totals.spend_pico`)."""
+
+    sums: tuple[int, ...] = ()  # in MEASURES order; () is all zeros
+
+    def __getattr__(self, measure: str) -> int:
+        if measure not in MEASURES:
+            raise AttributeError(measure)
+        return self.sums[MEASURES.index(measure)] if self.sums else 0
+
+    @classmethod
+    def from_row(cls, row: Any) -> Totals:
+        mapping = row._mapping if row is not None else {}
+        return cls(tuple(int(mapping.get(name) or 0) for name in MEASURES))
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MEASURES}
+
+
 class CaptureState:
     """What inlet and stream learn about one request, kept in __metadata__ until outlet.
 
@@ -248,6 +364,17 @@ class CaptureState:
     @property
     def has_openrouter_signature(self) -> bool:
         return bool(self.provider) or any(gid.startswith("gen-") for gid in self.generation_ids)
+
+
+def capture_state(metadata: Any) -> CaptureState:
+    """This request's state, created (and stored) when inlet did not run or could not store it."""
+    state = metadata.get(STATE_KEY) if isinstance(metadata, dict) else None
+    if isinstance(state, CaptureState):
+        return state
+    state = CaptureState(started_at=time.monotonic())
+    if isinstance(metadata, dict):
+        metadata[STATE_KEY] = state
+    return state
 
 
 # ══ Parsing ═══════════════════════════════════════════════════════════════════════════════════════
@@ -347,18 +474,19 @@ def parse_usage(raw: Mapping[str, Any]) -> Usage:
     prompt/completion_tokens keep only the last round, so the canonical keys come first.
     """
     notes: list[str] = []
-    prompt = token_count(raw, "input_tokens", "prompt_tokens", notes=notes) or 0
-    completion = token_count(raw, "output_tokens", "completion_tokens", notes=notes) or 0
-    total = token_count(raw, "total_tokens", notes=notes)
-    prompt_details = _details(raw, "prompt_tokens_details", "input_tokens_details")
-    completion_details = _details(raw, "completion_tokens_details", "output_tokens_details")
+    where = {
+        None: raw,
+        "prompt": _details(raw, "prompt_tokens_details", "input_tokens_details"),
+        "completion": _details(raw, "completion_tokens_details", "output_tokens_details"),
+    }
+    tokens = {
+        kind.name: token_count(where[kind.metadata["details"]], *kind.metadata["keys"], notes=notes)
+        for kind in TOKEN_KINDS
+    }
+    if tokens["total_tokens"] is None:
+        tokens["total_tokens"] = (tokens["prompt_tokens"] or 0) + (tokens["completion_tokens"] or 0)
     return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=total if total is not None else prompt + completion,
-        cached_tokens=token_count(prompt_details, "cached_tokens", notes=notes) or 0,
-        cache_write_tokens=token_count(prompt_details, "cache_write_tokens", notes=notes) or 0,
-        reasoning_tokens=token_count(completion_details, "reasoning_tokens", notes=notes) or 0,
+        **{name: count or 0 for name, count in tokens.items()},
         cost_pico=money_pico(raw, "cost", notes=notes),
         upstream_cost_pico=money_pico(_details(raw, "cost_details"), "upstream_inference_cost", notes=notes),
         is_byok=raw.get("is_byok") is True,
@@ -530,20 +658,23 @@ _EMAIL: Final = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 MAX_RAW_CALLS: Final = 16  # per-call usage objects kept in a row's raw usage
 
 
+def is_openrouter_completion(state: CaptureState, body: Mapping[str, Any]) -> bool:
+    """Whether the connection, the stream, or the usage Open WebUI kept says OpenRouter."""
+    if state.is_openrouter_connection or state.has_openrouter_signature:
+        return True
+    outlet_usage = message_usage(final_assistant_message(body))
+    return outlet_usage is not None and "cost" in outlet_usage
+
+
 def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord | None:
     """The ledger row for this completion, or None when it is not OpenRouter traffic to record.
     Every value is brought into the input domain here; what had to be repaired is noted."""
     body = context.body
-    message = final_assistant_message(body)
-    outlet_usage = message_usage(message)
-    is_openrouter = bool(
-        state.is_openrouter_connection
-        or state.has_openrouter_signature
-        or (outlet_usage is not None and "cost" in outlet_usage)
-    )
-    if not (is_openrouter or context.record_all_models):
+    if not (context.record_all_models or is_openrouter_completion(state, body)):
         log.debug("openrouter_usage: completion not from OpenRouter; not recorded")
         return None
+    message = final_assistant_message(body)
+    outlet_usage = message_usage(message)
 
     if state.calls:
         # Exact per-call usage seen in the stream beats Open WebUI's float sums of the same calls.
@@ -652,19 +783,6 @@ def _first_text(*values: Any) -> str:
 # ── Schema and migrations ──
 
 TABLE_PREFIX: Final = "openrouter_usage_"
-MEASURES: Final = (
-    "requests",
-    "failed",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost_pico",
-    "upstream_cost_pico",
-    "spend_pico",
-)
 MIGRATION_LOCK_KEY: Final = 0x6F72_7573_0001  # PostgreSQL advisory lock keys, "orus" + purpose
 ROLLUP_LOCK_KEY: Final = 0x6F72_7573_0002
 
@@ -695,12 +813,7 @@ ledger_table = sa.Table(
     sa.Column("model", sa.Text, nullable=False),
     sa.Column("served_model", sa.Text, nullable=False),
     sa.Column("provider", sa.Text, nullable=False),
-    sa.Column("prompt_tokens", sa.BigInteger, nullable=False),
-    sa.Column("completion_tokens", sa.BigInteger, nullable=False),
-    sa.Column("total_tokens", sa.BigInteger, nullable=False),
-    sa.Column("cached_tokens", sa.BigInteger, nullable=False),
-    sa.Column("cache_write_tokens", sa.BigInteger, nullable=False),
-    sa.Column("reasoning_tokens", sa.BigInteger, nullable=False),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in TOKEN_MEASURES),
     sa.Column("cost_pico", sa.BigInteger, nullable=True),
     sa.Column("upstream_cost_pico", sa.BigInteger, nullable=True),
     sa.Column("spend_pico", sa.BigInteger, nullable=False),
@@ -939,15 +1052,6 @@ class LedgerNeedsUpgrade(Exception):
     """The ledger's schema is older than this code; the next recorded completion upgrades it."""
 
 
-def data_dir() -> Path:
-    """Open WebUI's data directory, resolved as Open WebUI resolves it when it is running."""
-    owui_env = sys.modules.get("open_webui.env")
-    configured = getattr(owui_env, "DATA_DIR", None)
-    if configured is not None:
-        return Path(configured)
-    return Path(os.path.abspath(os.environ.get("DATA_DIR") or "data"))
-
-
 def normalize_database_url(url: str) -> str:
     """Map PostgreSQL URLs onto psycopg 3, the driver Open WebUI ships."""
     for prefix in ("postgres://", "postgresql://"):
@@ -1141,14 +1245,14 @@ META_UPSERT: Final = sa.text(
     f'INSERT INTO {meta_table.name} ("key", value) VALUES (:key, :value) '
     'ON CONFLICT ("key") DO UPDATE SET value = excluded.value'
 )
-_AMONG_MESSAGE_IDS: Final = ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
-SELECT_RECORDED_MESSAGE_IDS: Final = sa.select(ledger_table.c.message_id).where(_AMONG_MESSAGE_IDS)
+_MESSAGE_ID_IN_LIST: Final = ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
+SELECT_RECORDED_MESSAGE_IDS: Final = sa.select(ledger_table.c.message_id).where(_MESSAGE_ID_IN_LIST)
 SELECT_RECORDED_MESSAGE_ID: Final = sa.select(ledger_table.c.message_id).where(
     ledger_table.c.message_id == sa.bindparam("message_id")
 )
 SELECT_SPEND_OF_MESSAGES: Final = sa.select(
     sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)
-).where(_AMONG_MESSAGE_IDS)
+).where(_MESSAGE_ID_IN_LIST)
 IN_LIST_CHUNK: Final = 500  # parameters per IN list: well inside every SQLite build's limit
 
 
@@ -1181,12 +1285,7 @@ def ledger_values(record: UsageRecord) -> dict[str, Any]:
         "model": record.model,
         "served_model": record.served_model,
         "provider": record.provider,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "cache_write_tokens": usage.cache_write_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
+        **{name: getattr(usage, name) for name in TOKEN_MEASURES},
         "cost_pico": usage.cost_pico,
         "upstream_cost_pico": usage.upstream_cost_pico,
         "spend_pico": usage.spend_pico,
@@ -1222,35 +1321,23 @@ def resolve_zone(name: str) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
-def record_measures(record: UsageRecord) -> list[int]:
-    """The record's contribution to each rollup measure, in MEASURES order."""
-    usage = record.usage
-    return [
-        1,
-        0 if record.status == "ok" else 1,
-        usage.prompt_tokens,
-        usage.completion_tokens,
-        usage.total_tokens,
-        usage.cached_tokens,
-        usage.cache_write_tokens,
-        usage.reasoning_tokens,
-        usage.cost_pico or 0,
-        usage.upstream_cost_pico or 0,
-        usage.spend_pico,
-    ]
+def row_measures(row: Mapping[Any, Any]) -> list[int]:
+    """A ledger row's contribution to each of MEASURES (an unknown cost counts 0)."""
+    return [1, 0 if row["status"] == "ok" else 1, *(int(row[name] or 0) for name in MEASURES[2:])]
 
 
 RollupKey = tuple[str, ...]
-RollupInput = tuple[datetime, str, str, str, list[int]]  # created_at, user, model, provider, measures
 
 
-def rollup_increments(rows: Iterable[RollupInput], zone: ZoneInfo) -> list[dict[RollupKey, list[int]]]:
-    """Per-table sums (in ROLLUP_TABLES order, measures in MEASURES order), keyed by day in `zone`."""
+def rollup_increments(rows: Iterable[Mapping[Any, Any]], zone: ZoneInfo) -> list[dict[RollupKey, list[int]]]:
+    """Per-table sums of ledger rows (in ROLLUP_TABLES order, measures in MEASURES order), keyed
+    by day in `zone`. The rows are the ledger's: as written (ledger_values) or as read back."""
     sums: list[dict[RollupKey, list[int]]] = [{} for _ in ROLLUP_TABLES]
-    for created_at, user_id, served_model, provider, values in rows:
-        day = local_day(created_at, zone)
+    for row in rows:
+        day = local_day(row["created_at"], zone)
+        values = row_measures(row)
         for table_sums, key in zip(
-            sums, ((day,), (day, user_id), (day, served_model, provider)), strict=True
+            sums, ((day,), (day, row["user_id"]), (day, row["served_model"], row["provider"])), strict=True
         ):
             bucket = table_sums.get(key)
             table_sums[key] = values if bucket is None else list(map(operator.add, bucket, values))
@@ -1270,15 +1357,9 @@ def apply_rollups(conn: sa.Connection, zone: str, increments: list[dict[RollupKe
 
 
 _RECOUNT_COLUMNS: Final = [
-    ledger_table.c[name] for name in ("id", "created_at", "user_id", "served_model", "provider", "status")
-] + [ledger_table.c[name] for name in MEASURES[2:]]
-
-
-def measured_row(row: Any) -> RollupInput:
-    """A ledger row selected with _RECOUNT_COLUMNS, as rollup_increments takes it."""
-    _, created_at, user_id, served_model, provider, status, *measured = row
-    measures = [1, 0 if status == "ok" else 1, *(int(value or 0) for value in measured)]
-    return created_at, user_id, served_model, provider, measures
+    ledger_table.c[name]
+    for name in ("id", "created_at", "user_id", "served_model", "provider", "status", *MEASURES[2:])
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1360,7 +1441,9 @@ def recount_chunk(conn: sa.Connection) -> bool:
         .limit(RECOUNT_CHUNK_ROWS)
     ).all()
     apply_rollups(
-        conn, state.recount_zone, rollup_increments(map(measured_row, rows), ZoneInfo(state.recount_zone))
+        conn,
+        state.recount_zone,
+        rollup_increments((row._mapping for row in rows), ZoneInfo(state.recount_zone)),
     )
     if len(rows) == RECOUNT_CHUNK_ROWS:
         progress = {"zone": state.recount_zone, "after_id": int(rows[-1][0])}
@@ -1552,28 +1635,6 @@ def spool_directory(url: str) -> Path:
 WRITE_ATTEMPTS: Final = 3  # a batch that lost a race to another process is retried
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Totals:
-    """Sums of the rollup measures over some set of completions."""
-
-    requests: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cached_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_pico: int = 0
-    upstream_cost_pico: int = 0
-    spend_pico: int = 0
-
-    @classmethod
-    def from_row(cls, row: Any) -> Totals:
-        mapping = row._mapping if row is not None else {}
-        return cls(**{name: int(mapping.get(name) or 0) for name in MEASURES})
-
-
 def _sums(table: sa.Table) -> list[sa.Label[Any]]:
     return [sa.func.coalesce(sa.func.sum(table.c[name]), 0).label(name) for name in MEASURES]
 
@@ -1706,9 +1767,9 @@ class Ledger:
             return set()
         # A message another process recorded since the SELECT (only possible on PostgreSQL; SQLite
         # writers are serialised) fails the INSERT and the transaction, which is retried.
-        conn.execute(ledger_table.insert(), [ledger_values(record) for record in fresh])
+        rows = [ledger_values(record) for record in fresh]
+        conn.execute(ledger_table.insert(), rows)
         if zone is not None:  # None: a recount from scratch is running and will count these rows
-            rows = ((r.created_at, r.user_id, r.served_model, r.provider, record_measures(r)) for r in fresh)
             apply_rollups(conn, zone, rollup_increments(rows, ZoneInfo(zone)))
         latest: dict[str, UsageRecord] = {}
         for record in fresh:
@@ -1836,6 +1897,7 @@ def _naive_utc(moment: datetime) -> datetime:
 
 MAX_BATCH: Final = 256
 WRITER_IDLE_SECONDS: Final = 30.0  # the thread ends after this long without work
+IDLE_CHECK_SECONDS: Final = 1.0  # how often a waiting writer checks whether it may end
 OUTLET_WAIT_SECONDS: Final = 10.0  # an outlet waits this long for the writer, then spools itself
 SPOOL_WAIT_SECONDS: Final = 5.0
 REPLAY_INTERVAL_SECONDS: Final = 5.0  # while the database fails, replay is tried this often
@@ -1844,15 +1906,24 @@ REPLAY_BUDGET_SECONDS: Final = 0.5  # replay work per turn of the writer, betwee
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class WriteRequest:
-    """A record to commit, and what the usage line wants to know once it is committed."""
+    """A record to commit, and what the usage line wants to know once it is committed.
+
+    `render_line`, when given, renders the usage line from the record, the chat's spend (this
+    record included) and the user's spend today; the writer runs it after the commit."""
 
     record: UsageRecord
     zone: ZoneInfo
     chat_message_ids: tuple[str, ...] = ()
     want_user_today: bool = False
+    render_line: Callable[[UsageRecord, int | None, int | None], str] | None = None
 
 
-Stored = Literal["recorded", "duplicate", "spooled", "quarantined"]
+# A write whose request is built on the writer thread (parsing an outlet body costs the event loop
+# more than handing it over); None means "nothing to record".
+DeferredRequest = Callable[[], WriteRequest | None]
+
+# "skipped": a deferred request that built nothing to record.
+Stored = Literal["recorded", "duplicate", "spooled", "quarantined", "skipped"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1863,6 +1934,7 @@ class WriteOutcome:
     stored: Stored
     chat_spend_pico: int | None = None
     user_today: Totals | None = None
+    usage_line: str = ""
 
 
 class RecordNotDurable(Exception):
@@ -1886,10 +1958,12 @@ class LoopReply:
 # Outlets wait on their event loop; the CLI, tests and benchmarks on a concurrent Future.
 Reply = concurrent.futures.Future[WriteOutcome] | LoopReply
 Pending = tuple[WriteRequest, Reply]
+Queued = tuple[WriteRequest | DeferredRequest, Reply]
+Answer = tuple[Reply, WriteOutcome | BaseException]
 Settlement = tuple[asyncio.Future[WriteOutcome], WriteOutcome | BaseException]
 
 
-def answer_all(replies: Iterable[tuple[Reply, WriteOutcome | BaseException]]) -> None:
+def answer_all(replies: Iterable[Answer]) -> None:
     """Settle every waiter (from the writer thread). The outlets of one event loop are woken with
     one call: a wake-up costs the loop a self-pipe read, and a batch under load holds dozens of
     outlets of the same loop. A waiter that gave up is skipped. Never raises."""
@@ -1950,15 +2024,16 @@ class GroupCommitWriter:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self._queue: queue.SimpleQueue[Pending] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Queued] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._in_hand: list[Pending] = []
         self._spool_waiting = True  # unknown at start: look once
         self._next_replay = 0.0
         self._recount_due = False
+        self._last_batch_at = time.monotonic()
 
-    async def write(self, request: WriteRequest) -> WriteOutcome:
+    async def write(self, request: WriteRequest | DeferredRequest) -> WriteOutcome:
         """Commit `request` and return once it is durable; the event loop only waits, and for at
         most OUTLET_WAIT_SECONDS: then the record is spooled from here (a later commit of the same
         message by the writer is a duplicate, never a second count)."""
@@ -1967,23 +2042,24 @@ class GroupCommitWriter:
         self._enqueue(request, LoopReply(loop, future))
         timer = loop.call_later(OUTLET_WAIT_SECONDS, _time_out, future)
         try:
-            return await future
-        except WriterTimedOut:
-            log.error(
-                "openrouter_usage: the ledger writer did not answer within %.0f s; spooling %s",
-                OUTLET_WAIT_SECONDS,
-                request.record.message_id,
-            )
+            with contextlib.suppress(WriterTimedOut):
+                return await future
         finally:
             timer.cancel()
+        built = request if isinstance(request, WriteRequest) else request()
+        if built is None:
+            return WriteOutcome("skipped")
+        log.error(
+            "openrouter_usage: the ledger writer did not answer within %.0f s; spooling %s",
+            OUTLET_WAIT_SECONDS,
+            built.record.message_id,
+        )
         try:
             await asyncio.wait_for(
-                asyncio.to_thread(self.ledger.spool.append, [request.record]), SPOOL_WAIT_SECONDS
+                asyncio.to_thread(self.ledger.spool.append, [built.record]), SPOOL_WAIT_SECONDS
             )
         except Exception as exc:
-            raise RecordNotDurable(
-                f"could not spool {request.record.message_id}: {short_error(exc)}"
-            ) from exc
+            raise RecordNotDurable(f"could not spool {built.record.message_id}: {short_error(exc)}") from exc
         return WriteOutcome("spooled")
 
     def submit(self, request: WriteRequest) -> concurrent.futures.Future[WriteOutcome]:
@@ -1992,7 +2068,7 @@ class GroupCommitWriter:
         self._enqueue(request, future)
         return future
 
-    def _enqueue(self, request: WriteRequest, reply: Reply) -> None:
+    def _enqueue(self, request: WriteRequest | DeferredRequest, reply: Reply) -> None:
         self._queue.put((request, reply))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -2017,43 +2093,95 @@ class GroupCommitWriter:
             first = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
         except queue.Empty:
             first = None
-            if wait >= WRITER_IDLE_SECONDS:
-                with self._lock:
-                    if self._queue.empty():
-                        self._thread = None
-                        return False
-                return True
+            if self._may_end() and self._end_if_idle():
+                return False
         if first is not None:
-            self._in_hand = [first]
-            while len(self._in_hand) < MAX_BATCH:
+            self._last_batch_at = time.monotonic()
+            drained = [first]
+            while len(drained) < MAX_BATCH:
                 try:
-                    self._in_hand.append(self._queue.get_nowait())
+                    drained.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._commit(self._in_hand)
+            early = self._build(drained)
+            if self._in_hand:
+                self._commit(self._in_hand, early)
+            else:
+                answer_all(early)
             self._in_hand = []
         self._upkeep()
         return True
+
+    def _build(self, drained: list[Queued]) -> list[Answer]:
+        """Builds the deferred requests into `_in_hand`; returns the answers they already have
+        (nothing to record, or a build that failed: that outlet logs it, the others go on)."""
+        early: list[Answer] = []
+        for request, reply in drained:
+            if isinstance(request, WriteRequest):
+                self._in_hand.append((request, reply))
+                continue
+            try:
+                built = request()
+            except Exception as exc:
+                early.append((reply, exc))
+                continue
+            if built is None:
+                early.append((reply, WriteOutcome("skipped")))
+            else:
+                self._in_hand.append((built, reply))
+        return early
+
+    def _end_if_idle(self) -> bool:
+        """End the thread if nothing is queued, closing the ledger's connections: an idle (or
+        superseded) plugin keeps no thread, no connection and no open file. A superseded one also
+        leaves its spool to the newer copy, which replays it."""
+        with self._lock:
+            if not self._queue.empty():
+                return False
+            self._thread = None
+            self.ledger.dispose()
+            return True
+
+    def release_if_idle(self) -> None:
+        """After a read: close the ledger's connections unless the writer is at work (it closes
+        them when it goes idle)."""
+        with self._lock:
+            if self._thread is None:
+                self.ledger.dispose()
 
     def _seconds_to_upkeep(self) -> float:
         if self._recount_due:
             return 0.0
         if self._spool_waiting:
-            return min(WRITER_IDLE_SECONDS - 1, max(0.0, self._next_replay - time.monotonic()))
-        return WRITER_IDLE_SECONDS
+            return min(IDLE_CHECK_SECONDS, max(0.0, self._next_replay - time.monotonic()))
+        return IDLE_CHECK_SECONDS
 
-    def _commit(self, batch: list[Pending]) -> None:
+    def _may_end(self) -> bool:
+        """A superseded copy ends at once (the newer copy takes over its spool and recount); the
+        current one after WRITER_IDLE_SECONDS without work and with nothing left to keep."""
+        if superseded():
+            return True
+        idle = time.monotonic() - self._last_batch_at >= WRITER_IDLE_SECONDS
+        return idle and not self._spool_waiting and not self._recount_due
+
+    def _commit(self, batch: list[Pending], early: list[Answer]) -> None:
+        """Commits `batch` and answers it, with the `early` answers, in one wake-up per loop."""
         records = [request.record for request, _ in batch]
         try:
             result = self.ledger.store(records, batch[-1][0].zone)
         except Exception as exc:
-            self._spool(batch, exc)
+            self._spool(batch, exc, early)
             return
         self._recount_due = self._recount_due or result.recounting
         outcomes = self._outcomes(batch, result)
-        answer_all((reply, outcome) for (_, reply), outcome in zip(batch, outcomes, strict=True))
+        answer_all([*early, *((reply, outcome) for (_, reply), outcome in zip(batch, outcomes, strict=True))])
 
-    def _spool(self, batch: list[Pending], exc: BaseException) -> None:
+    def _spool(
+        self,
+        batch: list[Pending],
+        exc: BaseException,
+        early: Sequence[Answer] = (),
+    ) -> None:
         log.error(
             "openrouter_usage: ledger %s unavailable (%s); spooling %d record(s) for replay",
             self.ledger.location,
@@ -2069,11 +2197,11 @@ class GroupCommitWriter:
                 len(batch),
                 _records_json(request.record for request, _ in batch),
             )
-            answer_all((reply, RecordNotDurable(short_error(spool_exc))) for _, reply in batch)
+            answer_all([*early, *((reply, RecordNotDurable(short_error(spool_exc))) for _, reply in batch)])
             return
         self._spool_waiting = True
         self._next_replay = time.monotonic() + REPLAY_INTERVAL_SECONDS
-        answer_all((reply, WriteOutcome("spooled")) for _, reply in batch)
+        answer_all([*early, *((reply, WriteOutcome("spooled")) for _, reply in batch)])
 
     def _rescue(self, exc: BaseException) -> None:
         """After a failure in the loop: whatever was in hand and unanswered is spooled (a record
@@ -2117,33 +2245,66 @@ class GroupCommitWriter:
                 kinds.append("recorded")
             else:
                 kinds.append("duplicate")
+                log.info("openrouter_usage: message %s was already recorded; not counted again", message_id)
             seen.add(message_id)
-        # Totals feed the usage line, which only a newly recorded message shows.
+        totals = self._line_totals(batch, kinds, result.rollup_zone)
+        return [
+            WriteOutcome(kind, chat, today, _usage_line(request, chat, today) if kind == "recorded" else "")
+            for (request, _), kind, (chat, today) in zip(batch, kinds, totals, strict=True)
+        ]
+
+    def _line_totals(
+        self, batch: list[Pending], kinds: list[Stored], zone: str | None
+    ) -> list[tuple[int | None, Totals | None]]:
+        """For each newly recorded message whose usage line wants them: the chat's spend (this
+        record included) and the user's totals today; (None, None) otherwise or on failure."""
+        nothing: list[tuple[int | None, Totals | None]] = [(None, None)] * len(batch)
         wanted = [
             kind == "recorded" and bool(request.chat_message_ids or request.want_user_today)
             for (request, _), kind in zip(batch, kinds, strict=True)
         ]
-        zone = result.rollup_zone
         if not any(wanted):
-            return [WriteOutcome(kind) for kind in kinds]
+            return nothing
         try:
             with self.ledger.engine.connect() as conn:
                 today = local_day(datetime.now(UTC), ZoneInfo(zone)) if zone else ""
                 return [
-                    WriteOutcome(
-                        kind,
-                        self.ledger.chat_spend_pico(conn, request.chat_message_ids)
+                    (
+                        _chat_spend(self.ledger, conn, request)
                         if want and request.chat_message_ids
                         else None,
                         user_totals(conn, zone, request.record.user_id, today, today)
                         if want and zone and request.want_user_today
                         else None,
                     )
-                    for (request, _), kind, want in zip(batch, kinds, wanted, strict=True)
+                    for (request, _), want in zip(batch, wanted, strict=True)
                 ]
         except Exception as exc:
             log.warning("openrouter_usage: totals for the usage line unavailable (%s)", short_error(exc))
-            return [WriteOutcome(kind) for kind in kinds]
+            return nothing
+
+
+def _chat_spend(ledger: Ledger, conn: sa.Connection, request: WriteRequest) -> int:
+    """The chat's spend so far, this record included even when the body did not list it."""
+    spend = ledger.chat_spend_pico(conn, request.chat_message_ids)
+    if request.record.message_id not in request.chat_message_ids:
+        spend += request.record.usage.spend_pico
+    return spend
+
+
+def _usage_line(request: WriteRequest, chat_spend_pico: int | None, today: Totals | None) -> str:
+    """The request's usage line ("" when it wants none or cannot be rendered: the record stands)."""
+    if request.render_line is None:
+        return ""
+    try:
+        return request.render_line(request.record, chat_spend_pico, today.spend_pico if today else None)
+    except Exception as exc:
+        log.warning(
+            "openrouter_usage: the usage line of %s could not be rendered (%s)",
+            request.record.message_id,
+            short_error(exc),
+        )
+        return ""
 
 
 # ── Registry ──
@@ -2151,7 +2312,6 @@ class GroupCommitWriter:
 _LEDGERS: OrderedDict[str, GroupCommitWriter] = OrderedDict()
 _LEDGERS_LOCK = threading.Lock()
 _MAX_OPEN_LEDGERS: Final = 4
-_READ_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="openrouter_usage_read")
 
 
 def writer_for(url: str) -> GroupCommitWriter:
@@ -2288,7 +2448,9 @@ def rollups_in_zone(
                 scratch_conn.execute(users_table.insert(), users)
             rows = conn.execution_options(yield_per=20_000).execute(sa.select(*_RECOUNT_COLUMNS))
             for chunk in rows.partitions():
-                apply_rollups(scratch_conn, zone.key, rollup_increments(map(measured_row, chunk), zone))
+                apply_rollups(
+                    scratch_conn, zone.key, rollup_increments((row._mapping for row in chunk), zone)
+                )
         with scratch.connect() as scratch_conn:
             yield scratch_conn, zone.key
     finally:
@@ -2491,8 +2653,8 @@ def health_lines(health: LedgerHealth) -> list[str]:
 
 
 def totals_as_dict(totals: Totals) -> dict[str, Any]:
-    data: dict[str, Any] = dataclasses.asdict(totals)
-    for name in ("cost_pico", "upstream_cost_pico", "spend_pico"):
+    data: dict[str, Any] = totals.as_dict()
+    for name in MONEY_MEASURES:
         data[name.replace("_pico", "_usd")] = decimal_text(pico_to_usd(data.pop(name)))
     return data
 
@@ -2559,7 +2721,7 @@ def breakdown_rows(conn: sa.Connection, zone: str, by: Breakdown, first_day: str
     rows = []
     for row in result:
         mapping = dict(row._mapping)
-        totals = Totals(**{name: int(mapping.pop(name) or 0) for name in MEASURES})
+        totals = Totals(tuple(int(mapping.pop(name) or 0) for name in MEASURES))
         rows.append(mapping | totals_as_dict(totals))
     return rows
 
@@ -2594,8 +2756,8 @@ class LineParts:
 
 
 def render_usage_line(
-    record: UsageRecord,
     parts: LineParts,
+    record: UsageRecord,
     chat_spend_pico: int | None = None,
     today_spend_pico: int | None = None,
 ) -> str:
@@ -2627,7 +2789,7 @@ def render_usage_line(
     return " · ".join(pieces)
 
 
-# ── Bulk sync: deprecated for good, interfaces kept ──
+# ══ Bulk sync: deprecated for good, interfaces kept ═══════════════════════════════════════════════
 
 BULK_SYNC_NOTICE: Final[dict[str, Any]] = {
     "status": "deprecated",
@@ -2675,6 +2837,20 @@ def bulk_sync_notice_text(requested_at: datetime) -> str:
     )
 
 
+async def claim_bulk_sync_notification(
+    user: Mapping[str, Any] | None, notice: str, ledger: Ledger
+) -> dict[str, Any] | None:
+    """The warning toast for the next admin chat after bulk sync was switched on, once per saved
+    notice across processes (None for anyone else, and after the first)."""
+    if (user or {}).get("role") != "admin":
+        return None
+    key = "bulk_sync_notice:" + hashlib.sha256(notice.encode()).hexdigest()[:16]
+    if not await asyncio.wait_for(asyncio.to_thread(ledger.claim_once, key), INTERNAL_WAIT_SECONDS):
+        return None
+    text = BULK_SYNC_NOTICE["message"] + " " + BULK_SYNC_NOTICE["details"]["alternative"]
+    return {"type": "notification", "data": {"type": "warning", "content": text}}
+
+
 def sync_openrouter_usage(*_args: Any, **_kwargs: Any) -> dict[str, Any]:
     """Kept for old callers: returns the deprecation notice (empty results) and requests nothing."""
     log.warning("openrouter_usage: bulk sync requested; it is disabled (no listing endpoint exists)")
@@ -2700,7 +2876,7 @@ class OpenRouterClient:
         }
 
 
-# ── Admin CLI: `openrouter-usage export | report | sync` (same code as the settings panel) ──
+# ══ Admin CLI: `openrouter-usage report | export | spool | sync` (the panel's code) ═══════════════
 
 EXPORT_FIELDS: Final = (
     "id",
@@ -2713,12 +2889,7 @@ EXPORT_FIELDS: Final = (
     "served_model",
     "provider",
     "generation_ids",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
+    *TOKEN_MEASURES,
     "cost_usd",
     "upstream_cost_usd",
     "spend_usd",
@@ -3091,13 +3262,86 @@ def print_report(usage_report: UsageReport, by: str, fmt: str, out: Any) -> None
 # ══ The filter ════════════════════════════════════════════════════════════════════════════════════
 
 
-class SettingsMemory:
-    """The admin valves this process last saw, for code Open WebUI calls without them: the
-    settings-panel report and the user read-out. Kept in a small file so a restart remembers,
-    except a database URL holding a secret, which never leaves Open WebUI's own store."""
+class Settings(BaseModel):
+    """The admin valves the hooks and the readers use. `Filter.Valves` adds the panel's read-only
+    fields (the report and the bulk-sync notice); in the settings panel they follow these."""
+
+    priority: int = Field(default=0, title="Priority", description="Order among filters (lower runs first).")
+    database_url: str = Field(
+        default="",
+        title="Ledger database URL",
+        description="Ledger database as an SQLAlchemy URL (`sqlite:///…` or `postgresql://…`). Empty: "
+        "`$OPENROUTER_USAGE_DATABASE_URL`, else Open WebUI's own PostgreSQL database, else "
+        "`openrouter_usage.sqlite3` in Open WebUI's data directory.",
+        json_schema_extra={"input": {"type": "password"}},
+    )
+    openrouter_url_pattern: str = Field(
+        default="openrouter.ai",
+        title="OpenRouter URL pattern",
+        description="Connections whose base URL contains one of these comma-separated fragments are "
+        "OpenRouter. Responses with OpenRouter's signature (gen- ids, provider, usage.cost) count too.",
+    )
+    record_all_models: bool = Field(
+        default=False,
+        title="Record all models",
+        description="Also record other connections: tokens always, cost where reported.",
+    )
+    capture_stream: bool = Field(
+        default=True,
+        title="Read streamed chunks",
+        description="Off: this filter leaves streamed chunks alone, for the lowest server cost. "
+        "Each answer is then recorded from the usage Open WebUI keeps, without generation ids, "
+        "provider, time to first token or per-call usage, and a stopped generation cannot be captured.",
+    )
+    show_usage_line: bool = Field(
+        default=True, title="Usage line", description="Show the usage line under each answer."
+    )
+    line_show_model: bool = Field(default=True, title="Line: model", description="The model that served.")
+    line_show_provider: bool = Field(default=True, title="Line: provider", description="The provider.")
+    line_show_tokens: bool = Field(default=True, title="Line: tokens", description="Tokens in and out.")
+    line_show_cost: bool = Field(default=True, title="Line: cost", description="This answer's cost.")
+    line_show_chat_total: bool = Field(
+        default=True, title="Line: chat total", description="The chat's total cost."
+    )
+    line_show_today_total: bool = Field(
+        default=False, title="Line: today's total", description="The user's own spend today."
+    )
+    line_show_timing: bool = Field(default=True, title="Line: time", description="Time to the full answer.")
+    line_show_speed: bool = Field(default=True, title="Line: speed", description="Output tokens per second.")
+    report_timezone: str = Field(
+        default="UTC", title="Report time zone", description="IANA name; decides what 'today' means."
+    )
+    report_rows: int = Field(
+        default=10, title="Report rows", description="Rows in the report's top users and top models."
+    )
+
+    def line_parts(self) -> LineParts:
+        return LineParts(
+            model=self.line_show_model,
+            provider=self.line_show_provider,
+            tokens=self.line_show_tokens,
+            cost=self.line_show_cost,
+            chat_total=self.line_show_chat_total,
+            timing=self.line_show_timing,
+            speed=self.line_show_speed,
+            today_total=self.line_show_today_total,
+        )
+
+
+# ── Saved settings, for code Open WebUI calls without them ──
+# The settings panel's report and the user read-out run inside Open WebUI's synchronous valve-spec
+# builders, which pass no valves. They read the function's saved valves from Open WebUI's own store,
+# so every worker and replica shows the same database and zone; the file is the fallback (and the
+# CLI's only source).
+
+
+class SettingsFile:
+    """The admin valves last saved or used in this process, in a small file in the data
+    directory: the fallback when Open WebUI's store cannot be read, and what the CLI reads. A
+    database URL holding a secret is never written there."""
 
     def __init__(self) -> None:
-        self._values: dict[str, Any] | None = None
+        self._last: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     def _path(self) -> Path:
@@ -3106,17 +3350,18 @@ class SettingsMemory:
     def remember(self, values: Mapping[str, Any]) -> None:
         """Keep `values` if they changed. Runs whenever Open WebUI builds the valves (once per hook
         per request), so the unchanged case copies nothing and takes no lock."""
-        if values == self._values:
+        if values == self._last:
             return
         snapshot = dict(values)
         with self._lock:
-            self._values = snapshot
+            self._last = snapshot
         persisted = dict(snapshot)
         if persisted.get("database_url") and url_has_secret(str(persisted["database_url"])):
             persisted.pop("database_url")
         try:
             path = self._path()
-            temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            # Unique per writer: replicas sharing a data volume may run under the same PID.
+            temporary = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 json.dump(persisted, handle)
@@ -3126,8 +3371,8 @@ class SettingsMemory:
 
     def recall(self) -> dict[str, Any]:
         with self._lock:
-            if self._values is not None:
-                return dict(self._values)
+            if self._last is not None:
+                return dict(self._last)
         try:
             loaded = json.loads(self._path().read_text(encoding="utf-8"))
             return loaded if isinstance(loaded, dict) else {}
@@ -3135,51 +3380,82 @@ class SettingsMemory:
             return {}
 
 
-SETTINGS = SettingsMemory()
+SETTINGS_FILE = SettingsFile()
+
+
+def saved_valves() -> dict[str, Any]:
+    """The saved valves: Open WebUI's store, else the settings file. Blocking (off the loop)."""
+    function_id = open_webui_function_id()
+    stored = valves_in_open_webui_store(function_id) if function_id else None
+    return stored if stored is not None else SETTINGS_FILE.recall()
+
+
+def saved_settings(valves: Mapping[str, Any]) -> Settings:
+    """`valves` as Settings, defaults filling gaps; a saved value that no longer validates (from
+    an older release) falls back to its default rather than hiding the report."""
+    known = {key: value for key, value in valves.items() if key in Settings.model_fields}
+    try:
+        return Settings(**known)
+    except ValueError:
+        return Settings.model_construct(**Settings().model_dump() | known)
+
+
+# ── The panel and the read-out ──
+
 PANEL_TIMEOUT_SECONDS: Final = 3.0
 
 
 def run_off_loop(work: Callable[[], Any], timeout: float = PANEL_TIMEOUT_SECONDS) -> Any:
-    """Run database reads on a worker thread, waiting at most `timeout`: Open WebUI builds valve
-    specs synchronously on its event loop, so this bounds how long a panel can hold it."""
-    return _READ_POOL.submit(work).result(timeout=timeout)
+    """Run `work` (database reads) on a thread of its own, waiting at most `timeout`: Open WebUI
+    builds valve specs synchronously on its event loop, so this bounds how long a panel can hold
+    it. The thread ends with the work, so nothing stays behind (panels open rarely)."""
+    outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
+    def run() -> None:
+        try:
+            outcome.set_result(work())
+        except BaseException as exc:
+            outcome.set_exception(exc)
 
-def current_valves() -> Filter.Valves:
-    try:
-        return Filter.Valves.model_construct(**Filter.Valves().model_dump() | SETTINGS.recall())
-    except Exception:
-        return Filter.Valves.model_construct()
+    threading.Thread(target=run, name="openrouter_usage_read", daemon=True).start()
+    return outcome.result(timeout=timeout)
 
 
 def admin_report_markdown() -> str:
     """The settings-panel report, or a line saying why it cannot be read and what waits. Reads
     only: the rollups are read in the zone they are kept in."""
-    valves = current_valves()
-    url = resolve_database_url(valves.database_url)
-    ledger = ledger_for(url)
-    rows = min(max(valves.report_rows, 1), 100)
+
+    def read() -> tuple[Settings, Ledger, UsageReport | str]:
+        settings = saved_settings(saved_valves())
+        writer = writer_for(resolve_database_url(settings.database_url))
+        try:
+            report = build_usage_report(writer.ledger, None, min(max(settings.report_rows, 1), 100))
+        except (NoLedger, LedgerNeedsUpgrade, RollupsRecounting) as exc:
+            return settings, writer.ledger, str(exc)
+        except Exception as exc:
+            return settings, writer.ledger, cli_error_text(exc)
+        finally:
+            writer.release_if_idle()
+        return settings, writer.ledger, report
+
     try:
-        report = run_off_loop(lambda: build_usage_report(ledger, None, rows))
+        settings, ledger, report = run_off_loop(read)
     except concurrent.futures.TimeoutError:
-        problem = f"the ledger did not answer within {PANEL_TIMEOUT_SECONDS:.0f} s"
-    except (NoLedger, LedgerNeedsUpgrade, RollupsRecounting) as exc:
-        problem = str(exc)
+        return f"Usage report unavailable: the ledger did not answer within {PANEL_TIMEOUT_SECONDS:.0f} s."
     except Exception as exc:
-        problem = cli_error_text(exc)
-    else:
-        wanted = resolve_zone(valves.report_timezone).key
-        markdown = render_report_markdown(report)
-        if wanted != report.timezone and not report.health.recount:
-            markdown += (
-                f"\n\nThe report time zone is now {escape_markdown(wanted)}: "
-                "the rollups are recounted for it "
-                "from the next recorded completion; until then figures are by day in "
-                f"{escape_markdown(report.timezone)}."
-            )
-        return markdown
-    unavailable = f"Usage report unavailable: {escape_markdown(problem, 300)} (`{ledger.location}`)."
-    return unavailable + waiting_note(ledger)
+        return f"Usage report unavailable: {escape_markdown(cli_error_text(exc), 300)}."
+    if isinstance(report, str):
+        unavailable = f"Usage report unavailable: {escape_markdown(report, 300)} (`{ledger.location}`)."
+        return unavailable + waiting_note(ledger)
+    wanted = resolve_zone(settings.report_timezone).key
+    markdown = render_report_markdown(report)
+    if wanted != report.timezone and not report.health.recount:
+        markdown += (
+            f"\n\nThe report time zone is now {escape_markdown(wanted)}: the rollups are recounted "
+            "for it from the next recorded completion; until then figures are by day in "
+            f"{escape_markdown(report.timezone)}."
+        )
+    return markdown
 
 
 def waiting_note(ledger: Ledger) -> str:
@@ -3200,7 +3476,11 @@ def _admin_report_schema(schema: dict[str, Any]) -> None:
 
 
 def _bulk_sync_notice_schema(schema: dict[str, Any]) -> None:
-    if SETTINGS.recall().get("bulk_sync_notice"):
+    try:
+        notice = run_off_loop(lambda: saved_valves().get("bulk_sync_notice"))
+    except Exception:
+        notice = SETTINGS_FILE.recall().get("bulk_sync_notice")
+    if notice:
         schema["description"] = bulk_sync_notice_markdown()
 
 
@@ -3209,10 +3489,17 @@ def user_usage_options(user: Mapping[str, Any] | None) -> list[dict[str, str]]:
     user_id = str((user or {}).get("id") or "")
     if not user_id:
         return [{"value": "today", "label": "Usage unavailable: not signed in"}]
-    valves = current_valves()
-    url = resolve_database_url(valves.database_url)
+
+    def read() -> dict[str, Totals]:
+        settings = saved_settings(saved_valves())
+        writer = writer_for(resolve_database_url(settings.database_url))
+        try:
+            return user_usage_summary(writer.ledger, user_id)
+        finally:
+            writer.release_if_idle()
+
     try:
-        summary = run_off_loop(lambda: user_usage_summary(ledger_for(url), user_id))
+        summary = run_off_loop(read)
     except Exception as exc:
         log.warning("openrouter_usage: user read-out unavailable (%s)", short_error(exc))
         return [{"value": "today", "label": "Your usage is unavailable right now"}]
@@ -3232,30 +3519,7 @@ def user_usage_options(user: Mapping[str, Any] | None) -> list[dict[str, str]]:
     ]
 
 
-_BASE_URLS_TTL: Final = 30.0
-INTERNAL_WAIT_SECONDS: Final = 5.0  # longest a hook waits on an Open WebUI internal or an emitter
-_base_urls_cache: tuple[float, list[Any]] = (0.0, [])
-
-
-async def connection_base_url(model: Any) -> str | None:
-    """The base URL of the OpenAI-compatible connection serving `model`, or None when unknown."""
-    global _base_urls_cache
-    index = model.get("urlIdx") if isinstance(model, Mapping) else None
-    if not isinstance(index, int):
-        return None
-    expires, urls = _base_urls_cache
-    if time.monotonic() > expires:
-        config = getattr(sys.modules.get("open_webui.models.config"), "Config", None)
-        if config is None:
-            return None
-        try:
-            fetched = await asyncio.wait_for(config.get("openai.api_base_urls", []), INTERNAL_WAIT_SECONDS)
-        except Exception as exc:
-            log.debug("openrouter_usage: connection URLs unavailable (%s)", exc)
-            return None
-        urls = fetched if isinstance(fetched, list) else []
-        _base_urls_cache = (time.monotonic() + _BASE_URLS_TTL, urls)
-    return str(urls[index]) if 0 <= index < len(urls) else None
+# ── The hooks' work ──
 
 
 def request_usage_reporting(body: dict[str, Any], *, is_openrouter: bool) -> None:
@@ -3269,39 +3533,20 @@ def request_usage_reporting(body: dict[str, Any], *, is_openrouter: bool) -> Non
         body["usage"] = {**(usage if isinstance(usage, dict) else {}), "include": True}
 
 
-def capture_state(metadata: Any) -> CaptureState:
-    """This request's state, created (and stored) when inlet did not run or could not store it."""
-    state = metadata.get(STATE_KEY) if isinstance(metadata, dict) else None
-    if isinstance(state, CaptureState):
-        return state
-    state = CaptureState(started_at=time.monotonic())
-    if isinstance(metadata, dict):
-        metadata[STATE_KEY] = state
-    return state
-
-
-def line_parts(valves: Filter.Valves) -> LineParts:
-    return LineParts(
-        model=valves.line_show_model,
-        provider=valves.line_show_provider,
-        tokens=valves.line_show_tokens,
-        cost=valves.line_show_cost,
-        chat_total=valves.line_show_chat_total,
-        timing=valves.line_show_timing,
-        speed=valves.line_show_speed,
-        today_total=valves.line_show_today_total,
-    )
-
-
 async def record_completion(
     body: Mapping[str, Any],
     user: Mapping[str, Any] | None,
     metadata: Any,
     emitter: EventEmitter | None,
-    valves: Filter.Valves,
+    valves: Settings,
+    bulk_sync_notice: str = "",
 ) -> WriteOutcome | None:
-    """outlet's work: build the record, commit it (durably), then show the usage line."""
+    """outlet's work: hand the completion to the writer, which builds the record, commits it
+    (durably) and renders the usage line off the event loop; then show the line."""
     state = capture_state(metadata)
+    if not (valves.record_all_models or is_openrouter_completion(state, body)):
+        log.debug("openrouter_usage: completion not from OpenRouter; not recorded")
+        return None
     context = CompletionContext(
         body=body,
         user=user,
@@ -3310,47 +3555,53 @@ async def record_completion(
         now=datetime.now(UTC),
         now_monotonic=time.monotonic(),
     )
-    record = build_record(state, context)
-    if record is None:
-        return None
     user_valves = (user or {}).get("valves")
     show_line = (
         emitter is not None
         and valves.show_usage_line
         and getattr(user_valves, "show_usage_line", True) is not False
     )
-    parts = line_parts(valves)
-    request = WriteRequest(
-        record=record,
-        zone=resolve_zone(valves.report_timezone),
-        chat_message_ids=tuple(assistant_message_ids(body)) if show_line and parts.chat_total else (),
-        want_user_today=show_line and parts.today_total,
-    )
+    zone = resolve_zone(valves.report_timezone)
+    parts = valves.line_parts() if show_line else None
     writer = writer_for(resolve_database_url(valves.database_url))
-    outcome = await writer.write(request)
-    if outcome.stored == "duplicate":
-        log.info("openrouter_usage: message %s was already recorded; not counted again", record.message_id)
-        return outcome
+    outcome = await writer.write(functools.partial(outlet_write_request, state, context, zone, parts))
     try:
-        if show_line and emitter is not None:
-            chat_spend = outcome.chat_spend_pico
-            if chat_spend is not None and record.message_id not in request.chat_message_ids:
-                chat_spend += record.usage.spend_pico
-            today = outcome.user_today.spend_pico if outcome.user_today else None
-            description = render_usage_line(record, parts, chat_spend, today)
+        if outcome.usage_line and emitter is not None:
             await emit(
                 emitter,
-                {"type": "status", "data": {"description": description, "done": True, "hidden": False}},
+                {
+                    "type": "status",
+                    "data": {"description": outcome.usage_line, "done": True, "hidden": False},
+                },
             )
-        await deliver_bulk_sync_notice(user, emitter, valves, writer.ledger)
+        if bulk_sync_notice and emitter is not None and outcome.stored != "skipped":
+            notification = await claim_bulk_sync_notification(user, bulk_sync_notice, writer.ledger)
+            if notification is not None:
+                await emit(emitter, notification)
     except Exception as exc:
         log.warning(
-            "openrouter_usage: completion %s was %s, but the usage line or a notice could not be shown (%s)",
-            record.message_id,
+            "openrouter_usage: a completion was %s, but the usage line or a notice could not be shown (%s)",
             outcome.stored,
             short_error(exc),
         )
     return outcome
+
+
+def outlet_write_request(
+    state: CaptureState, context: CompletionContext, zone: ZoneInfo, parts: LineParts | None
+) -> WriteRequest | None:
+    """What the writer thread commits for one outlet (None: nothing to record); `parts` is None
+    when no usage line is shown."""
+    record = build_record(state, context)
+    if record is None:
+        return None
+    return WriteRequest(
+        record=record,
+        zone=zone,
+        chat_message_ids=tuple(assistant_message_ids(context.body)) if parts and parts.chat_total else (),
+        want_user_today=bool(parts and parts.today_total),
+        render_line=functools.partial(render_usage_line, parts) if parts else None,
+    )
 
 
 async def emit(emitter: EventEmitter, event: dict[str, Any]) -> None:
@@ -3361,71 +3612,10 @@ async def emit(emitter: EventEmitter, event: dict[str, Any]) -> None:
             await sent
 
 
-async def deliver_bulk_sync_notice(
-    user: Mapping[str, Any] | None, emitter: EventEmitter | None, valves: Filter.Valves, ledger: Ledger
-) -> None:
-    """Once per saved notice, across processes: a warning toast in the next admin chat."""
-    notice = valves.bulk_sync_notice
-    if not notice or emitter is None or (user or {}).get("role") != "admin":
-        return
-    key = "bulk_sync_notice:" + hashlib.sha256(notice.encode()).hexdigest()[:16]
-    claimed = asyncio.wrap_future(_READ_POOL.submit(ledger.claim_once, key))
-    if await asyncio.wait_for(claimed, INTERNAL_WAIT_SECONDS):
-        text = BULK_SYNC_NOTICE["message"] + " " + BULK_SYNC_NOTICE["details"]["alternative"]
-        await emit(emitter, {"type": "notification", "data": {"type": "warning", "content": text}})
-
-
 class Filter:
     """Open WebUI entry point. Each hook delegates to the named functions above and never raises."""
 
-    class Valves(BaseModel):
-        priority: int = Field(
-            default=0, title="Priority", description="Order among filters (lower runs first)."
-        )
-        database_url: str = Field(
-            default="",
-            title="Ledger database URL",
-            description="Ledger database as an SQLAlchemy URL (`sqlite:///…` or `postgresql://…`). Empty: "
-            "`$OPENROUTER_USAGE_DATABASE_URL`, else Open WebUI's own PostgreSQL database, else "
-            "`openrouter_usage.sqlite3` in Open WebUI's data directory.",
-            json_schema_extra={"input": {"type": "password"}},
-        )
-        openrouter_url_pattern: str = Field(
-            default="openrouter.ai",
-            title="OpenRouter URL pattern",
-            description="Connections whose base URL contains one of these comma-separated fragments are "
-            "OpenRouter. Responses with OpenRouter's signature (gen- ids, provider, usage.cost) count too.",
-        )
-        record_all_models: bool = Field(
-            default=False,
-            title="Record all models",
-            description="Also record other connections: tokens always, cost where reported.",
-        )
-        show_usage_line: bool = Field(
-            default=True, title="Usage line", description="Show the usage line under each answer."
-        )
-        line_show_model: bool = Field(default=True, title="Line: model", description="The model that served.")
-        line_show_provider: bool = Field(default=True, title="Line: provider", description="The provider.")
-        line_show_tokens: bool = Field(default=True, title="Line: tokens", description="Tokens in and out.")
-        line_show_cost: bool = Field(default=True, title="Line: cost", description="This answer's cost.")
-        line_show_chat_total: bool = Field(
-            default=True, title="Line: chat total", description="The chat's total cost."
-        )
-        line_show_today_total: bool = Field(
-            default=False, title="Line: today's total", description="The user's own spend today."
-        )
-        line_show_timing: bool = Field(
-            default=True, title="Line: time", description="Time to the full answer."
-        )
-        line_show_speed: bool = Field(
-            default=True, title="Line: speed", description="Output tokens per second."
-        )
-        report_timezone: str = Field(
-            default="UTC", title="Report time zone", description="IANA name; decides what 'today' means."
-        )
-        report_rows: int = Field(
-            default=10, title="Report rows", description="Rows in the report's top users and top models."
-        )
+    class Valves(Settings):
         usage_report: str = Field(
             default="",
             title="Usage report (read-only: computed each time this panel opens)",
@@ -3452,7 +3642,7 @@ class Filter:
                 self.bulk_sync = False
                 self.bulk_sync_notice = bulk_sync_notice_text(datetime.now(UTC))
             if self.model_fields_set:  # Valves() with no saved settings teaches nothing
-                SETTINGS.remember(self.__dict__)
+                SETTINGS_FILE.remember(self.__dict__)
             return self
 
     class UserValves(BaseModel):
@@ -3470,8 +3660,22 @@ class Filter:
         def my_usage_options(cls, __user__: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
             return user_usage_options(__user__)
 
+    # Open WebUI looks `stream` up on the instance for every chunk (getattr) and skips a filter
+    # whose `stream` is None, so with capture off the hook is absent, not a no-op that still costs
+    # the server its per-chunk dispatch. Open WebUI assigns `valves` before every hook call.
+    stream: Callable[..., dict[str, Any]] | None
+
     def __init__(self) -> None:
         self.valves = self.Valves()
+
+    @property
+    def valves(self) -> Filter.Valves:
+        return self._valves
+
+    @valves.setter
+    def valves(self, valves: Filter.Valves) -> None:
+        self._valves = valves
+        self.stream = self.observe_stream if valves.capture_stream else None
 
     async def inlet(
         self,
@@ -3491,7 +3695,10 @@ class Filter:
             log.exception("openrouter_usage: inlet failed; the chat continues")
         return body
 
-    def stream(self, event: dict[str, Any], __metadata__: dict[str, Any] | None = None) -> dict[str, Any]:
+    def observe_stream(
+        self, event: dict[str, Any], __metadata__: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The `stream` hook while stream capture is on."""
         # A plain function, not a coroutine: it never waits, and creating a coroutine for every
         # chunk would cost more than the work it does.
         try:
@@ -3514,7 +3721,10 @@ class Filter:
         __event_emitter__: EventEmitter | None = None,
     ) -> dict[str, Any]:
         try:
-            await record_completion(body, __user__, __metadata__, __event_emitter__, self.valves)
+            valves = self.valves
+            await record_completion(
+                body, __user__, __metadata__, __event_emitter__, valves, valves.bulk_sync_notice
+            )
         except RecordNotDurable as exc:
             log.critical("openrouter_usage: a completion could not be recorded or spooled (%s)", exc)
         except Exception:

@@ -23,8 +23,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -36,6 +35,9 @@ from tests.e2e.owui import (  # noqa: E402
     OpenWebUIServer,
     ensure_openwebui,
 )
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 log = logging.getLogger("demo")
 
@@ -92,7 +94,7 @@ def install_function(admin: OpenWebUIClient, url_fragment: str) -> None:
         log.info("valve openrouter_url_pattern = %r", wanted)
 
 
-def banner(url: str, email: str, password: str, simulated: bool, data_dir: Path) -> str:
+def banner(url: str, email: str, password: str, data_dir: Path, *, simulated: bool) -> str:
     rows = [
         "",
         "=" * 72,
@@ -131,7 +133,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     # Explicit for SIGINT too: a shell starts background jobs with SIGINT ignored.
@@ -195,7 +197,7 @@ def main() -> int:
             admin.set_openai_connection(base_url, api_key)
             install_function(admin, url_fragment)
 
-        print(banner(server.url, email, password, sim is not None, data_dir), flush=True)
+        print(banner(server.url, email, password, data_dir, simulated=sim is not None), flush=True)
         while server.is_running():
             time.sleep(0.5)
         log.error("Open WebUI exited unexpectedly; log tail:\n%s", server.log_tail())

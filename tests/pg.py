@@ -137,13 +137,13 @@ def _service_account() -> pwd.struct_passwd:
 def _traversable_by_others(path: Path) -> bool:
     """Whether every directory from / down to path is searchable by an unrelated user."""
     path = path.resolve()
-    return all(os.stat(p).st_mode & stat.S_IXOTH for p in (path, *path.parents))
+    return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
 
 
 def _temp_parent() -> Path:
     parent = Path(tempfile.gettempdir())
     if os.geteuid() == 0 and not _traversable_by_others(parent):
-        return Path("/tmp")  # sticky, world-writable; the service user can reach it
+        return Path("/tmp")  # noqa: S108 (sticky, world-writable; the service user can reach it)
     return parent
 
 
@@ -246,12 +246,13 @@ class PostgresServer:
         for attempt in range(3):
             try:
                 self._start_executor()
-                return
             except AlreadyRunning:  # something else answered on the port before we started
                 pass
             except ProcessExitedWithError:
                 if "could not bind" not in self.log_tail():
                     raise
+            else:
+                return
             if attempt == 2:
                 raise RuntimeError("could not find a free loopback port for PostgreSQL")
             self.executor = self._make_executor(_free_loopback_port())

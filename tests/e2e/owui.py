@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, Self, overload
 
 import httpx
 
@@ -165,7 +165,7 @@ def ensure_openwebui(version: str = DEFAULT_OPENWEBUI_VERSION) -> Path:
     if python.exists():
         return python
 
-    with open(root / f".openwebui-{version}.lock", "w") as lock:
+    with (root / f".openwebui-{version}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if python.exists():  # someone else finished while we waited
             return python
@@ -197,7 +197,7 @@ def ensure_openwebui(version: str = DEFAULT_OPENWEBUI_VERSION) -> Path:
             )
             requirements = site_packages(tmp_python) / "requirements-slim.txt"
             if not requirements.is_file():
-                raise OpenWebUIError(f"open-webui {version} ships no requirements-slim.txt")
+                raise OpenWebUIError(f"open-webui {version} ships no requirements-slim.txt")  # noqa: TRY301
             _run_logged(
                 [
                     *uv,
@@ -214,8 +214,8 @@ def ensure_openwebui(version: str = DEFAULT_OPENWEBUI_VERSION) -> Path:
             )
             installed = _installed_version(tmp_python)
             if installed != version:
-                raise OpenWebUIError(f"expected open-webui {version}, found {installed!r}")
-            os.rename(tmp, final)
+                raise OpenWebUIError(f"expected open-webui {version}, found {installed!r}")  # noqa: TRY301
+            tmp.rename(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -350,7 +350,7 @@ class OpenWebUIServer:
         env.update(self.extra_env)
         return env
 
-    def start(self) -> OpenWebUIServer:
+    def start(self) -> Self:
         if self._proc is not None:
             raise OpenWebUIError("server already started")
         # Open WebUI binds its port only after its (slow) startup; a foreign server already on
@@ -361,7 +361,7 @@ class OpenWebUIServer:
             except OSError as exc:
                 raise OpenWebUIStartError(f"{self.host}:{self.port} is not free: {exc}") from exc
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_file = self.log_path.open("ab")  # closed in stop()
         started = time.monotonic()
         self._proc = subprocess.Popen(
             [
@@ -439,7 +439,7 @@ class OpenWebUIServer:
         client.signin(self.admin_email, self.admin_password)
         return client
 
-    def __enter__(self) -> OpenWebUIServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -544,7 +544,7 @@ class OpenWebUIClient:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> OpenWebUIClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,8 +24,8 @@ from typing import Any
 import pytest
 
 from scripts.build_manifest import MANIFEST, PLUGIN, build_manifest
-from tests.conftest import load_plugin_module
 from tests.e2e.owui import OpenWebUIClient, OpenWebUIHTTPError, OpenWebUIServer
+from tests.factories import load_plugin_module
 
 pytestmark = pytest.mark.e2e
 
@@ -314,6 +315,47 @@ def test_the_admin_panel_report_matches_the_ledger(
         f"{sum(1 for r in rows if r['status'] != 'ok'):,} |"
     )
     assert "Bob Builder" in report and "openrouter_usage.sqlite3" in report
+
+
+def test_the_panel_reads_the_valves_saved_in_open_webui_not_what_this_worker_last_saw(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, installed: None
+) -> None:
+    """Another worker or replica saving the valves is a change to Open WebUI's database that this
+    process never sees in a hook: written here straight into the `function` table."""
+    saved = admin.get_valves(FUNCTION_ID)
+    elsewhere = openwebui.data_dir / f"elsewhere-{uuid.uuid4().hex[:8]}.sqlite3"
+    with sqlite3.connect(openwebui.data_dir / "webui.db") as db:
+        db.execute(
+            "UPDATE function SET valves = ? WHERE id = ?",
+            (json.dumps({**saved, "database_url": f"sqlite:///{elsewhere}"}), FUNCTION_ID),
+        )
+    try:
+        spec = admin.get_valves_spec(FUNCTION_ID)
+        assert spec is not None
+        report = spec["properties"]["usage_report"]["description"]
+        assert "Usage report unavailable: no ledger at" in report and elsewhere.name in report
+        options = admin.get_user_valves_spec(FUNCTION_ID)  # the read-out follows the same valves
+        assert options is not None and "Your usage is unavailable right now" in json.dumps(options)
+    finally:
+        admin.update_valves(FUNCTION_ID, saved)
+    spec = admin.get_valves_spec(FUNCTION_ID)
+    assert spec is not None and "| All time |" in spec["properties"]["usage_report"]["description"]
+    assert not elsewhere.exists(), "a read never creates a ledger"
+
+
+def test_with_stream_capture_off_a_streamed_chat_is_still_recorded_exactly(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None
+) -> None:
+    admin.update_valves(FUNCTION_ID, {"capture_stream": False}, merge=True)
+    try:
+        marker = f"no-stream-{uuid.uuid4().hex[:8]}"
+        _, message_id = admin.browser_chat(MODEL, f"Quietly {marker}")
+        row = wait_for_row(openwebui, message_id)
+    finally:
+        admin.update_valves(FUNCTION_ID, {"capture_stream": True}, merge=True)
+    generation = generation_for(simulator, marker)
+    assert usd(row["spend_usd"]) == generation.spend and row["status"] == "ok"
+    assert row["generation_ids"] == [] and row["provider"] == "", "what the valve says is lost"
 
 
 def test_installed_from_manifest_like_the_import_button(

@@ -103,14 +103,15 @@ def scanned_rollups(rows: Iterable[Any], zone: ZoneInfo) -> Rollups:
 # ── plugin versions, loaded as Open WebUI loads a function ──
 
 
-def load_source(source: str) -> types.ModuleType:
-    """`source` exec'd into a fresh module, as tests.conftest.load_plugin_module does (a new module
-    name, registered in sys.modules, no __file__), so two versions loaded in one process share no
-    module globals. Restated because tests.conftest imports pytest."""
+def load_source(source: str, filename: str | None = None) -> types.ModuleType:
+    """`source` exec'd into a fresh module, as Open WebUI loads a function (a new module name,
+    registered in sys.modules, no __file__), so two versions loaded in one process share no module
+    globals. The code is compiled under `filename` when given (tests.factories.load_plugin_module
+    names the plugin's real path, for coverage), else under a name of its own."""
     name = f"function_openrouter_usage_{uuid.uuid4().hex}"
     module = types.ModuleType(name)
     sys.modules[name] = module
-    exec(compile(source, f"<function {name}>", "exec"), module.__dict__)
+    exec(compile(source, filename or f"<function {name}>", "exec"), module.__dict__)  # noqa: S102 (as Open WebUI does)
     return module
 
 

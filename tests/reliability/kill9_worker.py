@@ -108,8 +108,8 @@ def record_fields(message_id: str) -> dict[str, Any]:
 def load_plugin() -> types.ModuleType:
     """The plugin as Open WebUI loads it: its source exec'd into a fresh module without __file__.
 
-    Not tests.conftest.load_plugin_module: importing tests.conftest imports pytest, and every
-    restart would pay for it on the test's clock."""
+    Not tests.factories.load_plugin_module: importing tests.factories imports httpx and the
+    simulator, and every restart would pay for it on the test's clock."""
     return load_source(PLUGIN_PATH.read_text(encoding="utf-8"))
 
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final", action="store_true", help="write a few records, replay the spool, exit")
     args = parser.parse_args(argv)
     # /proc is the host's (no --mount-proc), so /proc/self names this process as the host sees it.
-    say(f"PID {os.getpid()} {os.readlink('/proc/self')}")
+    say(f"PID {os.getpid()} {Path('/proc/self').readlink()}")
     plugin = load_plugin()
     say("READY")
     if not wait_for_go():

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import EmitterRecorder, HookDriver, load_plugin_module
+from tests.factories import EmitterRecorder, HookDriver, load_plugin_module
 from tests.reliability.independent import MONEY_COLUMNS, TOKEN_COLUMNS, successful_record
 
 # One event loop serves every example; each example is bounded so that a hook that waits on a hung
@@ -635,7 +635,7 @@ class LogTally(logging.Handler):
         return "\n".join(f"  {count:6d}  {key}" for key, count in self.counts.most_common(12))
 
 
-MEMORY_FILESYSTEM = Path("/dev/shm")
+MEMORY_FILESYSTEM = Path("/dev/shm")  # noqa: S108 (a RAM disk for speed, in a fresh directory below it)
 
 
 @pytest.fixture

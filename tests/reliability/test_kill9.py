@@ -55,7 +55,7 @@ COMPARED_COLUMNS = tuple(
 def namespace_of(pid: int) -> str | None:
     """The PID namespace of a live process, None once it is gone."""
     try:
-        return os.readlink(f"/proc/{pid}/ns/pid")
+        return str(Path(f"/proc/{pid}/ns/pid").readlink())
     except FileNotFoundError:
         return None
 
@@ -268,7 +268,9 @@ class Tally:
 @pytest.fixture
 def unshare_available() -> None:
     try:
-        probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=30)
+        probe = subprocess.run(
+            ["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=30, check=False
+        )
         problem = probe.stderr.decode().strip() if probe.returncode else ""
     except FileNotFoundError:
         problem = "unshare is not installed"
@@ -332,14 +334,12 @@ def stored_rollups(connection: sqlite3.Connection, zone_name: str) -> tuple[Roll
 
 
 def rollup_differences(stored: Rollups, scanned: Rollups) -> list[str]:
-    differences = []
-    for table in ROLLUP_KEYS:
-        for key in sorted(stored[table].keys() | scanned[table].keys()):
-            if stored[table].get(key) != scanned[table].get(key):
-                differences.append(
-                    f"{table}{key}: stored {stored[table].get(key)} != scan {scanned[table].get(key)}"
-                )
-    return differences
+    return [
+        f"{table}{key}: stored {stored[table].get(key)} != scan {scanned[table].get(key)}"
+        for table in ROLLUP_KEYS
+        for key in sorted(stored[table].keys() | scanned[table].keys())
+        if stored[table].get(key) != scanned[table].get(key)
+    ]
 
 
 @pytest.fixture
@@ -369,7 +369,7 @@ def test_sigkill_twenty_times_under_one_pid_loses_no_acknowledged_record(
     kills: Counter[str] = Counter()
     replayed_in_runs = 0  # spool files a restarted writer replayed (and removed) before its kill
     stderr_path = data_dir.parent / "kill9-workers.stderr"
-    with open(stderr_path, "wb") as stderr:
+    with stderr_path.open("wb") as stderr:
 
         def start(tag: str, *, final: bool = False) -> Worker:
             worker = Worker(url, tag, stderr, data_dir.parent / "pycache", final=final)

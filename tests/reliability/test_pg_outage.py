@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import HookDriver, load_plugin_module
+from tests.factories import HookDriver, load_plugin_module, outlet_body, owui_merge_usage
 from tests.pg import PostgresServer
-from tests.unit.helpers import outlet_body, owui_merge_usage
 
 pytestmark = pytest.mark.postgres
 
@@ -112,8 +111,19 @@ def note_outcomes(plugin: types.ModuleType, outcomes: dict[str, str]) -> None:
     original = plugin.GroupCommitWriter.write
 
     async def write(self: Any, request: Any) -> Any:
+        built: list[Any] = []
+        if callable(request):  # outlet defers building the record to the writer thread
+
+            def build(deferred: Any = request) -> Any:
+                built.append(deferred())
+                return built[-1]
+
+            request = build
+        else:
+            built.append(request)
         outcome = await original(self, request)
-        outcomes[request.record.message_id] = outcome.stored
+        if built and built[-1] is not None:
+            outcomes[built[-1].record.message_id] = outcome.stored
         return outcome
 
     plugin.GroupCommitWriter.write = write

@@ -26,8 +26,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import EmitterRecorder, HookDriver
-from tests.unit.helpers import outlet_body, owui_merge_usage
+from tests.factories import EmitterRecorder, HookDriver, outlet_body, owui_merge_usage
 
 MODEL = "openai/gpt-4o-mini"
 MESSAGE_ID = "msg-canary"

@@ -31,7 +31,7 @@ from tests.reliability.independent import (
     scanned_rollups,
     successful_record,
 )
-from tests.reliability.test_schema import schema_differences
+from tests.reliability.schema_shape import schema_differences
 
 PARIS = ZoneInfo("Europe/Paris")
 OLD_RECORDS = 200

@@ -8,14 +8,15 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from openrouter_sim import OpenRouterSimulator
 from scripts.build_manifest import PLUGIN
-from tests.conftest import EmitterRecorder, HookDriver
+from tests.factories import EmitterRecorder, HookDriver, streamed_turn
 
-NOTICE = {
+NOTICE: dict[str, Any] = {
     "status": "deprecated",
     "message": "Bulk sync has been disabled: OpenRouter has no endpoint that lists past generations.",
     "details": {
@@ -54,8 +55,6 @@ def test_saving_the_switch_on_stores_the_notice_and_a_valid_off_switch(plugin: t
 async def test_the_next_admin_chat_gets_the_notice_once_and_users_never(
     plugin: types.ModuleType, data_dir: Path, sim: OpenRouterSimulator
 ) -> None:
-    from tests.unit.test_capture import streamed_turn
-
     valves = plugin.Filter.Valves(bulk_sync=True).model_dump(exclude_unset=True)
     valves["database_url"] = f"sqlite:///{data_dir / 'l.sqlite3'}"
     user = HookDriver(plugin, valves=valves, user={"id": "u", "name": "U", "role": "user"})
@@ -106,6 +105,7 @@ def test_the_cli_sync_prints_the_notice_and_exits_zero(database_url: str) -> Non
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert result.returncode == 0
     assert json.loads(result.stdout) == NOTICE

@@ -3,7 +3,9 @@ checked against the ledger on both engines."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from decimal import Decimal
@@ -13,13 +15,15 @@ import pytest
 import sqlalchemy as sa
 
 from openrouter_sim import OpenRouterSimulator
-from tests.conftest import EmitterRecorder, HookDriver
-from tests.unit.helpers import (
+from tests.factories import (
+    EmitterRecorder,
+    HookDriver,
     answer_text,
     as_owui_json,
     complete,
     outlet_body,
     stream_events,
+    streamed_turn,
     usage_from_events,
 )
 
@@ -44,43 +48,6 @@ def spend_of(sim: OpenRouterSimulator, *generation_ids: str) -> int:
     return int(total / PICO)
 
 
-async def streamed_turn(
-    driver: HookDriver,
-    sim: OpenRouterSimulator,
-    text: str,
-    *,
-    chat_id: str = "chat-1",
-    message_id: str = "msg-1",
-    emitter: EmitterRecorder | None = None,
-    model: str = "openai/gpt-4o-mini",
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    request = {"model": model, "stream": True, "messages": [{"role": "user", "content": text}]}
-    metadata = {"chat_id": chat_id, "message_id": message_id, "session_id": "s-1"}
-    sent = dict(request)
-    captured: list[dict[str, Any]] = []
-
-    async def run() -> None:
-        body = await driver.call(
-            "inlet", sent, __metadata__=metadata, __model__=driver.model, __user__=driver.user
-        )
-        captured.extend(stream_events(sim, body))
-        for chunk in captured:
-            await driver.call("stream", chunk, __metadata__=metadata)
-        outlet = outlet_body(
-            request,
-            answer_text(captured),
-            usage_from_events(captured),
-            message_id=message_id,
-            chat_id=chat_id,
-        )
-        await driver.call(
-            "outlet", outlet, __metadata__=metadata, __user__=driver.user, __event_emitter__=emitter
-        )
-
-    await run()
-    return sent, captured
-
-
 @pytest.mark.parametrize("shape", ["A", "B", "C"])
 async def test_every_streamed_usage_shape_is_recorded_exactly(
     plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator, shape: str
@@ -91,6 +58,7 @@ async def test_every_streamed_usage_shape_is_recorded_exactly(
     generation_id = events[0]["id"]
     (row,) = rows(plugin, database_url)
     generation = sim.generations[generation_id]
+    assert generation.cost is not None
     assert row["message_id"] == "msg-1" and row["chat_id"] == "chat-1"
     assert row["generation_ids"] == f'["{generation_id}"]'
     assert row["cost_pico"] == int(generation.cost / PICO) == row["spend_pico"]
@@ -148,6 +116,7 @@ async def test_byok_spend_adds_upstream_cost_and_non_byok_never_does(
     byok = sim.generations[byok_events[0]["id"]]
     plain = sim.generations[plain_events[0]["id"]]
     assert byok.is_byok and by_id["m-byok"]["is_byok"]
+    assert byok.cost is not None and byok.upstream_inference_cost is not None and plain.cost is not None
     assert by_id["m-byok"]["spend_pico"] == int((byok.cost + byok.upstream_inference_cost) / PICO)
     assert by_id["m-byok"]["upstream_cost_pico"] == int(byok.upstream_inference_cost / PICO)
     assert plain.upstream_inference_cost == plain.cost  # filled on non-BYOK too, since early 2026
@@ -277,7 +246,7 @@ async def test_inlet_asks_openrouter_connections_for_usage(
             ]
 
     monkeypatch.setitem(sys.modules, "open_webui.models.config", types.SimpleNamespace(Config=Config))
-    plugin._base_urls_cache = (0.0, [])
+    monkeypatch.setattr(plugin, "_base_urls_cache", (0.0, []))
     driver = HookDriver(plugin)
     openrouter = await driver.call(
         "inlet",
@@ -424,3 +393,60 @@ async def test_when_even_the_spool_fails_the_record_is_logged_and_the_chat_goes_
     assert '"message_id": "m-lost"' in caplog.text  # the whole record is in the log, nothing lost
     assert "could not be recorded or spooled" in caplog.text
     assert emitter.statuses == []
+
+
+async def test_outlet_parses_and_renders_on_the_writer_thread_not_on_the_event_loop(
+    plugin: types.ModuleType, data_dir: Any, sim: OpenRouterSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{data_dir / 'l.sqlite3'}"
+    threads: dict[str, str] = {}
+    for name in ("build_record", "render_usage_line"):
+        real = getattr(plugin, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            threads[_name] = threading.current_thread().name
+            return _real(*args)
+
+        monkeypatch.setattr(plugin, name, spy)
+    emitter = EmitterRecorder()
+    await streamed_turn(HookDriver(plugin, valves={"database_url": url}), sim, "Hi", emitter=emitter)
+    assert threads == {
+        "build_record": "openrouter_usage_writer",
+        "render_usage_line": "openrouter_usage_writer",
+    }
+    assert len(rows(plugin, url)) == 1 and "openai/gpt-4o-mini" in emitter.statuses[-1]
+
+
+async def test_a_completion_whose_record_cannot_be_built_fails_alone(
+    plugin: types.ModuleType, data_dir: Any, sim: OpenRouterSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{data_dir / 'l.sqlite3'}"
+    real = plugin.build_record
+
+    def fails_for_one(state: Any, context: Any) -> Any:
+        if context.metadata.get("message_id") == "m-bad":
+            raise RuntimeError("injected")
+        return real(state, context)
+
+    monkeypatch.setattr(plugin, "build_record", fails_for_one)
+    driver = HookDriver(plugin, valves={"database_url": url})
+    await asyncio.gather(
+        *(streamed_turn(driver, sim, "Hi", message_id=m, chat_id=m) for m in ("m-1", "m-bad", "m-2"))
+    )
+    assert sorted(row["message_id"] for row in rows(plugin, url)) == ["m-1", "m-2"]
+
+
+async def test_with_stream_capture_off_open_webui_sees_no_stream_hook_and_the_outlet_still_records(
+    plugin: types.ModuleType, data_dir: Any, sim: OpenRouterSimulator
+) -> None:
+    url = f"sqlite:///{data_dir / 'l.sqlite3'}"
+    hook = plugin.Filter()
+    assert callable(getattr(hook, "stream", None)), "on by default"
+    hook.valves = plugin.Filter.Valves(database_url=url, capture_stream=False)
+    assert getattr(hook, "stream", None) is None, "Open WebUI's getattr(module, 'stream', None)"
+    driver = HookDriver(plugin, valves={"database_url": url, "capture_stream": False})
+    _, chunks = await streamed_turn(driver, sim, "Hi", message_id="m-off")
+    (row,) = rows(plugin, url)
+    assert row["spend_pico"] == spend_of(sim, chunks[0]["id"]) and row["generation_ids"] in ("[]", [], None)
+    hook.valves = plugin.Filter.Valves(database_url=url)
+    assert callable(getattr(hook, "stream", None)), "switched back on at the next valves Open WebUI sets"

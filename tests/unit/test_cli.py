@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.unit.test_ledger import make_record, write
+from tests.factories import make_record, write
 
 
 def run_cli(plugin: types.ModuleType, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import EmitterRecorder, HookDriver
-from tests.unit.helpers import outlet_body
+from tests.factories import EmitterRecorder, HookDriver, outlet_body
 
 
 def ledger_rows(plugin: types.ModuleType, url: str) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ import random
 import threading
 import time
 import types
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,86 +17,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-UTC_ZONE = ZoneInfo("UTC")
-
-
-def make_record(plugin: types.ModuleType, index: int, **overrides: Any) -> Any:
-    rng = random.Random(index)
-    cost = rng.randrange(1, 10**10)
-    byok = rng.random() < 0.2
-    usage = plugin.Usage(
-        prompt_tokens=rng.randrange(1, 5000),
-        completion_tokens=rng.randrange(1, 2000),
-        total_tokens=0,
-        cached_tokens=rng.randrange(0, 100),
-        cache_write_tokens=rng.randrange(0, 10),
-        reasoning_tokens=rng.randrange(0, 50),
-        cost_pico=cost,
-        upstream_cost_pico=rng.randrange(1, 10**10) if byok else cost,
-        is_byok=byok,
-    )
-    fields: dict[str, Any] = {
-        "message_id": f"msg-{index}",
-        "chat_id": f"chat-{index % 7}",
-        "user_id": f"user-{index % 5}",
-        "user_name": f"User {index % 5}",
-        "generation_ids": (f"gen-{index}",),
-        "model": "openrouter/auto",
-        "served_model": f"vendor/model-{index % 3}",
-        "provider": f"Provider{index % 2}",
-        "usage": usage,
-        "status": "ok" if index % 11 else "error",
-        "error": "" if index % 11 else "502: upstream",
-        "latency_ms": 1000,
-        "ttft_ms": 100,
-        "raw_usage": {"cost": cost},
-        "created_at": datetime(2026, 10, 1, tzinfo=UTC) + timedelta(minutes=rng.randrange(0, 40 * 24 * 60)),
-    }
-    return plugin.UsageRecord(**(fields | overrides))
-
-
-def scan_rollups(plugin: types.ModuleType, url: str, zone: ZoneInfo) -> list[dict[Any, dict[str, int]]]:
-    """What the rollups must hold, computed the slow way: a full scan of the ledger."""
-    expected: list[dict[Any, dict[str, int]]] = [
-        defaultdict(lambda: dict.fromkeys(plugin.MEASURES, 0)) for _ in plugin.ROLLUP_TABLES
-    ]
-    with plugin.ledger_for(url).engine.connect() as conn:
-        for row in conn.execute(sa.select(plugin.ledger_table)):
-            r = row._mapping
-            day = plugin.local_day(r["created_at"], zone)
-            measures = {
-                "requests": 1,
-                "failed": int(r["status"] != "ok"),
-                **{m: int(r[m] or 0) for m in plugin.MEASURES[2:]},
-            }
-            for index, key in enumerate(
-                ((day,), (day, r["user_id"]), (day, r["served_model"], r["provider"]))
-            ):
-                for name, value in measures.items():
-                    expected[index][key][name] += value
-    return [dict(e) for e in expected]
-
-
-def stored_rollups(plugin: types.ModuleType, url: str) -> list[dict[Any, dict[str, int]]]:
-    """The rollups of the zone the ledger keeps them in, keyed without the zone; no other zone's
-    rows may be left over."""
-    stored = []
-    with plugin.ledger_for(url).engine.connect() as conn:
-        state = plugin.read_rollup_state(conn)
-        assert state.recount_zone is None, "a recount is still running"
-        for table in plugin.ROLLUP_TABLES:
-            keys = [column.name for column in table.primary_key.columns]
-            rows = list(conn.execute(sa.select(table)))
-            assert {row._mapping["zone"] for row in rows} <= {state.zone}
-            stored.append(
-                {
-                    tuple(row._mapping[k] for k in keys[1:]): {
-                        m: int(row._mapping[m]) for m in plugin.MEASURES
-                    }
-                    for row in rows
-                }
-            )
-    return stored
+from tests.factories import UTC_ZONE, make_record, write
+from tests.unit.rollup_checks import scan_rollups, stored_rollups
 
 
 def rollup_zone(plugin: types.ModuleType, url: str) -> str | None:
@@ -114,12 +35,6 @@ def wait_for_recount(plugin: types.ModuleType, url: str, zone: str, seconds: flo
             return
         time.sleep(0.05)
     raise AssertionError(f"the rollups were not recounted for {zone} within {seconds} s")
-
-
-def write(plugin: types.ModuleType, url: str, records: list[Any], zone: ZoneInfo = UTC_ZONE) -> list[str]:
-    writer = plugin.writer_for(url)
-    futures = [writer.submit(plugin.WriteRequest(record=r, zone=zone)) for r in records]
-    return [f.result(timeout=60).stored for f in futures]
 
 
 def test_migrations_are_named_recorded_and_run_once(plugin: types.ModuleType, database_url: str) -> None:
@@ -185,7 +100,7 @@ def test_a_claim_left_by_release_1_0_0_is_replayed(plugin: types.ModuleType, dat
     """1.0.0 claimed a file by renaming it with its PID; such a file is replayed like any other."""
     ledger = plugin.ledger_for(database_url)
     path = ledger.spool.append([make_record(plugin, 5)])
-    os.rename(path, str(path) + ".claimed-1-1")  # PID 1: alive, as a restarted container's server
+    Path(path).rename(f"{path}.claimed-1-1")  # PID 1: alive, as a restarted container's server
     assert ledger.spool.pending_count() == 1
     write(plugin, database_url, [make_record(plugin, 6)])
     ledger.replay_spool()  # or the writer's own upkeep, which may hold the file at this moment

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import load_plugin_module
-from tests.unit.test_ledger import UTC_ZONE, scan_rollups, stored_rollups
+from tests.factories import UTC_ZONE, load_plugin_module
+from tests.unit.rollup_checks import scan_rollups, stored_rollups
 
 USERS = 25
 

@@ -7,7 +7,7 @@ import sys
 import types
 
 from scripts.build_manifest import MANIFEST, PLUGIN, parse_frontmatter, render
-from tests.conftest import load_plugin_module
+from tests.factories import load_plugin_module
 
 SOURCE = PLUGIN.read_text(encoding="utf-8")
 ALLOWED_IMPORTS = {"pydantic", "httpx", "sqlalchemy"}

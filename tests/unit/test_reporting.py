@@ -6,11 +6,12 @@ import types
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.unit.test_ledger import make_record, write
+from tests.factories import make_record, write
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -49,7 +50,7 @@ def test_user_controlled_text_cannot_form_markdown(plugin: types.ModuleType, hos
         assert all(escaped[i - 1] == "\\" for i, c in enumerate(escaped) if c == char)
 
 
-def records_for_report(plugin: types.ModuleType) -> list[object]:
+def records_for_report(plugin: types.ModuleType) -> list[Any]:
     records = []
     for index, (days_ago, user) in enumerate(
         [(0, "a"), (0, "b"), (3, "a"), (10, "c"), (40, "a"), (400, "b")]
@@ -111,7 +112,7 @@ def test_the_panel_report_follows_the_saved_valves(plugin: types.ModuleType, dat
         and "custom.sqlite3" in description
     )
     # A restart forgets the process memory; the settings file remembers.
-    assert plugin.SettingsMemory().recall()["database_url"] == url
+    assert plugin.SettingsFile().recall()["database_url"] == url
 
 
 def test_an_unreadable_ledger_still_opens_the_panel_with_one_line(plugin: types.ModuleType) -> None:

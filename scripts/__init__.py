@@ -1,0 +1,1 @@
+"""Developer scripts: the manifest builder and the demo."""

@@ -1,0 +1,1 @@
+"""End-to-end tests against a real Open WebUI (see conftest.py)."""
