@@ -35,10 +35,8 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import queue
 import resource
 import selectors
-import threading
 import time
 import types
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -130,10 +128,6 @@ class Prepared:
     user: dict[str, Any]
 
 
-def _nothing() -> None:
-    return None
-
-
 class CompletionRunner:
     """Runs whole completions through one Filter instance of one plugin version, as Open WebUI
     calls its hooks."""
@@ -166,10 +160,6 @@ class CompletionRunner:
         }
         self.counter = 0
 
-    def _rebuild_valves(self) -> None:
-        """What Open WebUI 0.12.4 does before each hook call: valves (and user valves) from storage."""
-        self.hook.valves = self.plugin.Filter.Valves(**self.saved_valves)
-
     def prepare(self) -> Prepared:
         """Everything Open WebUI has before the hooks run for one request (not timed)."""
         from tests.factories import outlet_body
@@ -186,32 +176,25 @@ class CompletionRunner:
             user=dict(self.user, valves=self.plugin.Filter.UserValves()),
         )
 
-    async def completion(self, rebuild_valves: bool = False, prepared: Prepared | None = None) -> Sample:
+    async def completion(self, prepared: Prepared | None = None) -> Sample:
         """One request: inlet, then the chunks (parsed fresh, as Open WebUI hands them over: a
         re-used parsed list would give the hook cache-cold objects; parsing is timed apart and
         left out of the total), then outlet."""
         request = prepared or self.prepare()
-        rebuild: Callable[[], None] = self._rebuild_valves if rebuild_valves else _nothing
         hook, metadata = self.hook, request.metadata
         idle_before = self.selector.idle_ns
         started = time.thread_time_ns()
-        rebuild()
         await call_hook(hook.inlet, body=request.body, __metadata__=metadata, __model__=MODEL)
         after_inlet = time.thread_time_ns()
         chunks = [json.loads(payload) for payload in self.stream.payloads]
         parsed = time.thread_time_ns()
         if inspect.iscoroutinefunction(hook.stream):
             for chunk in chunks:
-                rebuild()
                 await hook.stream(event=chunk, __metadata__=metadata)
         else:
             for chunk in chunks:
-                rebuild()
                 hook.stream(event=chunk, __metadata__=metadata)
         after_stream = time.thread_time_ns()
-        rebuild()
-        if rebuild_valves:
-            request.user["valves"] = self.plugin.Filter.UserValves()
         lines = self.emitter.lines
         await call_hook(
             hook.outlet,
@@ -262,19 +245,6 @@ class ResolvedWriter:
         return future
 
     async def write(self, request: Any) -> Any:
-        return self._outcome()
-
-
-class SleepingWriter(ResolvedWriter):
-    """Control: the outcome arrives after a 2 ms asyncio timer, about as long as a real durable
-    write, with no other thread and no database. What outlet then costs the loop is what this
-    machine charges any coroutine that sleeps for that long, not the plugin's hand-off."""
-
-    def submit(self, request: Any) -> concurrent.futures.Future[Any]:
-        raise NotImplementedError("the sleeping control only models an awaited write")
-
-    async def write(self, request: Any) -> Any:
-        await asyncio.sleep(0.002)
         return self._outcome()
 
 
@@ -345,10 +315,7 @@ class Collected:
     real: dict[int, Paired] = dataclasses.field(default_factory=lambda: {100: Paired(), 2000: Paired()})
     resolved: Paired = dataclasses.field(default_factory=Paired)
     concurrent: Paired = dataclasses.field(default_factory=Paired)
-    sleeping: list[Sample] = dataclasses.field(default_factory=list)
-    with_valves: list[Sample] = dataclasses.field(default_factory=list)
     json_ns: list[float] = dataclasses.field(default_factory=list)
-    handoff_us: dict[str, list[float]] = dataclasses.field(default_factory=lambda: {h: [] for h in HANDOFFS})
     stub_missed: dict[str, bool] = dataclasses.field(default_factory=dict)
 
 
@@ -423,75 +390,13 @@ def _round(
         interleave(loop, work, max(blocks[100] // 2, 2), per_block[100], collected.resolved, _total)
     concurrent_work = {key: _concurrent_factory(v.runners[100], 16) for key, v in versions.items()}
     interleave(loop, concurrent_work, max(blocks[100] // 5, 2), 3, collected.concurrent, float)
-    current = versions["current"]
-    runner, count = current.runners[100], blocks[100] * per_block[100] // 2
-    with stubbed_writer(current.plugin, SleepingWriter(current.plugin, current.stub.ledger)):
-        for _ in range(count):
-            collected.sleeping.append(loop.run_until_complete(runner.completion()))
-    for _ in range(count):
-        collected.with_valves.append(loop.run_until_complete(runner.completion(rebuild_valves=True)))
-    answerer = Answerer()
-    try:
-        for index in range(count // 2):  # every style in turn, the order rotating
-            for style in HANDOFFS[index % 3 :] + HANDOFFS[: index % 3]:
-                collected.handoff_us[style].append(loop.run_until_complete(_handoff_cpu(answerer, style)))
-    finally:
-        answerer.close()
-    payloads = runner.stream.payloads
+    payloads = versions["current"].runners[100].stream.payloads
     for _ in range(20):
         with gc_paused():
             started = time.perf_counter_ns()
             for payload in payloads:
                 json.loads(payload)
             collected.json_ns.append((time.perf_counter_ns() - started) / len(payloads))
-
-
-class Answerer:
-    """A thread that answers each hand-off 2 ms after it arrives (about one durable write), in one
-    of the ways a writer thread can wake an awaiting coroutine."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="bench-answerer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (answer := self._queue.get()) is not None:
-            time.sleep(0.002)
-            answer()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
-
-    async def wrap_future(self) -> None:
-        """The answer sets a concurrent Future; the coroutine awaits asyncio.wrap_future of it."""
-        future: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._queue.put(lambda: future.set_result(1))
-        await asyncio.wrap_future(future)
-
-    async def wait_for_shield_wrap_future(self) -> None:
-        """As GroupCommitWriter.write awaits its writer: wait_for(shield(wrap_future(f)), timeout)."""
-        future: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._queue.put(lambda: future.set_result(1))
-        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), 10)
-
-    async def call_soon_threadsafe(self) -> None:
-        """As release 1.0.0 answered (LoopReply): the thread schedules set_result on the loop."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        self._queue.put(lambda: loop.call_soon_threadsafe(future.set_result, 1))
-        await future
-
-
-HANDOFFS: tuple[str, ...] = ("wrap_future", "wait_for_shield_wrap_future", "call_soon_threadsafe")
-
-
-async def _handoff_cpu(answerer: Answerer, style: str) -> float:
-    """Loop-thread CPU (µs) of one hand-off of `style` (no plugin involved)."""
-    started = time.thread_time_ns()
-    await getattr(answerer, style)()
-    return (time.thread_time_ns() - started) / 1000
 
 
 def _concurrent_factory(runner: CompletionRunner, count: int) -> Callable[[], Awaitable[float]]:
@@ -525,7 +430,7 @@ def _us_figure(key: str, label: str, values: list[float], detail: str = "") -> F
     return Figure(key, label, median(values), "µs", detail=spread(values, unit="µs") + detail)
 
 
-def _report(result: BenchResult, collected: Collected, rounds: int) -> None:  # noqa: C901 (figure by figure)
+def _report(result: BenchResult, collected: Collected, rounds: int) -> None:
     real = collected.real[100]
     ratio = real.ratio(_total)
     release = f"{RELEASE_LABEL} (git {RELEASE_COMMIT[:7]})"
@@ -646,34 +551,6 @@ def _report(result: BenchResult, collected: Collected, rounds: int) -> None:  # 
                 f"  {label}, 16 at once: per completion",
                 [float(v) for v in concurrent.samples[key]],
                 "; one batch's loop CPU / 16",
-            )
-        )
-    for key, label, values in (
-        (
-            "current_completion_100_sleeping_writer_us",
-            "control, current: writer replaced by a 2 ms asyncio.sleep (no thread, no database)",
-            _us(collected.sleeping, _total),
-        ),
-        (
-            "current_completion_100_with_valves_us",
-            "current, incl. Open WebUI's Valves(**saved) before every hook",
-            _us(collected.with_valves, _total),
-        ),
-    ):
-        result.add(_us_figure(f"event_loop.{key}", label, values))
-    for style, label in (
-        ("wrap_future", "await asyncio.wrap_future(f)"),
-        ("wait_for_shield_wrap_future", "await wait_for(shield(wrap_future(f)), 10) (current write())"),
-        ("call_soon_threadsafe", "one call_soon_threadsafe(set_result) per answer (1.0.0 LoopReply)"),
-    ):
-        values = collected.handoff_us[style]
-        result.add(
-            Figure(
-                f"event_loop.handoff_{style}_us",
-                f"control, no plugin: another thread answers after 2 ms; {label}",
-                median(values),
-                "µs",
-                detail="loop CPU per await; " + spread(values, unit="µs"),
             )
         )
     result.add(

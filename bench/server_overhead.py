@@ -6,14 +6,20 @@ Targets (server CPU per 400-chunk streamed API completion, measured interleaved 
 * this function with the `capture_stream` valve off / a filter with only inlet and outlet: at
   most 1.05 (reported as "not available yet" while the plugin has no such valve).
 
+A diagnostic control splits the second figure: a filter with this function's interface and none of
+its work (see `interface_control_source`). "control / inlet-outlet-only filter" is what Open WebUI
+itself charges for that interface (it reads the valves and user valves from its database before the
+hooks); "this function, capture_stream off / control" is the plugin's own inlet and outlet work.
+
 Method: the pinned real Open WebUI (tests/e2e/owui.py: the cached 0.12.4 venv, `open-webui serve`
 on loopback with a private DATA_DIR) serves the models of the project's OpenRouter simulator, which
-runs in this process on loopback and paces its stream events (CHUNK_DELAY_S). Three functions are
+runs in this process on loopback and paces its stream events (CHUNK_DELAY_S). Four functions are
 installed through `POST /api/v1/functions/create`, as the admin panel installs them: a filter with
 only inlet and outlet, a filter whose `stream` only returns the event (plus the same inlet and
-outlet), and this function (plugin/openrouter_usage.py's text as `build_manifest` packs it; default
-valves except `database_url`, a SQLite file in the benchmark's temp dir). Each is made global once;
-a phase switches on exactly one of them (`/toggle`, checked against the function list), or none.
+outlet), the interface control (with the valves the fifth configuration saves), and this function
+(plugin/openrouter_usage.py's text as `build_manifest` packs it; default valves except
+`database_url`, a SQLite file in the benchmark's temp dir). Each is made global once; a phase
+switches on exactly one of them (`/toggle`, checked against the function list), or none.
 The fifth configuration is this function again with `{"database_url": …, "capture_stream": false}`
 saved through `/valves/update`; Open WebUI stores only the fields its Valves model knows, so its
 answer tells whether the valve exists.
@@ -31,9 +37,10 @@ this process, so none of their CPU is counted.
 Checks, so that a broken setup stops the run instead of giving a cheap-looking figure: every
 completion streamed 400 content chunks and `[DONE]` without an error event; the simulator saw one
 chat generation per completion and no task call; the upstream request asked for usage
-(`stream_options`, added by this function's inlet) exactly in this function's phases; in those
-phases the ledger gained one row per completion, each with its generation id (only the stream hook
-sees it) when capture is on, and none when the valve switched capture off.
+(`stream_options`, added by this function's inlet and the control's) exactly in those phases; in
+this function's phases the ledger gained one row per completion, each with its generation id (only
+the stream hook sees it) when capture is on, and none when the valve switched capture off; in all
+other phases it gained none.
 
 Figures: CPU per completion of each configuration (median over the rounds, with its spread) and its
 ratio to "no filter". A ratio is the median of the per-round ratios: the two phases of one round run
@@ -46,13 +53,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import sqlite3
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -74,6 +83,7 @@ from bench.common import (
 )
 from openrouter_sim import GenerationRecord, OpenRouterSimulator
 from tests.e2e.owui import DEFAULT_OPENWEBUI_VERSION, OpenWebUIClient, OpenWebUIServer, ensure_openwebui
+from tests.reliability.independent import load_source
 
 NAME = "server_overhead"
 TARGET_RATIO = 1.05
@@ -86,6 +96,7 @@ CONCURRENCY = 6  # completions in flight at once
 CHUNK_DELAY_S = 0.004
 MODEL = "openai/gpt-4o-mini"
 PLUGIN_ID = "openrouter_usage"  # the id manifest.json gives it
+CONTROL_ID = "bench_interface"  # the interface control (interface_control_source)
 LEDGER_TABLE = "openrouter_usage_ledger"
 PLUGIN_PATH = REPO / "plugin" / "openrouter_usage.py"
 SETTLE_SECONDS = 0.2  # after a batch, before the CPU reading: the server finishes its last responses
@@ -126,6 +137,70 @@ class Filter:
         return body
 '''
 
+# What the interface control copies from this function: its valve classes field by field (name,
+# type, default) and its hooks' parameter names. Open WebUI reads the saved valves from its database
+# and builds Valves(**saved) before each hook of a filter that has a `valves` attribute and a
+# `Valves` class, and reads the user's valves when the hook takes `__user__` and the module has a
+# `UserValves` class (open_webui/utils/filter.py); the other parameters only pick values it has.
+_CONTROL_FIELD_TYPES: tuple[type, ...] = (bool, int, float, str)
+
+
+def _model_lines(name: str, model: Any) -> list[str]:
+    lines = [f"    class {name}(BaseModel):"]
+    for field_name, field in model.model_fields.items():
+        if field.annotation not in _CONTROL_FIELD_TYPES:
+            raise RuntimeError(f"the interface control cannot copy {name}.{field_name}: {field.annotation!r}")
+        lines.append(f"        {field_name}: {field.annotation.__name__} = {field.default!r}")
+    return [*lines, ""] if len(lines) > 1 else [*lines, "        pass", ""]
+
+
+def _hook_lines(name: str, hook: Callable[..., Any], body: list[str]) -> list[str]:
+    _self, first, *rest = inspect.signature(hook).parameters
+    parameters = ", ".join(["self", f"{first}: dict", *(f"{p}: object = None" for p in rest)])
+    kind = "async def" if inspect.iscoroutinefunction(hook) else "def"
+    return [f"    {kind} {name}({parameters}) -> dict:", *(f"        {line}" for line in body), ""]
+
+
+def interface_control_source(plugin_source: str) -> str:
+    """A filter with this function's interface and none of its work: the same Valves and UserValves
+    fields, an inlet and an outlet taking the same parameters (no stream hook: this function has
+    none with capture_stream off), an inlet that asks the upstream for usage as this function's
+    does, and an outlet that returns the body."""
+    plugin = load_source(plugin_source)
+    try:
+        hooks = plugin.Filter
+        lines = [
+            '"""',
+            "title: Bench interface control",
+            "description: This function's valves and hook parameters, without its work.",
+            '"""',
+            "",
+            "from pydantic import BaseModel",
+            "",
+            "",
+            "class Filter:",
+        ]
+        for name in ("Valves", "UserValves"):
+            if hasattr(hooks, name):
+                lines += _model_lines(name, getattr(hooks, name))
+        if hasattr(hooks, "Valves"):
+            lines += ["    def __init__(self) -> None:", "        self.valves = self.Valves()", ""]
+        lines += _hook_lines(
+            "inlet",
+            hooks.inlet,
+            [
+                'if isinstance(body, dict) and body.get("stream"):',
+                '    options = body.get("stream_options")',
+                "    options = options if isinstance(options, dict) else {}",
+                '    body["stream_options"] = {**options, "include_usage": True}',
+                "return body",
+            ],
+        )
+        lines += _hook_lines("outlet", hooks.outlet, ["return body"])
+        return "\n".join(lines)
+    finally:
+        sys.modules.pop(plugin.__name__, None)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config:
@@ -151,11 +226,15 @@ CONFIGS = (
         asks_usage=True,
         records=True,
     ),
+    # Diagnostic: what Open WebUI charges for this function's interface, without its work.
+    Config(
+        "interface", "interface control (this function's interface, no work)", CONTROL_ID, asks_usage=True
+    ),
 )
 BY_KEY = {config.key: config for config in CONFIGS}
 # The phases of a round: each target pair side by side. Round i runs this order rotated by i // 2,
 # reversed when i is odd, so every configuration takes every place and each pair runs in both orders.
-PHASE_ORDER = ("no_filter", "inlet_outlet", "plugin_no_capture", "stream_noop", "plugin")
+PHASE_ORDER = ("no_filter", "interface", "inlet_outlet", "plugin_no_capture", "stream_noop", "plugin")
 
 
 def round_order(index: int) -> list[Config]:
@@ -316,7 +395,7 @@ class Phase:
 
 
 class Bench:
-    """One Open WebUI server with the three functions installed; runs phases against it."""
+    """One Open WebUI server with the four functions installed; runs phases against it."""
 
     def __init__(self, server: OpenWebUIServer, sim: OpenRouterSimulator, ledger: Path) -> None:
         self.server = server
@@ -344,6 +423,7 @@ class Bench:
         functions: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
             ("bench_inlet_outlet", "Bench inlet/outlet pass-through", INLET_OUTLET_SOURCE, {}),
             ("bench_stream_noop", "Bench stream no-op", STREAM_NOOP_SOURCE, {}),
+            (CONTROL_ID, "Bench interface control", interface_control_source(plugin_source), {}),
             (item["id"], item["name"], item["content"], item["meta"]),
         )
         for function_id, name, content, meta in functions:
@@ -353,6 +433,11 @@ class Bench:
             state = self.admin.post(f"/api/v1/functions/id/{function_id}/toggle/global")
             if not state.get("is_global") or state.get("is_active"):
                 raise RuntimeError(f"{function_id} is not global and inactive after install: {state}")
+        # The control's valves are saved once, as the capture_stream-off phases save this function's.
+        wanted = {"database_url": sqlite_url(self.ledger), **(BY_KEY["plugin_no_capture"].valves or {})}
+        stored = self.admin.update_valves(CONTROL_ID, wanted)
+        if stored.get("database_url") != wanted["database_url"]:
+            raise RuntimeError(f"{CONTROL_ID} did not keep its database_url valve: {stored}")
 
     def set_valves(self, config: Config) -> None:
         wanted = {"database_url": sqlite_url(self.ledger), **(config.valves or {})}
@@ -587,6 +672,32 @@ def _report(
     result.add(
         Figure(f"{NAME}.plugin_no_capture_over_inlet_outlet", label, value, "ratio", target, passed, detail)
     )
+    # The diagnostic split of that figure: Open WebUI's price for the interface, then the plugin's work.
+    for key, a, b, label in (
+        (
+            "interface_over_inlet_outlet",
+            "interface",
+            "inlet_outlet",
+            "  control: this function's interface, no work / inlet-outlet-only filter (Open WebUI's price)",
+        ),
+        (
+            "plugin_no_capture_over_interface",
+            "plugin_no_capture",
+            "interface",
+            "  this function, capture_stream off / interface control (the plugin's own inlet and outlet)",
+        ),
+    ):
+        value, ratio_detail = ratio(a, b)
+        difference = median([x - y for x, y in zip(per_round[a], per_round[b], strict=True)])
+        result.add(
+            Figure(
+                f"{NAME}.{key}",
+                label,
+                value,
+                "ratio",
+                detail=f"per-round difference {difference:+.1f} ms (median); {ratio_detail}",
+            )
+        )
     for config in CONFIGS[1:]:
         value, ratio_detail = ratio(config.key, "no_filter")
         unavailable = config.key == "plugin_no_capture" and not capture_stream

@@ -84,7 +84,7 @@ def _time_json(payloads: list[str]) -> int:
 
 def _time_observe_chunk(plugin: types.ModuleType, chunks: list[dict[str, Any]]) -> int:
     """The hook's body alone (no coroutine, no keyword call): observe_chunk over all chunks."""
-    state = plugin.CaptureState(time.monotonic(), True)
+    state = plugin.CaptureState(time.monotonic(), is_openrouter_connection=True)
     observe = plugin.observe_chunk
     with gc_paused():
         started = time.perf_counter_ns()

@@ -48,7 +48,6 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
-import io
 import json
 import logging
 import math
@@ -57,6 +56,7 @@ import os
 import queue
 import re
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -65,11 +65,14 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Se
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, model_validator
+
+if TYPE_CHECKING:
+    import io
 
 log = logging.getLogger("openrouter_usage")
 
@@ -101,7 +104,7 @@ def data_dir() -> Path:
     configured = getattr(owui_env, "DATA_DIR", None)
     if configured is not None:
         return Path(configured)
-    return Path(os.path.abspath(os.environ.get("DATA_DIR") or "data"))
+    return Path(os.environ.get("DATA_DIR") or "data").resolve()  # as Open WebUI's env.py does
 
 
 FUNCTION_MODULE_NAME: Final = re.compile(r"function_(?P<id>.+)_[0-9a-f]{32}")
@@ -146,17 +149,23 @@ def valves_in_open_webui_store(function_id: str) -> dict[str, Any] | None:
 
 
 _BASE_URLS_TTL: Final = 30.0
-_base_urls_cache: tuple[float, list[Any]] = (0.0, [])
+
+
+@dataclasses.dataclass(slots=True)
+class _TimedList:
+    expires: float = 0.0
+    items: list[Any] = dataclasses.field(default_factory=list)
+
+
+_base_urls_cache = _TimedList()
 
 
 async def connection_base_url(model: Any) -> str | None:
     """The base URL of the OpenAI-compatible connection serving `model`, or None when unknown."""
-    global _base_urls_cache
     index = model.get("urlIdx") if isinstance(model, Mapping) else None
     if not isinstance(index, int):
         return None
-    expires, urls = _base_urls_cache
-    if time.monotonic() > expires:
+    if time.monotonic() > _base_urls_cache.expires:
         config = getattr(sys.modules.get("open_webui.models.config"), "Config", None)
         if config is None:
             return None
@@ -165,8 +174,9 @@ async def connection_base_url(model: Any) -> str | None:
         except Exception as exc:
             log.debug("openrouter_usage: connection URLs unavailable (%s)", exc)
             return None
-        urls = fetched if isinstance(fetched, list) else []
-        _base_urls_cache = (time.monotonic() + _BASE_URLS_TTL, urls)
+        _base_urls_cache.items = fetched if isinstance(fetched, list) else []
+        _base_urls_cache.expires = time.monotonic() + _BASE_URLS_TTL
+    urls = _base_urls_cache.items
     return str(urls[index]) if 0 <= index < len(urls) else None
 
 
@@ -334,7 +344,7 @@ class CaptureState:
         "started_at",
     )
 
-    def __init__(self, started_at: float, is_openrouter_connection: bool | None = None) -> None:
+    def __init__(self, started_at: float, *, is_openrouter_connection: bool | None = None) -> None:
         self.started_at = started_at
         self.is_openrouter_connection = is_openrouter_connection
         self.first_token_at: float | None = None
@@ -401,8 +411,8 @@ def token_count(mapping: Mapping[str, Any] | None, *keys: str, notes: list[str])
 
 
 def _brief(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 24 else text[:23] + "…"
+    """A short rendering of a bad value for a note (the notes column is read by people)."""
+    return clean_text(repr(value), 24)
 
 
 def to_decimal(value: Any) -> Decimal | None:
@@ -510,7 +520,7 @@ def clean_text(value: Any, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def strict_json_value(value: Any, depth: int = 0) -> Any:
+def strict_json_value(value: Any, depth: int = 0) -> Any:  # noqa: PLR0911 - one return per JSON kind
     """`value` as strict JSON data: NaN and infinities become null, depth and width are bounded,
     keys are text, strings are cleaned and bounded, and anything that is not JSON becomes its
     (short) text."""
@@ -935,9 +945,11 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
         for table, keys in _ROLLUP_KEYS_1_0
         for statement in (
             _frozen_rollup_ddl(f"{table}_zoned", ("zone", *keys), _MEASURES_1_0, rowid),
-            f"INSERT INTO {table}_zoned (zone, {', '.join((*keys, *_MEASURES_1_0))}) "
-            f"SELECT meta.value, {', '.join(f'r.{c}' for c in (*keys, *_MEASURES_1_0))} FROM {table} r "
-            "JOIN openrouter_usage_meta meta ON meta.\"key\" = 'rollup_timezone'",
+            (
+                f"INSERT INTO {table}_zoned (zone, {', '.join((*keys, *_MEASURES_1_0))}) "
+                f"SELECT meta.value, {', '.join(f'r.{c}' for c in (*keys, *_MEASURES_1_0))} FROM {table} r "
+                "JOIN openrouter_usage_meta meta ON meta.\"key\" = 'rollup_timezone'"
+            ),
             f"DROP TABLE {table}",
             f"ALTER TABLE {table}_zoned RENAME TO {table}",
             *(() if sqlite else (f"ALTER INDEX {table}_zoned_pkey RENAME TO {table}_pkey",)),
@@ -969,8 +981,10 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
         (
             "0003_meta",
             (
-                'CREATE TABLE openrouter_usage_meta ("key" TEXT NOT NULL, value TEXT NOT NULL, '
-                'PRIMARY KEY ("key"))',
+                (
+                    'CREATE TABLE openrouter_usage_meta ("key" TEXT NOT NULL, value TEXT NOT NULL, '
+                    'PRIMARY KEY ("key"))'
+                ),
             ),
         ),
         (
@@ -987,20 +1001,30 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
             "0005_repair_notes_and_zoned_rollups",
             (
                 "ALTER TABLE openrouter_usage_ledger ADD COLUMN notes TEXT DEFAULT '' NOT NULL",
-                "ALTER TABLE openrouter_usage_ledger "
-                "ADD COLUMN omitted_generation_ids INTEGER DEFAULT '0' NOT NULL",
-                "CREATE INDEX openrouter_usage_ledger_repaired ON openrouter_usage_ledger (id) "
-                "WHERE notes <> ''",
+                (
+                    "ALTER TABLE openrouter_usage_ledger "
+                    "ADD COLUMN omitted_generation_ids INTEGER DEFAULT '0' NOT NULL"
+                ),
+                (
+                    "CREATE INDEX openrouter_usage_ledger_repaired ON openrouter_usage_ledger (id) "
+                    "WHERE notes <> ''"
+                ),
                 *zoned,
                 # The rollup zone is settled here, under the migration lock, never by racing writers:
                 # an empty ledger starts in UTC (the first write's zone, if another, is a recount of
                 # nothing); one whose rollups were stale (0004 drops them) is recounted, in UTC first.
-                "INSERT INTO openrouter_usage_meta (\"key\", value) SELECT 'rollup_timezone', 'UTC' "
-                "WHERE NOT EXISTS (SELECT 1 FROM openrouter_usage_meta WHERE \"key\" = 'rollup_timezone') "
-                "AND NOT EXISTS (SELECT 1 FROM openrouter_usage_ledger)",
-                "INSERT INTO openrouter_usage_meta (\"key\", value) SELECT 'rollup_recount', "
-                '\'{"zone": "UTC", "after_id": 0}\' WHERE NOT EXISTS (SELECT 1 FROM openrouter_usage_meta '
-                "WHERE \"key\" = 'rollup_timezone') AND EXISTS (SELECT 1 FROM openrouter_usage_ledger)",
+                (
+                    "INSERT INTO openrouter_usage_meta (\"key\", value) SELECT 'rollup_timezone', 'UTC' "
+                    "WHERE NOT EXISTS (SELECT 1 FROM openrouter_usage_meta "
+                    "WHERE \"key\" = 'rollup_timezone') "
+                    "AND NOT EXISTS (SELECT 1 FROM openrouter_usage_ledger)"
+                ),
+                (
+                    "INSERT INTO openrouter_usage_meta (\"key\", value) SELECT 'rollup_recount', "
+                    '\'{"zone": "UTC", "after_id": 0}\' '
+                    "WHERE NOT EXISTS (SELECT 1 FROM openrouter_usage_meta "
+                    "WHERE \"key\" = 'rollup_timezone') AND EXISTS (SELECT 1 FROM openrouter_usage_ledger)"
+                ),
             ),
         ),
     ]
@@ -1070,7 +1094,7 @@ def resolve_database_url(configured: str = "") -> str:
             url = owui_url
     if not url:
         owui_data_dir = getattr(sys.modules.get("open_webui.env"), "DATA_DIR", None)
-        url = _default_sqlite_url(str(owui_data_dir), os.environ.get("DATA_DIR"), os.getcwd())
+        url = _default_sqlite_url(str(owui_data_dir), os.environ.get("DATA_DIR"), str(Path.cwd()))
     return normalize_database_url(url)
 
 
@@ -1532,7 +1556,7 @@ class Spool:
         """Hold `path` for replay, or yield None when another thread or process holds it or it
         is already gone."""
         try:
-            handle = open(path, encoding="utf-8")  # noqa: SIM115 (held open for the lock's life)
+            handle = path.open(encoding="utf-8")  # held open for the lock's life
         except FileNotFoundError:
             yield None
             return
@@ -1543,7 +1567,7 @@ class Spool:
                 yield None
                 return
             try:
-                if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+                if path.stat().st_ino != os.fstat(handle.fileno()).st_ino:
                     yield None  # replayed and removed by the holder we waited for
                     return
             except FileNotFoundError:
@@ -1591,13 +1615,12 @@ def _write_jsonl(directory: Path, lines: Sequence[str]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"{time.time_ns():020d}-{uuid.uuid4().hex}{SPOOL_SUFFIX}"
     temporary = directory / (name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for line in lines:
-            handle.write(line + "\n")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.writelines(line + "\n" for line in lines)
         handle.flush()
         os.fsync(handle.fileno())
     final = directory / name
-    os.rename(temporary, final)
+    temporary.rename(final)
     _fsync_directory(directory)
     return final
 
@@ -1626,7 +1649,7 @@ def spool_directory(url: str) -> Path:
     digest = hashlib.sha256(ledger_identity(url).encode()).hexdigest()[:16]
     base = data_dir()
     if not os.access(base if base.exists() else base.parent, os.W_OK):
-        base = Path(os.environ.get("TMPDIR") or "/tmp")
+        base = Path(tempfile.gettempdir())
     return base / "openrouter_usage_spool" / digest
 
 
@@ -1700,8 +1723,8 @@ class Ledger:
 
     @contextlib.contextmanager
     def _write_transaction(self) -> Iterator[sa.Connection]:
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(ledger_write=True)
+        with self.engine.connect() as connection:
+            conn = connection.execution_options(ledger_write=True)
             with conn.begin():
                 yield conn
 
@@ -1734,7 +1757,7 @@ class Ledger:
                 reason = short_error(exc)
                 self.spool.quarantine([(record, reason)])
                 quarantined[record.message_id] = reason
-                log.error("openrouter_usage: record %s quarantined (%s)", record.message_id, reason)
+                log.warning("openrouter_usage: record %s quarantined (%s)", record.message_id, reason)
                 continue
             inserted |= result.inserted
             last = result
@@ -2081,9 +2104,7 @@ class GroupCommitWriter:
                 if not self._turn():
                     return
             except BaseException as exc:  # SystemExit too: nothing but idleness ends this loop
-                log.exception(
-                    "openrouter_usage: the ledger writer failed (%s); restarting it", short_error(exc)
-                )
+                log.exception("openrouter_usage: the ledger writer failed; restarting it")
                 self._rescue(exc)
 
     def _turn(self) -> bool:
@@ -2619,10 +2640,12 @@ def render_report_markdown(report: UsageReport) -> str:
     )
     lines += [
         "",
-        f"Last 30 days: cached tokens {format_share(month.cached_tokens, month.prompt_tokens)} of prompt "
-        f"tokens · reasoning tokens {format_share(month.reasoning_tokens, month.completion_tokens)} of "
-        f"completion tokens · failed completions {format_count(month.failed)} "
-        f"({format_count(report.periods['all_time'].failed)} all time)",
+        (
+            f"Last 30 days: cached tokens {format_share(month.cached_tokens, month.prompt_tokens)} of prompt "
+            f"tokens · reasoning tokens {format_share(month.reasoning_tokens, month.completion_tokens)} of "
+            f"completion tokens · failed completions {format_count(month.failed)} "
+            f"({format_count(report.periods['all_time'].failed)} all time)"
+        ),
         "",
         f"Ledger last written: {written} · ledger: `{report.health.location}`",
         *health_lines(report.health),
@@ -2768,10 +2791,7 @@ def render_usage_line(
     if parts.provider and record.provider:
         pieces.append(record.provider)
     if parts.tokens:
-        cached = f" ({format_count(usage.cached_tokens)} cached)" if usage.cached_tokens else ""
-        reasoning = f" ({format_count(usage.reasoning_tokens)} reasoning)" if usage.reasoning_tokens else ""
-        pieces.append(f"{format_count(usage.prompt_tokens)} in{cached}")
-        pieces.append(f"{format_count(usage.completion_tokens)} out{reasoning}")
+        pieces += _token_pieces(usage)
     if parts.cost:
         pieces.append(format_usd(usage.spend_pico) if usage.cost_pico is not None else "cost not reported")
     if parts.chat_total and chat_spend_pico is not None:
@@ -2780,13 +2800,28 @@ def render_usage_line(
         pieces.append(f"today {format_usd(today_spend_pico)}")
     if parts.timing and record.latency_ms is not None:
         pieces.append(f"{record.latency_ms / 1000:.1f} s")
-    if parts.speed and record.latency_ms and usage.completion_tokens:
-        generating_ms = record.latency_ms - (record.ttft_ms or 0)
-        if generating_ms > 0:
-            pieces.append(f"{usage.completion_tokens * 1000 / generating_ms:.0f} tok/s")
+    if parts.speed:
+        pieces += _speed_piece(record)
     if record.status != "ok":
         pieces.append(f"failed: {record.error}")
     return " · ".join(pieces)
+
+
+def _token_pieces(usage: Usage) -> list[str]:
+    cached = f" ({format_count(usage.cached_tokens)} cached)" if usage.cached_tokens else ""
+    reasoning = f" ({format_count(usage.reasoning_tokens)} reasoning)" if usage.reasoning_tokens else ""
+    return [
+        f"{format_count(usage.prompt_tokens)} in{cached}",
+        f"{format_count(usage.completion_tokens)} out{reasoning}",
+    ]
+
+
+def _speed_piece(record: UsageRecord) -> list[str]:
+    """Output tokens per second of generating (after the first token), when it can be told."""
+    generating_ms = (record.latency_ms or 0) - (record.ttft_ms or 0)
+    if not record.usage.completion_tokens or generating_ms <= 0:
+        return []
+    return [f"{record.usage.completion_tokens * 1000 / generating_ms:.0f} tok/s"]
 
 
 # ══ Bulk sync: deprecated for good, interfaces kept ═══════════════════════════════════════════════
@@ -2821,8 +2856,10 @@ def bulk_sync_notice_markdown() -> str:
             f"- **Alternative:** {details['alternative']}",
             f"- **Impact:** {details['impact']}",
             "",
-            "No bulk sync ran and none will: the switch turns itself back off. Clear this field and save "
-            "to dismiss the notice.",
+            (
+                "No bulk sync ran and none will: the switch turns itself back off. Clear this field and save "
+                "to dismiss the notice."
+            ),
         ]
     )
 
@@ -3110,23 +3147,28 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         return 2
     ledger = Ledger(url)
     try:
-        if args.command == "spool":
-            return spool_command(ledger, args.replay, args.discard, args.yes, out)
-        if args.command == "export":
-            since = datetime.fromisoformat(args.since) if args.since else None
-            if since is not None and since.tzinfo is None:
-                since = since.replace(tzinfo=UTC)
-            write_export(export_rows(ledger, since), args.format, out)
-            return 0
-        zone = resolve_zone(args.timezone) if args.timezone else None
-        usage_report = build_usage_report(ledger, zone, max(args.rows, 1), breakdown=(args.by, args.since))
-        print_report(usage_report, args.by, args.format, out)
-        return 0
+        return run_ledger_command(args, ledger, out)
     except CLI_ERRORS as exc:
         sys.stderr.write(f"openrouter-usage: {cli_error_text(exc)} ({ledger.location})\n")
         return 2
     finally:
         ledger.dispose()
+
+
+def run_ledger_command(args: argparse.Namespace, ledger: Ledger, out: Any) -> int:
+    """`spool`, `export` or `report` on an existing ledger; the exit status."""
+    if args.command == "spool":
+        return spool_command(ledger, out, replay=args.replay, discard=args.discard, assume_yes=args.yes)
+    if args.command == "export":
+        since = datetime.fromisoformat(args.since) if args.since else None
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        write_export(export_rows(ledger, since), args.format, out)
+        return 0
+    zone = resolve_zone(args.timezone) if args.timezone else None
+    usage_report = build_usage_report(ledger, zone, max(args.rows, 1), breakdown=(args.by, args.since))
+    print_report(usage_report, args.by, args.format, out)
+    return 0
 
 
 def cli_error_text(exc: BaseException) -> str:
@@ -3147,7 +3189,7 @@ def write_export(rows: Iterable[dict[str, Any]], fmt: str, out: Any) -> None:
     out.write("\n]\n")
 
 
-def spool_command(ledger: Ledger, replay: bool, discard: bool, assume_yes: bool, out: Any) -> int:
+def spool_command(ledger: Ledger, out: Any, *, replay: bool, discard: bool, assume_yes: bool) -> int:
     """`openrouter-usage spool`: list, replay or discard what waits outside the ledger."""
     spool = ledger.spool
     if replay:
@@ -3365,7 +3407,7 @@ class SettingsFile:
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 json.dump(persisted, handle)
-            os.replace(temporary, path)
+            temporary.replace(path)
         except OSError as exc:
             log.debug("openrouter_usage: could not persist settings (%s)", exc)
 
@@ -3533,12 +3575,13 @@ def request_usage_reporting(body: dict[str, Any], *, is_openrouter: bool) -> Non
         body["usage"] = {**(usage if isinstance(usage, dict) else {}), "include": True}
 
 
-async def record_completion(
+async def record_completion(  # noqa: PLR0913 - the outlet hook's inputs, passed on as they are
     body: Mapping[str, Any],
     user: Mapping[str, Any] | None,
     metadata: Any,
     emitter: EventEmitter | None,
     valves: Settings,
+    *,
     bulk_sync_notice: str = "",
 ) -> WriteOutcome | None:
     """outlet's work: hand the completion to the writer, which builds the record, commits it
@@ -3686,7 +3729,9 @@ class Filter:
         try:
             base_url = await connection_base_url(__model__)
             is_openrouter = matches_url_pattern(base_url, self.valves.openrouter_url_pattern)
-            state = CaptureState(time.monotonic(), is_openrouter if base_url else None)
+            state = CaptureState(
+                time.monotonic(), is_openrouter_connection=is_openrouter if base_url else None
+            )
             if isinstance(__metadata__, dict):
                 __metadata__[STATE_KEY] = state
             if isinstance(body, dict):
@@ -3723,7 +3768,12 @@ class Filter:
         try:
             valves = self.valves
             await record_completion(
-                body, __user__, __metadata__, __event_emitter__, valves, valves.bulk_sync_notice
+                body,
+                __user__,
+                __metadata__,
+                __event_emitter__,
+                valves,
+                bulk_sync_notice=valves.bulk_sync_notice,
             )
         except RecordNotDurable as exc:
             log.critical("openrouter_usage: a completion could not be recorded or spooled (%s)", exc)
