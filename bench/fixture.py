@@ -18,14 +18,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import multiprocessing
-import multiprocessing.queues
-import queue
 import random
 import sqlite3
 import tempfile
 import time
-import traceback
 import types
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -215,42 +211,9 @@ def write_chunk(plugin: types.ModuleType, conn: sa.Connection, rows: list[dict[s
 
 
 def _ledger_rows(plugin: types.ModuleType, rows: int, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
-    """generate_records' chunks as `ledger_values` rows, built in a forked process (the second core
-    builds rows while this one stores the previous chunk)."""
-    context = multiprocessing.get_context("fork")  # the child inherits the exec'd plugin module
-    chunks: multiprocessing.queues.Queue[Any] = context.Queue(maxsize=2)
-    producer = context.Process(target=_produce_rows, args=(plugin, rows, chunk_size, chunks), daemon=True)
-    producer.start()
-    try:
-        while True:
-            try:
-                item = chunks.get(timeout=5)
-            except queue.Empty:
-                if not producer.is_alive():
-                    raise RuntimeError(
-                        f"the fixture's row builder died (exit code {producer.exitcode})"
-                    ) from None
-                continue
-            if isinstance(item, list):
-                yield item
-            elif item is None:
-                return
-            else:
-                raise RuntimeError(f"the fixture's row builder failed:\n{item}")
-    finally:
-        producer.join(timeout=5)
-        if producer.is_alive():
-            producer.kill()
-            producer.join()
-
-
-def _produce_rows(plugin: types.ModuleType, rows: int, chunk_size: int, chunks: Any) -> None:
-    try:
-        for records in generate_records(plugin, rows, chunk_size):
-            chunks.put([plugin.ledger_values(record) for record in records])
-        chunks.put(None)
-    except BaseException:  # handed to the parent, which raises it
-        chunks.put(traceback.format_exc())
+    """generate_records' chunks as the plugin's own `ledger_values` rows."""
+    for records in generate_records(plugin, rows, chunk_size):
+        yield [plugin.ledger_values(record) for record in records]
 
 
 def _generate(plugin: types.ModuleType, path: Path, rows: int) -> tuple[float, float]:

@@ -211,10 +211,10 @@ def run(quick: bool) -> BenchResult:
     result.add(
         Figure(
             "report_scale.fixture_rate",
-            f"fixture generation at {label} rows (bulk insert + rollups in SQL)",
+            f"fixture generation at {label} rows (the plugin's rows and rollup code)",
             big.rows_per_second,
             "rows/s",
-            detail=f"{big.seconds:.0f} s: insert {big.insert_seconds:.0f} s, "
+            detail=f"{big.seconds:.0f} s: records and rows {big.insert_seconds:.0f} s, "
             f"rollups {big.rollup_seconds:.0f} s; {generated}",
         )
     )

@@ -246,7 +246,7 @@ async def test_inlet_asks_openrouter_connections_for_usage(
             ]
 
     monkeypatch.setitem(sys.modules, "open_webui.models.config", types.SimpleNamespace(Config=Config))
-    monkeypatch.setattr(plugin, "_base_urls_cache", (0.0, []))
+    monkeypatch.setattr(plugin, "_base_urls_cache", plugin._TimedList())
     driver = HookDriver(plugin)
     openrouter = await driver.call(
         "inlet",
