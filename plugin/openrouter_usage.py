@@ -55,6 +55,7 @@ import operator
 import os
 import queue
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -2372,6 +2373,11 @@ def format_count(value: int) -> str:
     return f"{value:,}"
 
 
+def count_of(value: int, noun: str) -> str:
+    """'1 request', '2 requests', '1,204 tokens'."""
+    return f"{format_count(value)} {noun}{'' if value == 1 else 's'}"
+
+
 def format_share(part: int, whole: int) -> str:
     return f"{part * 100 / whole:.1f}%" if whole else "-"
 
@@ -2676,8 +2682,13 @@ def health_lines(health: LedgerHealth) -> list[str]:
 
 
 def totals_as_dict(totals: Totals) -> dict[str, Any]:
+    """Totals for reports, money in exact USD. OpenRouter fills upstream_inference_cost for
+    non-BYOK calls too (about the cost itself), so a sum over all rows would mislead: reports give
+    the BYOK upstream spend only, which is spend - cost exactly (spend adds upstream for BYOK only)."""
     data: dict[str, Any] = totals.as_dict()
-    for name in MONEY_MEASURES:
+    data["byok_upstream_cost_pico"] = data["spend_pico"] - data["cost_pico"]
+    del data["upstream_cost_pico"]
+    for name in ("cost_pico", "byok_upstream_cost_pico", "spend_pico"):
         data[name.replace("_pico", "_usd")] = decimal_text(pico_to_usd(data.pop(name)))
     return data
 
@@ -3039,7 +3050,12 @@ def parse_since(text: str, zone: ZoneInfo, now: datetime | None = None) -> str:
     if match:
         today = date.fromisoformat(local_day(now or datetime.now(UTC), zone))
         return (today - timedelta(days=max(int(match.group(1)), 1) - 1)).isoformat()
-    return date.fromisoformat(text).isoformat()
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: give a number of days such as 30d, or a date YYYY-MM-DD"
+        ) from None
 
 
 def open_webui_data_dirs() -> list[Path]:
@@ -3136,7 +3152,17 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     add_database_option(sync)
 
     args = parser.parse_args(argv)
-    out = sys.stdout
+    try:
+        return run_command(args, sys.stdout)
+    except BrokenPipeError:
+        # The reader went away (`report | head`): stop quietly, and keep the interpreter's final
+        # flush of stdout from raising the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def run_command(args: argparse.Namespace, out: Any) -> int:
+    """The parsed command; its exit status."""
     if args.command == "sync":
         json.dump(sync_openrouter_usage(date=args.date), out, indent=2)
         out.write("\n")
@@ -3148,6 +3174,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     ledger = Ledger(url)
     try:
         return run_ledger_command(args, ledger, out)
+    except BrokenPipeError:
+        raise
     except CLI_ERRORS as exc:
         sys.stderr.write(f"openrouter-usage: {cli_error_text(exc)} ({ledger.location})\n")
         return 2
@@ -3336,7 +3364,9 @@ class Settings(BaseModel):
         "provider, time to first token or per-call usage, and a stopped generation cannot be captured.",
     )
     show_usage_line: bool = Field(
-        default=True, title="Usage line", description="Show the usage line under each answer."
+        default=True,
+        title="Usage line",
+        description="Show the usage line with each answer (above it, under the model name).",
     )
     line_show_model: bool = Field(default=True, title="Line: model", description="The model that served.")
     line_show_provider: bool = Field(default=True, title="Line: provider", description="The provider.")
@@ -3549,14 +3579,13 @@ def user_usage_options(user: Mapping[str, Any] | None) -> list[dict[str, str]]:
     return [
         {
             "value": "today",
-            "label": f"Today: {format_usd(today.spend_pico)} · {format_count(today.requests)} "
-            f"requests · {format_count(today.total_tokens)} tokens",
+            "label": f"Today: {format_usd(today.spend_pico)} · {count_of(today.requests, 'request')} · "
+            f"{count_of(today.total_tokens, 'token')}",
         },
         {
             "value": "month",
             "label": f"This month: {format_usd(month.spend_pico)} · "
-            f"{format_count(month.requests)} requests · "
-            f"{format_count(month.total_tokens)} tokens",
+            f"{count_of(month.requests, 'request')} · {count_of(month.total_tokens, 'token')}",
         },
     ]
 
@@ -3690,7 +3719,7 @@ class Filter:
 
     class UserValves(BaseModel):
         show_usage_line: bool = Field(
-            default=True, title="Usage line", description="Show the usage line under my answers."
+            default=True, title="Usage line", description="Show the usage line with my answers."
         )
         my_usage: str = Field(
             default="today",

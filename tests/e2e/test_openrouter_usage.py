@@ -231,7 +231,7 @@ def test_two_users_at_once_each_get_their_own_rows_and_figures(
     assert spec is not None
     labels = " ".join(o["label"] for o in spec["properties"]["my_usage"]["input"]["options"])
     bob_spend = sum(usd(r["spend_usd"]) for r in rows.values() if r["user_id"] == bob.user["id"])
-    assert f"Today: {plugin.format_usd(int(bob_spend * 10**12))} · 1 requests" in labels
+    assert f"Today: {plugin.format_usd(int(bob_spend * 10**12))} · 1 request ·" in labels
     assert admin.user.get("name", "Admin") not in labels and "Admin" not in labels
     with pytest.raises(OpenWebUIHTTPError) as denied:
         bob.get_valves_spec(FUNCTION_ID)

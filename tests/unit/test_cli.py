@@ -221,3 +221,47 @@ def test_a_report_in_another_zone_counts_from_the_rows_and_leaves_the_rollups(
     with plugin.ledger_for(database_url).engine.connect() as conn:
         zones = {row.zone for table in plugin.ROLLUP_TABLES for row in conn.execute(sa.select(table.c.zone))}
     assert zones == {"UTC"}
+
+
+def test_reports_give_the_byok_upstream_spend_only(
+    plugin: types.ModuleType, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OpenRouter fills upstream_inference_cost for non-BYOK calls too; summing it over every row
+    would report more upstream spend than was paid."""
+    records = [make_record(plugin, i, created_at=datetime.now(UTC)) for i in range(40)]
+    write(plugin, database_url, records)
+    code, out = run_cli(plugin, capsys, "report", "--format", "json", "--database-url", database_url)
+    assert code == 0
+    all_time = json.loads(out)["periods"]["all_time"]
+    byok_upstream = sum(r.usage.upstream_cost_pico for r in records if r.usage.is_byok)
+    assert any(r.usage.is_byok for r in records) and any(not r.usage.is_byok for r in records)
+    assert Decimal(all_time["byok_upstream_cost_usd"]) == Decimal(byok_upstream) / 10**12
+    assert "upstream_cost_usd" not in all_time
+
+
+def test_a_bad_since_is_one_line_naming_the_accepted_forms(
+    plugin: types.ModuleType, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(plugin, database_url, [make_record(plugin, 1)])
+    code = plugin.cli_main(["report", "--since", "banana", "--database-url", database_url])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1
+    assert "'banana'" in error and "30d" in error and "YYYY-MM-DD" in error
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(plugin: types.ModuleType, data_dir: Path) -> None:
+    script = shutil.which("openrouter-usage", path=str(Path(sys.executable).parent))
+    assert script
+    write(plugin, plugin.resolve_database_url(""), [make_record(plugin, i) for i in range(3000)])
+    # About 2 MB of JSON: far more than a pipe buffer, so the writer meets the closed pipe (a
+    # report's output shares the same exit path but fits in the buffer, so it cannot be forced).
+    piped = subprocess.run(  # noqa: S602 - the pipe is the point; every part is the test's own
+        f"{script} export | head -c 100 >/dev/null",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATA_DIR": str(data_dir)},
+        timeout=120,
+        check=False,
+    )
+    assert piped.stderr == ""

@@ -135,6 +135,8 @@ def test_a_user_sees_only_their_own_figures(plugin: types.ModuleType, database_u
     text = " ".join(option["label"] for option in options)
     assert f"Today: {plugin.format_usd(sum(r.usage.spend_pico for r in mine))} · 3 requests" in text
     assert "Other" not in text and plugin.format_usd(sum(r.usage.spend_pico for r in theirs)) not in text
+    single = plugin.Filter.UserValves.my_usage_options(__user__={"id": "other"})[0]["label"]
+    assert " · 2 requests · " in single and plugin.count_of(1, "request") == "1 request"
 
 
 def test_breakdowns_sum_to_the_period_total(plugin: types.ModuleType, database_url: str) -> None:
