@@ -2795,26 +2795,27 @@ def render_usage_line(
     chat_spend_pico: int | None = None,
     today_spend_pico: int | None = None,
 ) -> str:
+    """The line Open WebUI shows under the model name, most important first, so a phone's narrow
+    column (which cuts it short) still shows the money: the answer's cost, the chat's total, tokens,
+    time, speed, provider; the model only when it is not the one requested (a router's choice)."""
     usage = record.usage
-    pieces: list[str] = []
-    if parts.model:
-        pieces.append(record.served_model or record.model or "unknown model")
-    if parts.provider and record.provider:
-        pieces.append(record.provider)
-    if parts.tokens:
-        pieces += _token_pieces(usage)
+    pieces: list[str] = [f"failed: {record.error}"] if record.status != "ok" else []
     if parts.cost:
         pieces.append(format_usd(usage.spend_pico) if usage.cost_pico is not None else "cost not reported")
     if parts.chat_total and chat_spend_pico is not None:
         pieces.append(f"chat {format_usd(chat_spend_pico)}")
     if parts.today_total and today_spend_pico is not None:
         pieces.append(f"today {format_usd(today_spend_pico)}")
+    if parts.tokens:
+        pieces += _token_pieces(usage)
     if parts.timing and record.latency_ms is not None:
         pieces.append(f"{record.latency_ms / 1000:.1f} s")
     if parts.speed:
         pieces += _speed_piece(record)
-    if record.status != "ok":
-        pieces.append(f"failed: {record.error}")
+    if parts.provider and record.provider:
+        pieces.append(record.provider)
+    if parts.model and record.served_model and record.served_model != record.model:
+        pieces.append(record.served_model)
     return " · ".join(pieces)
 
 
@@ -3326,7 +3327,20 @@ def print_report(usage_report: UsageReport, by: str, fmt: str, out: Any) -> None
     out.write("\n")
     write_table(periods, ["period", "spend_usd", "requests", "tokens", "failed"], out)
     out.write(f"\nBy {by}, since {since}:\n\n")
-    write_table(breakdown, fields, out)
+    write_table([_as_shown(row) for row in breakdown], fields, out)
+
+
+def _as_shown(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A report row as the tables show money and counts (`$0.0314`, `68,883`); JSON and CSV keep
+    the exact decimals."""
+    return {
+        key: format_usd(usd_to_pico(Decimal(value)))
+        if key.endswith("_usd") and value is not None
+        else format_count(value)
+        if isinstance(value, int) and not isinstance(value, bool)
+        else value
+        for key, value in row.items()
+    }
 
 
 # ══ The filter ════════════════════════════════════════════════════════════════════════════════════
@@ -3368,7 +3382,9 @@ class Settings(BaseModel):
         title="Usage line",
         description="Show the usage line with each answer (above it, under the model name).",
     )
-    line_show_model: bool = Field(default=True, title="Line: model", description="The model that served.")
+    line_show_model: bool = Field(
+        default=True, title="Line: model", description="The model that served, when not the one requested."
+    )
     line_show_provider: bool = Field(default=True, title="Line: provider", description="The provider.")
     line_show_tokens: bool = Field(default=True, title="Line: tokens", description="Tokens in and out.")
     line_show_cost: bool = Field(default=True, title="Line: cost", description="This answer's cost.")

@@ -74,8 +74,9 @@ async def test_every_streamed_usage_shape_is_recorded_exactly(
     assert row["ttft_ms"] is not None and row["latency_ms"] >= row["ttft_ms"]
     assert '"prompt_tokens_details"' in row["usage_json"]
     (line,) = emitter.statuses
-    assert line.startswith("openai/gpt-4o-mini · OpenAI · ")
-    assert plugin.format_usd(row["spend_pico"]) in line
+    # Money first (a phone cuts the line short), provider last, no model: it is the one requested.
+    assert line.startswith(f"{plugin.format_usd(row['spend_pico'])} · chat ") and line.endswith(" · OpenAI")
+    assert "gpt-4o-mini" not in line
     assert emitter.events[0]["data"]["done"] is True
 
 
@@ -414,7 +415,7 @@ async def test_outlet_parses_and_renders_on_the_writer_thread_not_on_the_event_l
         "build_record": "openrouter_usage_writer",
         "render_usage_line": "openrouter_usage_writer",
     }
-    assert len(rows(plugin, url)) == 1 and "openai/gpt-4o-mini" in emitter.statuses[-1]
+    assert len(rows(plugin, url)) == 1 and emitter.statuses[-1].startswith("$")
 
 
 async def test_a_completion_whose_record_cannot_be_built_fails_alone(
@@ -450,3 +451,32 @@ async def test_with_stream_capture_off_open_webui_sees_no_stream_hook_and_the_ou
     assert row["spend_pico"] == spend_of(sim, chunks[0]["id"]) and row["generation_ids"] in ("[]", [], None)
     hook.valves = plugin.Filter.Valves(database_url=url)
     assert callable(getattr(hook, "stream", None)), "switched back on at the next valves Open WebUI sets"
+
+
+def test_the_line_names_the_model_only_when_a_router_chose_another(plugin: types.ModuleType) -> None:
+    usage = plugin.Usage(prompt_tokens=1200, completion_tokens=30, cost_pico=1_500_000_000)
+    routed = plugin.UsageRecord(
+        message_id="m",
+        chat_id="c",
+        user_id="u",
+        user_name="U",
+        generation_ids=("gen-1",),
+        model="openrouter/auto",
+        served_model="anthropic/claude-3.5-sonnet",
+        provider="Anthropic",
+        usage=usage,
+        status="ok",
+        error="",
+        latency_ms=2000,
+        ttft_ms=500,
+        raw_usage=None,
+        created_at=plugin.datetime.now(plugin.UTC),
+    )
+    parts = plugin.LineParts()
+    line = plugin.render_usage_line(parts, routed, 3_000_000_000)
+    assert line == (
+        "$0.0015 · chat $0.0030 · 1,200 in · 30 out · 2.0 s · 20 tok/s · Anthropic"
+        " · anthropic/claude-3.5-sonnet"
+    )
+    asked = plugin.dataclasses.replace(routed, model="anthropic/claude-3.5-sonnet")
+    assert "claude" not in plugin.render_usage_line(parts, asked, 3_000_000_000)

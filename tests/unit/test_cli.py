@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,3 +266,18 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(plugin: types.ModuleTyp
         check=False,
     )
     assert piped.stderr == ""
+
+
+def test_report_tables_show_money_and_counts_as_the_summary_does(
+    plugin: types.ModuleType, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(plugin, database_url, [make_record(plugin, i, created_at=datetime.now(UTC)) for i in range(30)])
+    code, out = run_cli(plugin, capsys, "report", "--by", "user", "--database-url", database_url)
+    assert code == 0
+    breakdown = out.split("By user")[1].splitlines()[4:]
+    assert breakdown and all("$" in line for line in breakdown)
+    assert all(re.search(r"\d,\d{3}", line) for line in breakdown), "token counts with thousands separators"
+    code, out = run_cli(
+        plugin, capsys, "report", "--by", "user", "--format", "json", "--database-url", database_url
+    )
+    assert "$" not in out and re.search(r'"spend_usd": "0\.\d+"', out), "JSON keeps exact decimals"
