@@ -2606,8 +2606,9 @@ def _period_totals(conn: sa.Connection, zone: str, first_day: str | None) -> Tot
 
 def render_report_markdown(report: UsageReport) -> str:
     zone = ZoneInfo(report.timezone)
+    generated = f"{report.generated_at.astimezone(zone):%Y-%m-%d %H:%M} {report.timezone}"
     lines = [
-        f"Generated {report.generated_at.astimezone(zone):%Y-%m-%d %H:%M} {report.timezone}.",
+        f"Read-only, computed when this panel opens: {generated}.",
         "",
         "| Period | Spend | Requests | Tokens | Failed |",
         "|---|--:|--:|--:|--:|",
@@ -3706,7 +3707,7 @@ class Filter:
     class Valves(Settings):
         usage_report: str = Field(
             default="",
-            title="Usage report (read-only: computed each time this panel opens)",
+            title="Usage report",  # short: a phone's panel squeezes the Default button beside it
             json_schema_extra=_admin_report_schema,
         )
         bulk_sync: bool = Field(

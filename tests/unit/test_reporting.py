@@ -107,7 +107,7 @@ def test_the_panel_report_follows_the_saved_valves(plugin: types.ModuleType, dat
     plugin.Filter.Valves(database_url=url, report_rows=3)  # what Open WebUI builds on save and per hook
     description = plugin.Filter.Valves.model_json_schema()["properties"]["usage_report"]["description"]
     assert (
-        description.startswith("Generated ")
+        description.startswith("Read-only, computed when this panel opens: ")
         and "| Today |" in description
         and "custom.sqlite3" in description
     )
@@ -147,3 +147,10 @@ def test_breakdowns_sum_to_the_period_total(plugin: types.ModuleType, database_u
     for by in ("user", "model", "day", "provider"):
         rows = plugin.build_usage_report(ledger, None, 10, now=NOW, breakdown=(by, "30d")).breakdown
         assert sum(Decimal(row["spend_usd"]) for row in rows) * 10**12 == expected
+
+
+def test_valve_titles_are_short_enough_for_a_phone(plugin: types.ModuleType) -> None:
+    """At 390 px Open WebUI squeezes a long title's Default button ("Defa/ult")."""
+    for model in (plugin.Filter.Valves, plugin.Filter.UserValves):
+        titles = {name: field.title or name for name, field in model.model_fields.items()}
+        assert all(len(title) <= 24 for title in titles.values()), titles
