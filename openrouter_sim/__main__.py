@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="how long /generation answers 404 after a generation finished (default: 0)",
     )
+    parser.add_argument(
+        "--cancelled-ready-extra-ms",
+        type=float,
+        default=250.0,
+        help="how much longer /generation answers 404 after a stream the client broke off (default: 250)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     args = parser.parse_args(argv)
 
@@ -36,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         chunk_delay_s=args.chunk_delay_ms / 1000,
         generation_ready_after_s=args.generation_ready_after_ms / 1000,
+        cancelled_ready_extra_s=args.cancelled_ready_extra_ms / 1000,
     )
     done = threading.Event()
 

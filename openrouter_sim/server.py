@@ -4,7 +4,9 @@ It reproduces the parts of the wire format that usage accounting depends on: the
 (with exact decimal money literals), the three shapes in which a stream reports usage, mid-stream
 and pre-stream errors, the ``/generation`` lookup with its "not found yet" window, ``/key`` and the
 models list.  Behaviour is chosen per request by ``[sim:...]`` directives in the last user message;
-see :func:`parse_directives`.
+see :func:`parse_directives`.  Tests steer the lookups (``/generation``, ``/key``) of a running
+simulator through :class:`OpenRouterSimulator`'s methods: injected :class:`LookupFault` answers,
+rejected keys, extra billing, a key limit, and a count of successful lookups.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ import logging
 import math
 import re
 import secrets
+import select
 import socket
 import string
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Final, Self, cast
+from typing import Any, Final, Literal, Self, cast
 from urllib.parse import parse_qsl, urlsplit
 
 __all__ = [
@@ -36,6 +41,10 @@ __all__ = [
     "MODELS",
     "Directives",
     "GenerationRecord",
+    "KeyLimitReset",
+    "LookupEndpoint",
+    "LookupFault",
+    "LookupFaultKind",
     "ModelInfo",
     "OpenRouterSimulator",
     "RecordedRequest",
@@ -284,6 +293,7 @@ class Directives:
     null_cost: bool = False
     no_usage: bool = False
     delay_ms: int | None = None
+    bill_extra: Decimal = Decimal(0)
 
 
 _DIRECTIVE_RE: Final = re.compile(r"\[sim:([a-z][a-z0-9_-]*)(?:=([^\]\s]*))?\]", re.IGNORECASE)
@@ -300,6 +310,7 @@ _COUNT_DIRECTIVES: Final = {
     "reasoning": "reasoning",
     "delay-ms": "delay_ms",
 }
+_USD_RE: Final = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def parse_directives(text: str) -> Directives:
@@ -308,8 +319,10 @@ def parse_directives(text: str) -> Directives:
     Supported: ``shape=A|B|C``, ``byok``, ``midstream-error[=code]`` (int or string code, default
     502), ``midstream-error-usage`` (implies ``midstream-error``), ``error=<http status>``,
     ``tool-call``, ``chunks=N``, ``cached=N``, ``cache-write=N``, ``reasoning=N``, ``null-cost``,
-    ``no-usage``, ``delay-ms=N``. Unknown names and malformed values are ignored (and logged);
-    when a name repeats, the last one wins.
+    ``no-usage``, ``delay-ms=N``, ``bill-extra=USD`` (a plain decimal such as ``0.0001``, may be
+    negative: ``/generation`` and ``/key`` then bill that much more than the ``usage.cost`` sent on
+    the wire, which stays as it would be). Unknown names and malformed values are ignored (and
+    logged); when a name repeats, the last one wins.
     """
     values: dict[str, Any] = {}
     for match in _DIRECTIVE_RE.finditer(text):
@@ -330,6 +343,8 @@ def parse_directives(text: str) -> Directives:
             values["error"] = int(raw)
         elif name in _COUNT_DIRECTIVES and raw is not None and raw.isdigit():
             values[_COUNT_DIRECTIVES[name]] = int(raw)
+        elif name == "bill-extra" and raw is not None and _USD_RE.fullmatch(raw):
+            values["bill_extra"] = Decimal(raw)
         else:
             log.warning("ignoring unrecognised simulator directive %r", match.group(0))
     return Directives(**values)
@@ -556,7 +571,11 @@ class GenerationRecord:
 
     ``usage`` is the exact usage object sent on the wire (``{}`` if none was sent: ``no-usage``,
     a mid-stream error without usage, a cancelled stream); ``cost`` and
-    ``upstream_inference_cost`` are what ``/generation`` reports.
+    ``upstream_inference_cost`` are what ``/generation`` reports. ``cost`` includes
+    ``bill_extra`` (``[sim:bill-extra=...]`` or :meth:`OpenRouterSimulator.add_to_bill`): what
+    OpenRouter billed beyond the wire's ``usage.cost``. A cancelled stream is billed for its prompt
+    and for the completion tokens streamed before the client went away. ``api_key`` is the key the
+    request carried; ``/key`` sums the generations of the key it is asked with.
     """
 
     id: str
@@ -584,6 +603,8 @@ class GenerationRecord:
     latency_ms: int = 0
     generation_time_ms: int = 0
     request_headers: dict[str, str] = field(default_factory=dict)
+    api_key: str | None = None
+    bill_extra: Decimal = Decimal(0)
 
     @property
     def spend(self) -> Decimal:
@@ -593,6 +614,81 @@ class GenerationRecord:
         if self.is_byok and self.upstream_inference_cost is not None:
             return cost + self.upstream_inference_cost
         return cost
+
+
+LookupEndpoint = Literal["generation", "key"]
+
+
+class LookupFaultKind(StrEnum):
+    HTTP_ERROR = "http-error"  # an error status with OpenRouter's error body
+    SLOW = "slow"  # wait, then answer normally unless the client has given up meanwhile
+    NOT_JSON = "not-json"  # 200, Content-Type application/json, a truncated JSON body
+    NO_DATA = "no-data"  # 200 with the JSON object ``{}``: no ``data`` member
+
+
+# OpenRouter's messages (the spec's examples); other statuses get "Upstream error <status>".
+_FAULT_MESSAGES: Final = {
+    429: "Rate limit exceeded",
+    500: "Internal Server Error",
+    502: "Provider returned error",
+    503: "Service Unavailable",
+    524: "Request timed out. Please try again later.",
+    529: "Provider returned error",
+}
+
+
+@dataclass(frozen=True)
+class LookupFault:
+    """One injected answer to a lookup request; see :meth:`OpenRouterSimulator.inject_lookup_faults`.
+
+    Build it with a class method: :meth:`rate_limited` (429 with ``Retry-After``),
+    :meth:`server_error` (500, 502, 503 or any other 5xx), :meth:`slow` (answer after
+    ``delay_s``, so that a client timeout fires first), :meth:`not_json`, :meth:`without_data`.
+    """
+
+    kind: LookupFaultKind
+    status: int = 200
+    retry_after_s: int | None = None
+    delay_s: float = 0.0
+
+    @classmethod
+    def rate_limited(cls, retry_after_s: int = 1) -> Self:
+        """HTTP 429 ``Rate limit exceeded`` with ``Retry-After: <retry_after_s>`` (seconds)."""
+        if retry_after_s < 0:
+            raise ValueError("retry_after_s must not be negative")
+        return cls(LookupFaultKind.HTTP_ERROR, 429, retry_after_s=retry_after_s)
+
+    @classmethod
+    def server_error(cls, status: int = 500) -> Self:
+        """HTTP ``status`` (a 5xx) with OpenRouter's error body."""
+        if not 500 <= status <= 599:
+            raise ValueError(f"a server error is a 5xx status, not {status}")
+        return cls(LookupFaultKind.HTTP_ERROR, status)
+
+    @classmethod
+    def slow(cls, delay_s: float) -> Self:
+        """Answer normally after ``delay_s`` seconds; nothing at all if the client hung up meanwhile."""
+        if delay_s < 0:
+            raise ValueError("delay_s must not be negative")
+        return cls(LookupFaultKind.SLOW, delay_s=delay_s)
+
+    @classmethod
+    def not_json(cls) -> Self:
+        """HTTP 200 whose body is the first half of the real JSON answer: it does not parse."""
+        return cls(LookupFaultKind.NOT_JSON)
+
+    @classmethod
+    def without_data(cls) -> Self:
+        """HTTP 200 with the valid JSON ``{}``: no ``data`` member."""
+        return cls(LookupFaultKind.NO_DATA)
+
+
+def _bearer_token(header: str) -> str | None:
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,7 +811,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        data = to_json(payload).encode("utf-8")
+        self._send_body(status, to_json(payload).encode("utf-8"), headers)
+
+    def _send_body(self, status: int, data: bytes, headers: Mapping[str, str] | None = None) -> None:
+        """Send ``data`` as an ``application/json`` answer (even when it does not parse)."""
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -733,24 +832,19 @@ class _Handler(BaseHTTPRequestHandler):
         message: str,
         metadata: Mapping[str, Any] | None = None,
         *,
-        retry_after: bool = False,
+        retry_after_s: int | None = None,
     ) -> None:
         error: dict[str, Any] = {"code": status, "message": message}
         if metadata:
             error["metadata"] = dict(metadata)
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry_after else None
+        headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
         self._send_json(status, {"error": error}, headers)
 
     def _not_found(self) -> None:
         self._send_json(404, {"error": {"message": "Not Found", "code": 404}})
 
     def _api_key(self) -> str | None:
-        header = self.headers.get("Authorization", "")
-        scheme, _, token = header.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return None
-        return token
+        return _bearer_token(self.headers.get("Authorization", ""))
 
     def _require_key(self) -> str | None:
         key = self._api_key()
@@ -760,7 +854,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---- dispatch -------------------------------------------------------------------------
 
-    def _dispatch(self) -> None:  # noqa: C901, PLR0912 (the route table)
+    def _dispatch(self) -> None:  # noqa: C901, PLR0912, PLR0915 (the route table)
         started = time.time()
         self._status, self._headers_sent, self._note = 0, False, ""
         split = urlsplit(self.path)
@@ -791,7 +885,10 @@ class _Handler(BaseHTTPRequestHandler):
             RecordedRequest(self.command, path, query, headers, body, task, received_at=started)
         )
         try:
-            if is_chat:
+            rejection = self.sim._rejection(self._api_key())
+            if rejection is not None:
+                self._send_error(*rejection)
+            elif is_chat:
                 self._chat(body, headers, task, body_ok=body_ok)
             elif read and route == f"{API_PREFIX}/models":
                 self._send_json(200, _models_payload())
@@ -828,21 +925,74 @@ class _Handler(BaseHTTPRequestHandler):
     def _generation(self, query: Mapping[str, str]) -> None:
         if self._require_key() is None:
             return
+        fault = self._take_fault("generation")
+        if fault is not None and fault.kind is LookupFaultKind.HTTP_ERROR:
+            return
         gen_id = query.get("id", "")
         if not gen_id:
-            self._send_error(400, "Missing required query parameter: id")
+            missing = {"error": {"code": 400, "message": "Missing required query parameter: id"}}
+            self._answer_lookup(400, missing, fault)
             return
         record = self.sim._ready_generation(gen_id)
         if record is None:
-            self._send_json(404, {"error": {"message": "Generation not found", "code": 404}})
-            return
-        self._send_json(200, {"data": _generation_payload(record)})
+            self._answer_lookup(404, {"error": {"message": "Generation not found", "code": 404}}, fault)
+        else:
+            self._answer_lookup(200, {"data": _generation_payload(record)}, fault, counted_id=gen_id)
 
     def _key(self) -> None:
         key = self._require_key()
         if key is None:
             return
-        self._send_json(200, {"data": _key_payload(key, self.sim.generations.values())})
+        fault = self._take_fault("key")
+        if fault is not None and fault.kind is LookupFaultKind.HTTP_ERROR:
+            return
+        sim = self.sim
+        payload = _key_payload(key, sim._key_generations(key), sim.key_limit, sim.key_limit_reset)
+        self._answer_lookup(200, {"data": payload}, fault)
+
+    def _take_fault(self, endpoint: LookupEndpoint) -> LookupFault | None:
+        """The next injected fault for ``endpoint``; an HTTP error is answered here, a slow answer
+        waits here (and ends the request when the client hung up meanwhile)."""
+        fault = self.sim._next_lookup_fault(endpoint)
+        if fault is None:
+            return None
+        self._note += f" fault={fault.kind}"
+        if fault.kind is LookupFaultKind.HTTP_ERROR:
+            message = _FAULT_MESSAGES.get(fault.status, f"Upstream error {fault.status}")
+            self._send_error(fault.status, message, retry_after_s=fault.retry_after_s)
+        elif fault.kind is LookupFaultKind.SLOW:
+            self._pause(fault.delay_s)
+            if self._peer_closed():
+                raise _ClientGoneError("the client gave up on a slow lookup")
+        return fault
+
+    def _answer_lookup(
+        self, status: int, payload: Any, fault: LookupFault | None, counted_id: str | None = None
+    ) -> None:
+        """Send a lookup's answer, garbled as ``fault`` says. A genuine 200 for ``counted_id`` is
+        counted before it is sent, so that a client that has read it also sees it counted."""
+        if fault is not None and fault.kind is LookupFaultKind.NOT_JSON:
+            text = to_json(payload).encode("utf-8")
+            self._send_body(200, text[: len(text) // 2])
+        elif fault is not None and fault.kind is LookupFaultKind.NO_DATA:
+            self._send_json(200, {})
+        elif counted_id is None or status != 200:
+            self._send_json(status, payload)
+        else:
+            self.sim._count_successful_lookup(counted_id)
+            try:
+                self._send_json(status, payload)
+            except OSError:
+                self.sim._count_successful_lookup(counted_id, -1)
+                raise
+
+    def _peer_closed(self) -> bool:
+        """Whether the client closed the connection (a client timeout does) while we waited."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _chat(self, body: Any, headers: dict[str, str], task: str | None, *, body_ok: bool) -> None:
         if self._require_key() is None:
@@ -883,7 +1033,8 @@ class _Handler(BaseHTTPRequestHandler):
         meta: dict[str, Any] = {}
         for key, value in metadata.items():
             meta[key] = value.format(**fill) if isinstance(value, str) else value
-        self._send_error(status, message.format(**fill), meta or None, retry_after=status == 429)
+        retry_after_s = RETRY_AFTER_SECONDS if status == 429 else None
+        self._send_error(status, message.format(**fill), meta or None, retry_after_s=retry_after_s)
 
     # ---- chat: non-streaming --------------------------------------------------------------
 
@@ -953,7 +1104,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self._status, self._headers_sent = 200, True
         d = plan.directives
-        sent: list[str] = []  # content streamed so far
+        sent: list[str] = []  # content (or tool-call name and arguments) streamed so far
+        reasoning_sent: list[str] = []
         first_token_at: list[float] = []
 
         def emit(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> None:
@@ -973,9 +1125,10 @@ class _Handler(BaseHTTPRequestHandler):
             for piece in plan.reasoning_chunks:
                 self._pause(delay)
                 emit({"role": "assistant", "content": "", "reasoning": piece})
+                reasoning_sent.append(piece)
 
             if plan.tool_call is not None:
-                self._stream_tool_call(plan, emit, delay)
+                self._stream_tool_call(plan, emit, delay, sent)
             else:
                 limit = plan.error_after if d.midstream_error else len(plan.content_chunks)
                 for piece in plan.content_chunks[:limit]:
@@ -1028,19 +1181,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._finish_stream()
         except _ClientGoneError:
             if not self.sim.has_generation(plan.gen_id):
-                if plan.tool_call is not None:
-                    partial_tokens = 0
-                else:
-                    partial_tokens = count_tokens("".join(sent)) + (
-                        plan.reasoning_tokens if first_token_at else 0
-                    )
+                # Billed like any generation: the whole prompt, and what was streamed before the
+                # client went away (OpenRouter stops the provider there).
                 record = plan.record(
-                    None, partial_tokens, None, None, headers, started, first_token_at, cancelled=True
+                    None,
+                    plan.streamed_tokens(sent, reasoning_sent),
+                    None,
+                    None,
+                    headers,
+                    started,
+                    first_token_at,
+                    cancelled=True,
                 )
                 self.sim._store_generation(record)
             raise
 
-    def _stream_tool_call(self, plan: _Plan, emit: Callable[..., None], delay: float) -> None:
+    def _stream_tool_call(
+        self, plan: _Plan, emit: Callable[..., None], delay: float, sent: list[str]
+    ) -> None:
         call = plan.tool_call
         if call is None:
             raise AssertionError("a tool-call plan always has a tool call")
@@ -1048,6 +1206,7 @@ class _Handler(BaseHTTPRequestHandler):
         first = {"index": 0, "id": call["id"], "type": "function"}
         first["function"] = {"name": call["function"]["name"], "arguments": ""}
         emit({"role": "assistant", "content": None, "tool_calls": [first]})
+        sent.append(call["function"]["name"])
         for piece in _split_chars(call["function"]["arguments"], 16):
             self._pause(delay)
             emit(
@@ -1057,6 +1216,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "tool_calls": [{"index": 0, "function": {"arguments": piece}}],
                 }
             )
+            sent.append(piece)
 
     def _finish_stream(self) -> None:
         self._write_chunk(b"data: [DONE]\n\n")
@@ -1186,6 +1346,14 @@ class _Plan:
             message = "Provider disconnected unexpectedly: stream terminated"
         return {"code": code, "message": message}
 
+    def streamed_tokens(self, sent: list[str], reasoning_sent: list[str]) -> int:
+        """Completion tokens of a stream broken off after ``sent`` (and ``reasoning_sent``) went out."""
+        if len(reasoning_sent) == len(self.reasoning_chunks):
+            reasoning = self.reasoning_tokens if reasoning_sent else 0
+        else:
+            reasoning = count_tokens("".join(reasoning_sent))
+        return count_tokens("".join(sent)) + reasoning
+
     def charge(self, completion_tokens: int) -> Charge:
         return compute_charge(
             self.model, self.prompt_tokens, completion_tokens, self.cached, self.cache_write
@@ -1249,6 +1417,9 @@ class _Plan:
         cost, upstream, charge = self.money(completion_tokens, billed=billed)
         if usage is not None and usage.get("cost") is None:
             cost, upstream = None, None  # null-cost: what was sent is what is recorded
+        extra = self.directives.bill_extra
+        if extra:
+            cost = (cost or Decimal(0)) + extra
         now = time.time()
         first = first_token_at[0] if first_token_at else now
         return GenerationRecord(
@@ -1277,6 +1448,8 @@ class _Plan:
             latency_ms=round((first - started) * 1000),
             generation_time_ms=round((now - started) * 1000),
             request_headers=dict(headers),
+            api_key=_bearer_token(headers.get("authorization", "")),
+            bill_extra=extra,
         )
 
 
@@ -1516,7 +1689,26 @@ def _generation_payload(r: GenerationRecord) -> dict[str, Any]:
     }
 
 
-def _key_payload(key: str, generations: Iterable[GenerationRecord]) -> dict[str, Any]:
+KeyLimitReset = Literal["daily", "weekly", "monthly"]
+_RESET_SUFFIX: Final[dict[str | None, str]] = {
+    None: "",
+    "daily": "_daily",
+    "weekly": "_weekly",
+    "monthly": "_monthly",
+}
+
+
+def _key_payload(
+    key: str,
+    generations: Iterable[GenerationRecord],
+    limit: Decimal | None = None,
+    limit_reset: KeyLimitReset | None = None,
+) -> dict[str, Any]:
+    """``/key``'s ``data`` for ``key``, summing ``generations`` (the caller passes that key's).
+
+    ``limit_remaining`` is ``limit`` minus the usage of the window ``limit_reset`` names (all time
+    when it is None), BYOK excluded as ``include_byok_in_limit: false`` says; it is not clamped.
+    """
     now = datetime.now(UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     week = day - timedelta(days=day.weekday())
@@ -1530,11 +1722,12 @@ def _key_payload(key: str, generations: Iterable[GenerationRecord]) -> dict[str,
                 if g.is_byok:
                     sums[f"byok_usage{suffix}"] += g.upstream_inference_cost or Decimal(0)
     label = f"{key[:12]}...{key[-3:]}" if len(key) > 15 else f"{key[:3]}..."
+    remaining = None if limit is None else limit - sums["usage" + _RESET_SUFFIX[limit_reset]]
     return {
         "label": label,
-        "limit": None,
-        "limit_remaining": None,
-        "limit_reset": None,
+        "limit": limit,
+        "limit_remaining": remaining,
+        "limit_reset": limit_reset,
         "include_byok_in_limit": False,
         "is_free_tier": False,
         "is_management_key": False,
@@ -1566,25 +1759,47 @@ _PATHS_LOCK = threading.Lock()
 class OpenRouterSimulator:
     """An OpenRouter API simulator serving on loopback from a daemon thread.
 
-    ``chunk_delay_s`` (pause between stream events) and ``generation_ready_after_s`` (how long
-    ``/generation`` answers 404 after a generation completed) are plain attributes, read per
-    request, so tests may change them on a running simulator.
+    Plain attributes, read per request, so tests may change them on a running simulator:
+
+    * ``chunk_delay_s``: pause between stream events.
+    * ``generation_ready_after_s``: how long ``/generation`` answers 404 after a generation
+      completed; ``cancelled_ready_extra_s`` more after a stream the client broke off.
+    * ``key_limit`` (USD) and ``key_limit_reset`` (``"daily"``, ``"weekly"``, ``"monthly"`` or
+      None): ``/key``'s ``limit`` and ``limit_reset``; ``limit_remaining`` follows from them.
+
+    Methods steer the lookups (``GET /generation`` and ``GET /key``), all thread-safe:
+    :meth:`inject_lookup_faults` queues :class:`LookupFault` answers, :meth:`reject_key` makes
+    every endpoint refuse a key, :meth:`add_to_bill` bills a generation differently from its wire
+    usage, :meth:`successful_lookups` counts the 200 answers ``/generation`` gave per id.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (each is a documented knob with a default)
         self,
         host: str = "127.0.0.1",
         port: int = 0,
         chunk_delay_s: float = 0.0,
         generation_ready_after_s: float = 0.0,
+        *,
+        cancelled_ready_extra_s: float = 0.25,
+        key_limit: Decimal | None = None,
+        key_limit_reset: KeyLimitReset | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.chunk_delay_s = chunk_delay_s
         self.generation_ready_after_s = generation_ready_after_s
+        self.cancelled_ready_extra_s = cancelled_ready_extra_s
+        self.key_limit = key_limit
+        self.key_limit_reset = key_limit_reset
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._generations: dict[str, GenerationRecord] = {}
+        self._lookup_faults: dict[LookupEndpoint, deque[LookupFault]] = {
+            "generation": deque(),
+            "key": deque(),
+        }
+        self._rejected_keys: dict[str, tuple[int, str]] = {}
+        self._successful_lookups: Counter[str] = Counter()
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._server: _SimHTTPServer | None = None
@@ -1654,9 +1869,57 @@ class OpenRouterSimulator:
             return gen_id in self._generations
 
     def clear(self) -> None:
+        """Forget requests, generations, queued faults and lookup counts (rejected keys stay)."""
         with self._lock:
             self._requests.clear()
             self._generations.clear()
+            for faults in self._lookup_faults.values():
+                faults.clear()
+            self._successful_lookups.clear()
+
+    # ---- steering the lookups -------------------------------------------------------------
+
+    def inject_lookup_faults(self, *faults: LookupFault, endpoint: LookupEndpoint = "generation") -> None:
+        """Queue ``faults`` for ``endpoint``; each authenticated request to it takes the next one.
+
+        ``/generation`` and ``/key`` have separate queues. A request that finds its queue empty is
+        answered normally. Requests without a key or with a rejected key take no fault.
+        """
+        with self._lock:
+            self._lookup_faults[endpoint].extend(faults)
+
+    def pending_lookup_faults(self, endpoint: LookupEndpoint = "generation") -> int:
+        """How many injected faults ``endpoint`` has not used yet."""
+        with self._lock:
+            return len(self._lookup_faults[endpoint])
+
+    def reject_key(self, key: str, status: Literal[401, 403] = 401, message: str | None = None) -> None:
+        """Answer every request carrying ``key``, on every endpoint, with ``status`` and
+        OpenRouter's error body (default messages ``User not found.`` / ``Key limit exceeded``)."""
+        default = "User not found." if status == 401 else "Key limit exceeded"
+        with self._lock:
+            self._rejected_keys[key] = (status, message or default)
+
+    def accept_key(self, key: str) -> None:
+        """Undo :meth:`reject_key`."""
+        with self._lock:
+            self._rejected_keys.pop(key, None)
+
+    def add_to_bill(self, gen_id: str, extra_usd: Decimal) -> None:
+        """Bill generation ``gen_id`` ``extra_usd`` more in ``/generation`` and ``/key`` than its
+        wire ``usage.cost`` said (like ``[sim:bill-extra=...]``); raises KeyError for an unknown id."""
+        with self._lock:
+            record = self._generations[gen_id]
+            self._generations[gen_id] = replace(
+                record,
+                cost=(record.cost or Decimal(0)) + extra_usd,
+                bill_extra=record.bill_extra + extra_usd,
+            )
+
+    def successful_lookups(self) -> dict[str, int]:
+        """Per generation id, how many ``/generation`` requests got a 200 answer with its data."""
+        with self._lock:
+            return dict(self._successful_lookups)
 
     # ---- used by the handler --------------------------------------------------------------
 
@@ -1681,6 +1944,28 @@ class OpenRouterSimulator:
     def _ready_generation(self, gen_id: str) -> GenerationRecord | None:
         with self._lock:
             record = self._generations.get(gen_id)
-        if record is None or time.time() < record.completed_at + self.generation_ready_after_s:
+        if record is None:
             return None
-        return record
+        wait = self.generation_ready_after_s + (self.cancelled_ready_extra_s if record.cancelled else 0.0)
+        return None if time.time() < record.completed_at + wait else record
+
+    def _key_generations(self, key: str) -> list[GenerationRecord]:
+        with self._lock:
+            return [g for g in self._generations.values() if g.api_key == key]
+
+    def _next_lookup_fault(self, endpoint: LookupEndpoint) -> LookupFault | None:
+        with self._lock:
+            faults = self._lookup_faults[endpoint]
+            return faults.popleft() if faults else None
+
+    def _rejection(self, key: str | None) -> tuple[int, str] | None:
+        if key is None:
+            return None
+        with self._lock:
+            return self._rejected_keys.get(key)
+
+    def _count_successful_lookup(self, gen_id: str, step: Literal[1, -1] = 1) -> None:
+        with self._lock:
+            self._successful_lookups[gen_id] += step
+            if not self._successful_lookups[gen_id]:
+                del self._successful_lookups[gen_id]

@@ -26,6 +26,8 @@ from openrouter_sim import (
     MODELS,
     Directives,
     GenerationRecord,
+    LookupFault,
+    LookupFaultKind,
     OpenRouterSimulator,
     RecordedRequest,
     detect_task,
@@ -431,7 +433,7 @@ def test_non_streaming_completion(client: httpx.Client, sim: OpenRouterSimulator
     assert usage["completion_tokens_details"] == {"reasoning_tokens": 0, "image_tokens": 0, "audio_tokens": 0}
     # money is written as exact plain decimal literals
     assert f'"cost":{format_decimal(usage["cost"])},' in raw
-    assert not re.search(r"\d[eE][-+]?\d", raw)
+    assert not re.search(r"[:,\[]-?\d+(?:\.\d+)?[eE][-+]?\d", raw)
 
     record = sim.generations[payload["id"]]
     assert isinstance(record, GenerationRecord)
@@ -463,7 +465,7 @@ def test_exact_decimals_that_floats_would_round(client: httpx.Client) -> None:
     assert usage["cost"] == provider * BYOK_FEE_RATE
     assert f'"cost":{format_decimal(provider * BYOK_FEE_RATE)},' in raw
     assert f'"upstream_inference_cost":{format_decimal(provider)},' in raw
-    assert not re.search(r"\d[eE][-+]?\d", raw)
+    assert not re.search(r"[:,\[]-?\d+(?:\.\d+)?[eE][-+]?\d", raw)
 
 
 def test_deterministic_answers_and_usage(client: httpx.Client) -> None:
@@ -857,13 +859,15 @@ def test_list_content_and_last_user_message(client: httpx.Client) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_cancelled_stream_is_recorded(sim: OpenRouterSimulator) -> None:
+def test_cancelled_stream_is_recorded_and_billed_for_what_was_streamed(
+    sim: OpenRouterSimulator, client: httpx.Client, validate: Validate
+) -> None:
     sim.chunk_delay_s = 0.02
+    sim.cancelled_ready_extra_s = 0.5
+    text = "long [sim:chunks=200]"
     with (
         httpx.Client(base_url=sim.base_url, headers=AUTH, verify=_TLS) as c,
-        c.stream(
-            "POST", "/chat/completions", json=chat_body("long [sim:chunks=200]", stream=True)
-        ) as response,
+        c.stream("POST", "/chat/completions", json=chat_body(text, stream=True)) as response,
     ):
         gen_id = response.headers["X-Generation-Id"]
         for line in response.iter_lines():
@@ -875,6 +879,58 @@ def test_cancelled_stream_is_recorded(sim: OpenRouterSimulator) -> None:
     record = sim.generations[gen_id]
     assert record.cancelled is True and record.finish_reason is None and record.usage == {}
     assert 0 < record.completion_tokens < 200
+    # a partial bill, priced like any generation: the whole prompt and the tokens streamed
+    prompt_cost, completion_cost = expected_charge(
+        "openai/gpt-4o-mini", prompt_tokens_of(text), record.completion_tokens
+    )
+    assert record.prompt_tokens == prompt_tokens_of(text)
+    assert record.cost == record.spend == prompt_cost + completion_cost > 0
+
+    # /generation takes cancelled_ready_extra_s longer for it than for a finished generation
+    finished_id = client.post("/chat/completions", json=chat_body("short")).json()["id"]
+    assert client.get("/generation", params={"id": finished_id}).status_code == 200
+    assert client.get("/generation", params={"id": gen_id}).status_code == 404
+    time.sleep(max(0.0, record.completed_at + 0.52 - time.time()))
+    found = client.get("/generation", params={"id": gen_id})
+    assert found.status_code == 200
+    payload = loads(found.text)
+    validate(_schema("GenerationResponse"), payload)
+    data = payload["data"]
+    assert data["cancelled"] is True and data["streamed"] is True and data["finish_reason"] is None
+    assert data["total_cost"] == data["usage"] == record.cost
+    assert data["tokens_prompt"] == record.prompt_tokens
+    assert data["tokens_completion"] == record.completion_tokens
+
+
+def test_cancelled_tool_call_and_reasoning_streams_bill_what_was_streamed(sim: OpenRouterSimulator) -> None:
+    sim.chunk_delay_s = 0.02
+
+    def break_off(body: Json, stop_at: str) -> GenerationRecord:
+        with (
+            httpx.Client(base_url=sim.base_url, headers=AUTH, verify=_TLS) as c,
+            c.stream("POST", "/chat/completions", json=body) as response,
+        ):
+            gen_id = response.headers["X-Generation-Id"]
+            for line in response.iter_lines():
+                if stop_at in line:
+                    break
+        deadline = time.monotonic() + 3
+        while gen_id not in sim.generations and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return sim.generations[gen_id]
+
+    tool_body = chat_body("Weather? [sim:tool-call]", stream=True, tools=[WEATHER_TOOL])
+    tool = break_off(tool_body, '"name":"get_weather"')
+    assert tool.cancelled and tool.completion_tokens >= math.ceil(len("get_weather") / 4)
+    think = chat_body("Think [sim:chunks=100]", model="deepseek/deepseek-r1", stream=True)
+    reasoning = break_off(think, '"reasoning":"')
+    sim.chunk_delay_s = 0.0  # (a non-streamed answer waits the delay of every chunk)
+    planned = httpx.post(
+        f"{sim.base_url}/chat/completions", json={**think, "stream": False}, headers=AUTH, verify=_TLS
+    ).json()["usage"]["completion_tokens_details"]["reasoning_tokens"]
+    # part of the reasoning went out: its tokens are billed, not the whole planned reasoning
+    assert reasoning.cancelled and 0 < reasoning.completion_tokens < planned
+    assert reasoning.cost == reasoning.spend > 0
 
 
 def test_lifecycle_snapshots_and_clear() -> None:
@@ -937,3 +993,255 @@ def test_head_requests_are_recorded(client: httpx.Client, sim: OpenRouterSimulat
         ("HEAD", "/api/v1/models"),
         ("HEAD", "/api/v1/generations"),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# lookups steered by tests: faults, rejected keys, billing, /key, lookup counts
+# --------------------------------------------------------------------------------------------
+
+
+def test_injected_lookup_faults_are_used_one_per_request(
+    client: httpx.Client, sim: OpenRouterSimulator, validate: Validate
+) -> None:
+    gen_id = client.post("/chat/completions", json=chat_body("look me up")).json()["id"]
+    sim.inject_lookup_faults(
+        LookupFault.rate_limited(retry_after_s=7),
+        LookupFault.server_error(),
+        LookupFault.server_error(502),
+        LookupFault.server_error(503),
+        LookupFault.not_json(),
+        LookupFault.without_data(),
+    )
+    assert sim.pending_lookup_faults() == 6 and sim.pending_lookup_faults("key") == 0
+
+    def lookup() -> httpx.Response:
+        return client.get("/generation", params={"id": gen_id})
+
+    limited = lookup()
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "7"
+    assert limited.json() == {"error": {"code": 429, "message": "Rate limit exceeded"}}
+    validate(_response_schema("/generation", "429"), limited.json())
+    for status in (500, 502, 503):
+        failed = lookup()
+        assert failed.status_code == status and "Retry-After" not in failed.headers
+        assert failed.json()["error"]["code"] == status and failed.json()["error"]["message"]
+        if status != 503:  # the spec lists no 503 for /generation
+            validate(_response_schema("/generation", str(status)), failed.json())
+    garbled = lookup()
+    assert garbled.status_code == 200 and garbled.headers["content-type"] == "application/json"
+    assert garbled.text.startswith('{"data":{')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(garbled.text)
+    empty = lookup()
+    assert empty.status_code == 200 and empty.json() == {}
+    assert sim.successful_lookups() == {}  # none of those was a usable answer
+    assert sim.pending_lookup_faults() == 0
+    assert lookup().status_code == 200 and lookup().status_code == 200
+    assert sim.successful_lookups() == {gen_id: 2}
+
+
+def test_key_faults_have_their_own_queue(client: httpx.Client, sim: OpenRouterSimulator) -> None:
+    gen_id = client.post("/chat/completions", json=chat_body("key faults")).json()["id"]
+    sim.inject_lookup_faults(LookupFault.server_error(502), LookupFault.without_data(), endpoint="key")
+    assert client.get("/generation", params={"id": gen_id}).status_code == 200
+    assert sim.pending_lookup_faults("key") == 2
+    assert client.get("/key").status_code == 502
+    assert client.get("/key").json() == {}
+    assert "usage" in client.get("/key").json()["data"]
+    # faults answer before the generation is looked at: a missing id or an unknown one too
+    sim.inject_lookup_faults(LookupFault.rate_limited(0), LookupFault.not_json())
+    assert client.get("/generation").headers["Retry-After"] == "0"
+    unknown = client.get("/generation", params={"id": "gen-1700000000-AAAAAAAAAAAAAAAAAAAA"})
+    assert unknown.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(unknown.text)
+    sim.inject_lookup_faults(LookupFault.server_error())
+    sim.clear()
+    assert sim.pending_lookup_faults() == 0 and sim.successful_lookups() == {}
+
+
+def test_lookup_fault_constructors_check_their_arguments() -> None:
+    assert LookupFault.slow(0.5) == LookupFault(LookupFaultKind.SLOW, delay_s=0.5)
+    assert LookupFault.server_error(529).status == 529
+    with pytest.raises(ValueError, match="5xx"):
+        LookupFault.server_error(429)
+    with pytest.raises(ValueError, match="negative"):
+        LookupFault.rate_limited(-1)
+    with pytest.raises(ValueError, match="negative"):
+        LookupFault.slow(-0.1)
+
+
+def test_slow_lookup_lets_a_client_timeout_fire_and_is_not_a_successful_lookup(
+    client: httpx.Client, sim: OpenRouterSimulator
+) -> None:
+    gen_id = client.post("/chat/completions", json=chat_body("slow lookup")).json()["id"]
+    sim.inject_lookup_faults(LookupFault.slow(0.3), LookupFault.slow(0.1))
+    started = time.monotonic()
+    with (
+        httpx.Client(base_url=sim.base_url, headers=AUTH, timeout=0.05, verify=_TLS) as impatient,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        impatient.get("/generation", params={"id": gen_id})
+    time.sleep(max(0.0, started + 0.45 - time.monotonic()))  # the slow answer's time has passed
+    assert sim.successful_lookups() == {}  # the client had hung up: nothing was answered
+    started = time.monotonic()
+    patient = client.get("/generation", params={"id": gen_id})
+    assert patient.status_code == 200 and time.monotonic() - started >= 0.1
+    assert patient.json()["data"]["id"] == gen_id
+    assert sim.successful_lookups() == {gen_id: 1}
+
+
+def test_slow_lookup_does_not_hold_up_stop() -> None:
+    with OpenRouterSimulator(port=0) as sim:
+        sim.inject_lookup_faults(LookupFault.slow(30))
+        with (
+            httpx.Client(base_url=sim.base_url, headers=AUTH, timeout=0.1, verify=_TLS) as c,
+            pytest.raises(httpx.ReadTimeout),
+        ):
+            c.get("/generation", params={"id": "gen-1700000000-AAAAAAAAAAAAAAAAAAAA"})
+        started = time.monotonic()
+    assert time.monotonic() - started < 2
+
+
+def test_rejected_keys_get_401_or_403_on_every_endpoint(
+    client: httpx.Client, sim: OpenRouterSimulator, validate: Validate
+) -> None:
+    other_key = "sk-or-v1-another-key-for-the-sim"
+    other = httpx.Client(base_url=sim.base_url, headers={"Authorization": f"Bearer {other_key}"}, verify=_TLS)
+    gen_id = client.post("/chat/completions", json=chat_body("before")).json()["id"]
+    sim.reject_key(KEY)
+    sim.reject_key(other_key, status=403)
+    sim.inject_lookup_faults(LookupFault.server_error())
+    with other:
+        calls: list[tuple[str, str, Json | None]] = [
+            ("POST", "/chat/completions", chat_body("hi")),
+            ("POST", "/chat/completions", chat_body("hi", stream=True)),
+            ("GET", f"/generation?id={gen_id}", None),
+            ("GET", "/key", None),
+            ("GET", "/models", None),
+        ]
+        for method, path, body in calls:
+            refused = client.request(method, path, json=body)
+            assert refused.status_code == 401, path
+            assert refused.json() == {"error": {"code": 401, "message": "User not found."}}
+            forbidden = other.request(method, path, json=body)
+            assert forbidden.status_code == 403, path
+            assert forbidden.json() == {"error": {"code": 403, "message": "Key limit exceeded"}}
+        validate(_response_schema("/generation", "401"), refused.json())
+        validate(_response_schema("/key", "401"), refused.json())
+        validate(_chat_error_schema(403), forbidden.json())
+        assert sim.pending_lookup_faults() == 1  # refused requests take no fault
+        assert len(sim.generations) == 1
+        sim.accept_key(KEY)
+        sim.reject_key(other_key, message="Key disabled")
+        assert client.get("/generation", params={"id": gen_id}).status_code == 500  # the fault
+        assert client.get("/generation", params={"id": gen_id}).status_code == 200
+        assert other.get("/key").json() == {"error": {"code": 401, "message": "Key disabled"}}
+
+
+def test_bill_extra_makes_generation_and_key_differ_from_the_wire(
+    client: httpx.Client, sim: OpenRouterSimulator, validate: Validate
+) -> None:
+    assert parse_directives("[sim:bill-extra=0.0001]").bill_extra == Decimal("0.0001")
+    assert parse_directives("[sim:bill-extra=-0.00000002]").bill_extra == Decimal("-0.00000002")
+    for bad in ("[sim:bill-extra=1e-4]", "[sim:bill-extra=abc]", "[sim:bill-extra]", "[sim:bill-extra=.5]"):
+        assert parse_directives(bad).bill_extra == 0
+    text = "charge me more [sim:bill-extra=0.0001]"
+    for stream in (False, True):
+        response = client.post("/chat/completions", json=chat_body(text, stream=stream))
+        usage = parse_sse(response.text)[1][-2]["usage"] if stream else loads(response.text)["usage"]
+        # the wire is what it would be without the directive
+        assert usage["cost"] == sum(
+            expected_charge("openai/gpt-4o-mini", prompt_tokens_of(text), usage["completion_tokens"])
+        )
+        gen_id = response.headers["X-Generation-Id"]
+        payload = loads(client.get("/generation", params={"id": gen_id}).text)
+        validate(_schema("GenerationResponse"), payload)
+        data = payload["data"]
+        assert data["total_cost"] == data["usage"] == usage["cost"] + Decimal("0.0001")
+        assert data["upstream_inference_cost"] == usage["cost_details"]["upstream_inference_cost"]
+        record = sim.generations[gen_id]
+        assert record.bill_extra == Decimal("0.0001") and record.usage == usage
+    key = loads(client.get("/key").text)["data"]
+    assert key["usage_daily"] == sum(g.usage["cost"] for g in sim.generations.values()) + Decimal("0.0002")
+
+    plain = loads(client.post("/chat/completions", json=chat_body("plain")).text)
+    sim.add_to_bill(plain["id"], Decimal("0.00002"))
+    sim.add_to_bill(plain["id"], Decimal("0.00001"))
+    data = loads(client.get("/generation", params={"id": plain["id"]}).text)["data"]
+    assert data["total_cost"] == plain["usage"]["cost"] + Decimal("0.00003")
+    assert sim.generations[plain["id"]].bill_extra == Decimal("0.00003")
+    with pytest.raises(KeyError):
+        sim.add_to_bill("gen-1700000000-AAAAAAAAAAAAAAAAAAAA", Decimal(1))
+
+
+def test_byok_generation_lookup_matches_the_wire(
+    client: httpx.Client, sim: OpenRouterSimulator, validate: Validate
+) -> None:
+    response, _, _, events = stream_chat(
+        client, chat_body("my own key [sim:byok]", model="anthropic/claude-sonnet-4.5", stream=True)
+    )
+    usage = events[-2]["usage"]
+    payload = loads(client.get("/generation", params={"id": response.headers["X-Generation-Id"]}).text)
+    validate(_schema("GenerationResponse"), payload)
+    data = payload["data"]
+    provider = usage["cost_details"]["upstream_inference_cost"]
+    assert data["is_byok"] is True and data["provider_responses"][0]["is_byok"] is True
+    assert data["total_cost"] == data["usage"] == usage["cost"] == provider * BYOK_FEE_RATE > 0
+    assert (
+        data["upstream_inference_cost"]
+        == provider
+        == sum(
+            expected_charge("anthropic/claude-sonnet-4.5", usage["prompt_tokens"], usage["completion_tokens"])
+        )
+    )
+    key = loads(client.get("/key").text)["data"]
+    assert key["usage_daily"] == usage["cost"] and key["byok_usage_daily"] == provider
+
+
+def test_key_sums_per_key_including_open_webui_tasks_and_reports_the_limit(
+    client: httpx.Client, sim: OpenRouterSimulator, validate: Validate
+) -> None:
+    other_key = "sk-or-v1-another-key-for-the-sim"
+    with httpx.Client(
+        base_url=sim.base_url, headers={"Authorization": f"Bearer {other_key}"}, verify=_TLS
+    ) as other:
+        chat = loads(client.post("/chat/completions", json=chat_body("a chat")).text)
+        byok = loads(client.post("/chat/completions", json=chat_body("mine [sim:byok]")).text)
+        title = loads(client.post("/chat/completions", json=chat_body(TASK_SAMPLES["title"])).text)
+        client.post("/chat/completions", json=chat_body(TASK_SAMPLES["tags"], stream=True))
+        elsewhere = loads(other.post("/chat/completions", json=chat_body("other key")).text)
+        tags_id = next(g.id for g in sim.generations.values() if g.task == "tags")
+        # Open WebUI's task-model calls are generations like any other, billed to the key
+        assert sim.generations[title["id"]].task == "title" and sim.generations[tags_id].api_key == KEY
+        mine = [chat, byok, title]
+        expected = sum((g["usage"]["cost"] for g in mine), Decimal(0)) + sim.generations[tags_id].spend
+        data = loads(client.get("/key").text)["data"]
+        assert (
+            data["usage"] == data["usage_daily"] == data["usage_weekly"] == data["usage_monthly"] == expected
+        )
+        assert data["byok_usage_daily"] == byok["usage"]["cost_details"]["upstream_inference_cost"]
+        theirs = loads(other.get("/key").text)["data"]
+        assert theirs["usage_daily"] == elsewhere["usage"]["cost"] and theirs["byok_usage_daily"] == 0
+
+        sim.key_limit = Decimal(10)
+        sim.key_limit_reset = "monthly"
+        payload = loads(client.get("/key").text)
+        validate(_response_schema("/key", "200"), payload)
+        data = payload["data"]
+        assert data["limit"] == 10 and data["limit_reset"] == "monthly"
+        assert data["limit_remaining"] == Decimal(10) - expected
+        sim.key_limit_reset = None
+        assert loads(client.get("/key").text)["data"]["limit_remaining"] == Decimal(10) - expected
+
+
+def test_prompt_tokens_count_messages_and_tool_definitions_at_four_characters_a_token(
+    client: httpx.Client,
+) -> None:
+    # Open WebUI 0.12.4 sends its builtin tools with every chat from the web UI (28 definitions,
+    # about 20,000 characters of JSON): they are input the provider bills, counted like text.
+    tools = [json.loads(json.dumps(WEATHER_TOOL).replace("get_weather", f"tool_{i}")) for i in range(28)]
+    text = "What is the capital of France?"
+    usage = client.post("/chat/completions", json=chat_body(text, tools=tools)).json()["usage"]
+    tools_json = json.dumps(tools, separators=(",", ":"))
+    assert usage["prompt_tokens"] == prompt_tokens_of(text) + math.ceil(len(tools_json) / 4)
