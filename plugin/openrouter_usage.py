@@ -44,9 +44,11 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import email.utils
 import fcntl
 import functools
 import hashlib
+import hmac
 import importlib.util
 import json
 import logging
@@ -55,7 +57,9 @@ import operator
 import os
 import queue
 import re
+import secrets
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -65,10 +69,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import httpx
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, model_validator
 
@@ -251,7 +257,9 @@ def _add_optional(left: int | None, right: int | None) -> int | None:
     return left + right
 
 
-Status = Literal["ok", "error"]
+# "stopped": the user stopped the answer and Open WebUI ran no outlet; OpenRouter still bills what
+# was generated, and reconciliation prices the row from its record.
+Status = Literal["ok", "error", "stopped"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -278,6 +286,7 @@ class UsageRecord:
     created_at: datetime
     notes: tuple[str, ...] = ()
     omitted_generation_ids: int = 0
+    openrouter_user: str = ""  # the opaque id sent to OpenRouter as `user`, if any
 
     def to_json(self) -> dict[str, Any]:
         """A strict-JSON form, used by the spool: it round-trips through `from_json` (raw usage
@@ -332,17 +341,24 @@ class CaptureState:
 
     __slots__ = (
         "calls",
+        "chat_id",
         "current_generation",
         "error",
         "first_token_at",
         "generation_ids",
         "is_openrouter_connection",
         "last_id",
+        "message_id",
         "omitted_generation_ids",
+        "openrouter_user",
+        "outlet_started",
         "provider",
+        "requested_model",
         "seen_ids",
         "served_model",
         "started_at",
+        "user_id",
+        "watching_for_stop",
     )
 
     def __init__(self, started_at: float, *, is_openrouter_connection: bool | None = None) -> None:
@@ -360,6 +376,14 @@ class CaptureState:
         # is cumulative per generation, so a later usage chunk of the same call replaces the last.
         self.calls: dict[str, tuple[Usage, Mapping[str, Any]]] = {}
         self.error = ""
+        # What a stopped generation's record needs, since no outlet brings it (set by inlet).
+        self.user_id = ""
+        self.chat_id = ""
+        self.message_id = ""
+        self.requested_model = ""
+        self.openrouter_user = ""
+        self.watching_for_stop = False
+        self.outlet_started = False
 
     def note_generation(self, generation_id: str) -> None:
         self.current_generation = generation_id
@@ -689,9 +713,7 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
 
     if state.calls:
         # Exact per-call usage seen in the stream beats Open WebUI's float sums of the same calls.
-        usage = sum((call_usage for call_usage, _ in state.calls.values()), Usage())
-        raws = [call_raw for _, call_raw in state.calls.values()]
-        raw: Any = raws[0] if len(raws) == 1 else {"calls": raws[:MAX_RAW_CALLS], "calls_total": len(raws)}
+        usage, raw = usage_seen_in_stream(state)
     elif outlet_usage is not None:
         usage, raw = parse_usage(outlet_usage), outlet_usage
     else:
@@ -720,9 +742,6 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
     error = state.error
     if not error and message.get("finish_reason") == "error":
         error = "provider reported finish_reason=error"
-    ttft_ms = (
-        round((state.first_token_at - state.started_at) * 1000) if state.first_token_at is not None else None
-    )
     model = _clean_field(notes, "model", _first_text(body.get("model")))
     return UsageRecord(
         message_id=message_id,
@@ -737,11 +756,57 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
         status="error" if error else "ok",
         error=error,
         latency_ms=round((context.now_monotonic - state.started_at) * 1000),
-        ttft_ms=ttft_ms,
+        ttft_ms=_ttft_ms(state),
         raw_usage=raw,  # made strict JSON by the writer thread (ledger_values, to_json), off the loop
         created_at=context.now,
         notes=tuple(notes),
         omitted_generation_ids=state.omitted_generation_ids,
+        openrouter_user=state.openrouter_user,
+    )
+
+
+def usage_seen_in_stream(state: CaptureState) -> tuple[Usage, Any]:
+    """The usage of every model call the stream reported, summed, and the objects as sent."""
+    usage = sum((call_usage for call_usage, _ in state.calls.values()), Usage())
+    raws = [call_raw for _, call_raw in state.calls.values()]
+    raw: Any = raws[0] if len(raws) == 1 else {"calls": raws[:MAX_RAW_CALLS], "calls_total": len(raws)}
+    return usage, raw
+
+
+def _ttft_ms(state: CaptureState) -> int | None:
+    return (
+        round((state.first_token_at - state.started_at) * 1000) if state.first_token_at is not None else None
+    )
+
+
+def stopped_record(state: CaptureState, now: datetime, now_monotonic: float) -> UsageRecord:
+    """The row for a generation the user stopped: Open WebUI ran no outlet, but OpenRouter bills
+    what was generated. Its cost stays unknown unless the stream's usage arrived before the stop;
+    reconciliation prices it from OpenRouter's record."""
+    usage, raw = usage_seen_in_stream(state) if state.calls else (Usage(), None)
+    notes = list(usage.notes)
+    usage = _bounded_per_completion(usage, notes)
+    model = _clean_field(notes, "model", state.requested_model)
+    message_id = _clean_field(notes, "message_id", state.message_id) or "stopped-" + state.generation_ids[0]
+    return UsageRecord(
+        message_id=message_id,
+        chat_id=_clean_field(notes, "chat_id", state.chat_id),
+        user_id=_clean_field(notes, "user_id", state.user_id) or "unknown",
+        user_name="",  # unknown here; the users table keeps the last name seen
+        generation_ids=tuple(clean_text(gid) for gid in state.generation_ids),
+        model=model,
+        served_model=_clean_field(notes, "served_model", state.served_model) or model,
+        provider=_clean_field(notes, "provider", state.provider),
+        usage=usage,
+        status="stopped",
+        error="",
+        latency_ms=round((now_monotonic - state.started_at) * 1000),
+        ttft_ms=_ttft_ms(state),
+        raw_usage=raw,
+        created_at=now,
+        notes=tuple(notes),
+        omitted_generation_ids=state.omitted_generation_ids,
+        openrouter_user=state.openrouter_user,
     )
 
 
@@ -836,6 +901,14 @@ ledger_table = sa.Table(
     sa.Column("usage_json", sa.Text, nullable=True),  # the provider's usage object, as strict JSON
     sa.Column("notes", sa.Text, nullable=False, server_default=""),  # what was repaired; "; "-separated
     sa.Column("omitted_generation_ids", sa.Integer, nullable=False, server_default="0"),
+    # Reconciliation (see that section): OpenRouter's bill beside our own figures, never over them.
+    sa.Column("reconcile_status", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("billed_pico", sa.BigInteger, nullable=True),  # summed over the row's generations
+    sa.Column("billed_json", sa.Text, nullable=True),  # OpenRouter's record of each generation
+    sa.Column("reconciled_at", sa.DateTime, nullable=True),  # last checked, UTC
+    sa.Column("reconcile_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("reconcile_after", sa.DateTime, nullable=True),  # the next lookup waits until then
+    sa.Column("reconcile_error", sa.Text, nullable=False, server_default=""),
     sa.UniqueConstraint("message_id", name=f"{TABLE_PREFIX}ledger_message_id_key"),
     sa.Index(f"{TABLE_PREFIX}ledger_created_at", "created_at"),
     sa.Index(f"{TABLE_PREFIX}ledger_user_created_at", "user_id", "created_at"),
@@ -847,6 +920,14 @@ ledger_table = sa.Table(
         sqlite_where=sa.text("notes <> ''"),
         postgresql_where=sa.text("notes <> ''"),
     ),
+    # Partial: once a key is set nearly every row is matched, so the rows still to check and the
+    # exceptions the panel counts are few, whatever the ledger's size.
+    sa.Index(
+        f"{TABLE_PREFIX}ledger_reconcile_open",
+        "created_at",
+        sqlite_where=sa.text("reconcile_status <> 'matched'"),
+        postgresql_where=sa.text("reconcile_status <> 'matched'"),
+    ),
 )
 users_table = sa.Table(
     f"{TABLE_PREFIX}users",
@@ -854,6 +935,8 @@ users_table = sa.Table(
     sa.Column("user_id", sa.Text, primary_key=True),
     sa.Column("user_name", sa.Text, nullable=False),
     sa.Column("last_seen_at", sa.DateTime, nullable=False),
+    # The opaque id sent to OpenRouter as `user` (see Attribution), to match its Activity view.
+    sa.Column("openrouter_user", sa.Text, nullable=False, server_default=""),
 )
 
 
@@ -884,6 +967,15 @@ meta_table = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 ROLLUP_TABLES: Final = (rollup_day_table, rollup_user_day_table, rollup_model_day_table)
+# A named job that one process at a time may run (reconciliation), until `expires_at`: a holder
+# that dies stops renewing, and another process takes over.
+leases_table = sa.Table(
+    f"{TABLE_PREFIX}leases",
+    schema,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("holder", sa.Text, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -941,6 +1033,7 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
     ts = "DATETIME" if sqlite else "TIMESTAMP WITHOUT TIME ZONE"
     serial = "id INTEGER NOT NULL" if sqlite else "id BIGSERIAL NOT NULL"
     rowid = " WITHOUT ROWID" if sqlite else ""
+    any_gen_id = "'%\"gen-%'" if sqlite else "'%%\"gen-%%'"
     zoned = [
         statement
         for table, keys in _ROLLUP_KEYS_1_0
@@ -1025,6 +1118,38 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
                     '\'{"zone": "UTC", "after_id": 0}\' '
                     "WHERE NOT EXISTS (SELECT 1 FROM openrouter_usage_meta "
                     "WHERE \"key\" = 'rollup_timezone') AND EXISTS (SELECT 1 FROM openrouter_usage_ledger)"
+                ),
+            ),
+        ),
+        (
+            "0006_reconciliation",
+            (
+                *(
+                    f"ALTER TABLE openrouter_usage_ledger ADD COLUMN {column}"
+                    for column in (
+                        "reconcile_status TEXT DEFAULT 'pending' NOT NULL",
+                        "billed_pico BIGINT",
+                        "billed_json TEXT",
+                        f"reconciled_at {ts}",
+                        "reconcile_attempts INTEGER DEFAULT '0' NOT NULL",
+                        f"reconcile_after {ts}",
+                        "reconcile_error TEXT DEFAULT '' NOT NULL",
+                    )
+                ),
+                # Rows without an OpenRouter generation id (non-streaming answers) cannot be checked.
+                # (psycopg reads % as a placeholder: PostgreSQL's statement doubles it.)
+                (
+                    "UPDATE openrouter_usage_ledger SET reconcile_status = 'no_id' "
+                    f"WHERE generation_ids NOT LIKE {any_gen_id}"
+                ),
+                (
+                    "CREATE INDEX openrouter_usage_ledger_reconcile_open ON openrouter_usage_ledger "
+                    "(created_at) WHERE reconcile_status <> 'matched'"
+                ),
+                "ALTER TABLE openrouter_usage_users ADD COLUMN openrouter_user TEXT DEFAULT '' NOT NULL",
+                (
+                    "CREATE TABLE openrouter_usage_leases (name TEXT NOT NULL, holder TEXT NOT NULL, "
+                    f"expires_at {ts} NOT NULL, PRIMARY KEY (name))"
                 ),
             ),
         ),
@@ -1257,15 +1382,22 @@ ROLLUP_UPSERTS: Final = {table.name: _rollup_upsert(table) for table in ROLLUP_T
 # users row that writers in other processes would queue behind. `last_seen_at` is when the stored
 # name was last seen; a replayed older record never brings an old name back. (SQLite needs the
 # WHERE on the SELECT to read ON CONFLICT as the upsert clause.)
+# An empty opaque id (attribution off) keeps the one stored.
 USERS_UPSERT: Final = sa.text(
-    f"INSERT INTO {users_table.name} (user_id, user_name, last_seen_at) "
-    "SELECT :user_id, :user_name, :last_seen_at WHERE NOT EXISTS ("
+    f"INSERT INTO {users_table.name} (user_id, user_name, last_seen_at, openrouter_user) "
+    "SELECT :user_id, :user_name, :last_seen_at, :openrouter_user WHERE NOT EXISTS ("
     f"SELECT 1 FROM {users_table.name} WHERE user_id = :user_id "
-    "AND (user_name = :user_name OR last_seen_at > :last_seen_at)) "
+    "AND ((user_name = :user_name AND (:openrouter_user = '' OR openrouter_user = :openrouter_user)) "
+    "OR last_seen_at > :last_seen_at)) "
     "ON CONFLICT (user_id) DO UPDATE SET "
-    "user_name = excluded.user_name, last_seen_at = excluded.last_seen_at "
+    "user_name = excluded.user_name, last_seen_at = excluded.last_seen_at, "
+    f"openrouter_user = CASE WHEN excluded.openrouter_user = '' THEN {users_table.name}.openrouter_user "
+    "ELSE excluded.openrouter_user END "
     f"WHERE {users_table.name}.last_seen_at <= excluded.last_seen_at"
 ).bindparams(sa.bindparam("last_seen_at", type_=sa.DateTime))
+META_INSERT_IF_ABSENT: Final = sa.text(
+    f'INSERT INTO {meta_table.name} ("key", value) VALUES (:key, :value) ON CONFLICT ("key") DO NOTHING'
+)
 META_UPSERT: Final = sa.text(
     f'INSERT INTO {meta_table.name} ("key", value) VALUES (:key, :value) '
     'ON CONFLICT ("key") DO UPDATE SET value = excluded.value'
@@ -1326,6 +1458,9 @@ def ledger_values(record: UsageRecord) -> dict[str, Any]:
         ),
         "notes": "; ".join(record.notes),
         "omitted_generation_ids": record.omitted_generation_ids,
+        "reconcile_status": "pending"
+        if any(map(is_openrouter_generation_id, record.generation_ids))
+        else "no_id",
     }
 
 
@@ -1348,7 +1483,7 @@ def resolve_zone(name: str) -> ZoneInfo:
 
 def row_measures(row: Mapping[Any, Any]) -> list[int]:
     """A ledger row's contribution to each of MEASURES (an unknown cost counts 0)."""
-    return [1, 0 if row["status"] == "ok" else 1, *(int(row[name] or 0) for name in MEASURES[2:])]
+    return [1, 1 if row["status"] == "error" else 0, *(int(row[name] or 0) for name in MEASURES[2:])]
 
 
 RollupKey = tuple[str, ...]
@@ -1723,6 +1858,13 @@ class Ledger:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
+    def writing(self) -> Iterator[sa.Connection]:
+        """A write transaction on an up-to-date ledger (for work beside recording: reconciliation)."""
+        self.ensure_schema()
+        with self._write_transaction() as conn:
+            yield conn
+
+    @contextlib.contextmanager
     def _write_transaction(self) -> Iterator[sa.Connection]:
         with self.engine.connect() as connection:
             conn = connection.execution_options(ledger_write=True)
@@ -1797,13 +1939,21 @@ class Ledger:
             apply_rollups(conn, zone, rollup_increments(rows, ZoneInfo(zone)))
         latest: dict[str, UsageRecord] = {}
         for record in fresh:
+            if not record.user_name:  # a stopped generation does not know the user's name
+                continue
             if record.user_id not in latest or record.created_at >= latest[record.user_id].created_at:
                 latest[record.user_id] = record
         users = [
-            {"user_id": r.user_id, "user_name": r.user_name, "last_seen_at": _naive_utc(r.created_at)}
+            {
+                "user_id": r.user_id,
+                "user_name": r.user_name,
+                "last_seen_at": _naive_utc(r.created_at),
+                "openrouter_user": r.openrouter_user,
+            }
             for _, r in sorted(latest.items())
         ]
-        conn.execute(USERS_UPSERT, users)
+        if users:
+            conn.execute(USERS_UPSERT, users)
         return {record.message_id for record in fresh}
 
     def claim_once(self, key: str) -> bool:
@@ -2355,6 +2505,694 @@ def ledger_for(url: str) -> Ledger:
     return writer_for(url).ledger
 
 
+# ══ Reconciliation with OpenRouter's bill ═════════════════════════════════════════════════════════
+# OpenRouter lists no past generations, but it answers GET /generation?id= for any id, with any
+# key. So every ledger row with OpenRouter generation ids is looked up, one id at a time, once
+# OpenRouter has the record; its bill is stored beside our own figures (never over them) with a
+# status. Stopped generations, recorded without a cost, are priced from that bill. One process at a
+# time reconciles a ledger (a lease row); the work resumes after a restart from the pending rows.
+
+OPENROUTER_API_BASE: Final = "https://openrouter.ai/api/v1"
+API_KEY_ENV: Final = "OPENROUTER_API_KEY"
+FIRST_LOOKUP_DELAY_SECONDS: Final = 5.0  # OpenRouter answers 404 for a while after a completion
+FIRST_BACKOFF_SECONDS: Final = 5.0  # then doubling, up to BACKOFF_CAP_SECONDS
+BACKOFF_CAP_SECONDS: Final = 900.0
+GIVE_UP_ATTEMPTS: Final = 12  # 5 s doubling to 15 min: about an hour of backoff
+LOOKUP_TIMEOUT_SECONDS: Final = 10.0
+RETRY_AFTER_CAP_SECONDS: Final = 300.0
+RATE_LIMITED_TRIES: Final = 3  # 429s in a row for one id before its row waits for a later pass
+LEASE_SECONDS: Final = 30.0  # longer than any one lookup (LOOKUP_TIMEOUT_SECONDS), renewed before each
+RECONCILE_BATCH: Final = 50
+KEY_POLL_SECONDS: Final = 300.0  # how often /key's daily spend is sampled while reconciling
+KEY_DAYS_KEPT: Final = 7
+DEFAULT_LOOKUPS_PER_SECOND: Final = 5.0
+RECONCILE_LEASE: Final = "reconcile"
+RECONCILE_STATE_KEY: Final = "reconcile_state"  # meta: the last rejection and error counts
+KEY_DAY_PREFIX: Final = "openrouter_key_day:"  # meta, per UTC day: /key's daily figures
+KEY_LIMIT_KEY: Final = "openrouter_key_limit"  # meta: the key's limit, remaining and reset
+
+ReconcileStatus = Literal["pending", "matched", "differs", "not_found", "no_id", "failed"]
+
+
+def is_openrouter_generation_id(generation_id: str) -> bool:
+    return generation_id.startswith("gen-")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BilledGeneration:
+    """OpenRouter's record of one generation (GET /generation), money in pico-dollars."""
+
+    total_cost_pico: int
+    upstream_cost_pico: int | None
+    is_byok: bool
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+    provider: str
+    cancelled: bool
+
+    @property
+    def billed_pico(self) -> int:
+        """What the generation cost the account: `total_cost`, plus the provider's charge for BYOK."""
+        return self.total_cost_pico + ((self.upstream_cost_pico or 0) if self.is_byok else 0)
+
+
+def parse_generation(data: Any) -> BilledGeneration | None:
+    """OpenRouter's generation record, or None when it is not one (no usable `total_cost`)."""
+    if not isinstance(data, Mapping):
+        return None
+    notes: list[str] = []
+    total = money_pico(data, "total_cost", notes=notes)
+    if total is None:
+        return None
+    return BilledGeneration(
+        total_cost_pico=total,
+        upstream_cost_pico=money_pico(data, "upstream_inference_cost", notes=notes),
+        is_byok=data.get("is_byok") is True,
+        prompt_tokens=token_count(data, "native_tokens_prompt", "tokens_prompt", notes=notes) or 0,
+        completion_tokens=token_count(data, "native_tokens_completion", "tokens_completion", notes=notes)
+        or 0,
+        reasoning_tokens=token_count(data, "native_tokens_reasoning", notes=notes) or 0,
+        cached_tokens=token_count(data, "native_tokens_cached", notes=notes) or 0,
+        provider=clean_text(data.get("provider_name") or ""),
+        cancelled=data.get("cancelled") is True,
+    )
+
+
+LookupOutcome = Literal["found", "not_ready", "slow_down", "rejected", "error"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lookup:
+    """One answer from OpenRouter: the record (`found`), 404 (`not_ready`), 429 with its
+    Retry-After (`slow_down`), 401/403 (`rejected`), or anything else (`error`, with a reason that
+    names the kind: an HTTP status, "timeout", "malformed JSON"; never the key or a URL)."""
+
+    outcome: LookupOutcome
+    data: Mapping[str, Any] | None = None
+    retry_after: float = 0.0
+    reason: str = ""
+
+
+def retry_after_seconds(value: str | None, now: float) -> float:
+    """Retry-After as seconds (a number or an HTTP date), capped; 10 s when absent or unreadable."""
+    if value:
+        with contextlib.suppress(ValueError):
+            return min(max(float(value), 0.0), RETRY_AFTER_CAP_SECONDS)
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            moment = email.utils.parsedate_to_datetime(value)
+            return min(max(moment.timestamp() - now, 0.0), RETRY_AFTER_CAP_SECONDS)
+    return 10.0
+
+
+class OpenRouterAccount:
+    """The two read-only OpenRouter endpoints reconciliation uses, through one httpx client with a
+    timeout on every request. The key goes in the Authorization header only."""
+
+    def __init__(
+        self, api_key: str, base_url: str = OPENROUTER_API_BASE, client: httpx.Client | None = None
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._client = client or httpx.Client(timeout=LOOKUP_TIMEOUT_SECONDS, follow_redirects=False)
+
+    def generation(self, generation_id: str) -> Lookup:
+        return self._get("/generation", {"id": generation_id})
+
+    def key(self) -> Lookup:
+        return self._get("/key", {})
+
+    @property
+    def fingerprint(self) -> str:
+        return key_fingerprint(self._api_key)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _get(self, path: str, params: Mapping[str, str]) -> Lookup:  # noqa: PLR0911 - one per kind of answer
+        try:
+            response = self._client.get(
+                self.base_url + path,
+                params=params,
+                headers={"Authorization": f"Bearer {self._api_key}", "X-Title": "openrouter-usage"},
+            )
+        except httpx.TimeoutException:
+            return Lookup("error", reason="timeout")
+        except httpx.HTTPError as exc:
+            return Lookup("error", reason=f"connection failed ({type(exc).__name__})")
+        status = response.status_code
+        if status == HTTPStatus.NOT_FOUND:
+            return Lookup("not_ready")
+        if status == HTTPStatus.TOO_MANY_REQUESTS:
+            return Lookup(
+                "slow_down", retry_after=retry_after_seconds(response.headers.get("retry-after"), time.time())
+            )
+        if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
+            return Lookup("rejected", reason=f"HTTP {status}")
+        if status != HTTPStatus.OK:
+            return Lookup("error", reason=f"HTTP {status}")
+        try:  # money stays exact: JSON numbers are read as Decimal, never float
+            data = json.loads(response.content, parse_float=Decimal).get("data")
+        except (ValueError, AttributeError):
+            return Lookup("error", reason="malformed JSON")
+        if not isinstance(data, Mapping):
+            return Lookup("error", reason="malformed JSON")
+        return Lookup("found", data)
+
+
+@dataclasses.dataclass(slots=True)
+class ReconcileSummary:
+    """What one reconciliation pass did."""
+
+    looked_up: int = 0
+    matched: int = 0
+    differs: int = 0
+    difference_pico: int = 0  # OpenRouter's bill minus our spend, over the rows that differ
+    priced_stopped: int = 0
+    not_found: int = 0
+    failed: int = 0
+    no_id: int = 0
+    waiting: int = 0  # rows still pending after the pass
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    rejected: str = ""  # the key was rejected: the HTTP status
+    busy: str = ""  # another process holds the lease
+
+    def count_error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+
+def backoff_seconds(attempts: int) -> float:
+    return min(FIRST_BACKOFF_SECONDS * 2.0 ** max(attempts - 1, 0), BACKOFF_CAP_SECONDS)
+
+
+def key_fingerprint(api_key: str) -> str:
+    """Tells keys apart (a rejection is kept until the key changes) without storing the key."""
+    return hashlib.sha256(("openrouter-usage:" + api_key).encode()).hexdigest()[:12]
+
+
+_RECONCILE_COLUMNS: Final = [
+    ledger_table.c[name]
+    for name in (
+        "id",
+        "created_at",
+        "user_id",
+        "served_model",
+        "provider",
+        "status",
+        "generation_ids",
+        "billed_json",
+        "reconcile_attempts",
+        "is_byok",
+        *MEASURES[2:],
+    )
+]
+_NOT_MATCHED: Final = ledger_table.c.reconcile_status != "matched"  # the partial index's condition
+_PENDING: Final = sa.and_(_NOT_MATCHED, ledger_table.c.reconcile_status == "pending")
+
+
+def rollup_difference(
+    before: Mapping[str, Any], after: Mapping[str, Any], zone: ZoneInfo
+) -> list[dict[RollupKey, list[int]]]:
+    """What changing one ledger row from `before` to `after` adds to each rollup (same keys)."""
+    added, removed = rollup_increments([after], zone), rollup_increments([before], zone)
+    return [
+        {key: list(map(operator.sub, sums, removed_sums[key])) for key, sums in added_sums.items()}
+        for added_sums, removed_sums in zip(added, removed, strict=True)
+    ]
+
+
+class Reconciler:
+    """Checks pending ledger rows against OpenRouter's records. `clock` (epoch seconds) and `sleep`
+    are injectable, so tests control time; lookups are paced to `lookups_per_second`."""
+
+    def __init__(  # noqa: PLR0913 - the collaborators, each injectable for tests
+        self,
+        ledger: Ledger,
+        account: OpenRouterAccount,
+        *,
+        lookups_per_second: float = DEFAULT_LOOKUPS_PER_SECOND,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        holder: str = "",
+    ) -> None:
+        self.ledger = ledger
+        self.account = account
+        self.interval = (
+            1.0 / lookups_per_second if lookups_per_second > 0 else 1.0 / DEFAULT_LOOKUPS_PER_SECOND
+        )
+        self.clock = clock
+        self.sleep = sleep
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._next_request_at = 0.0
+        self._next_key_poll = 0.0
+
+    # ── one pass ──
+    def run_pass(self, *, since: datetime | None = None, due_only: bool = True) -> ReconcileSummary:
+        """Look up every pending row that is due (or, with `due_only` off, every pending row created
+        since `since`), once, under the lease. Never raises for OpenRouter's answers."""
+        summary = ReconcileSummary()
+        holder = self._hold_lease()
+        if holder != self.holder:
+            summary.busy = holder
+            return summary
+        try:
+            self._poll_key(summary)
+            last_id = 0
+            while not summary.rejected:
+                rows = self._candidates(since, due_only=due_only, after_id=last_id)
+                for row in rows:
+                    if summary.rejected or self._hold_lease() != self.holder:
+                        break
+                    self._check_row(row, summary)
+                if len(rows) < RECONCILE_BATCH or summary.rejected:
+                    break
+                last_id = int(rows[-1]["id"])
+            with self.ledger.writing() as conn:
+                save_reconcile_state(conn, summary, self.account.fingerprint, self.clock())
+                summary.waiting = int(conn.execute(sa.select(sa.func.count()).where(_PENDING)).scalar_one())
+        finally:
+            self._release_lease()
+        return summary
+
+    def next_due(self) -> float | None:
+        """When the next pending row is due (epoch seconds), or None when nothing is pending."""
+        with self.ledger.writing() as conn:
+            return next_reconcile_due(conn)
+
+    # ── the lease ──
+    def _hold_lease(self) -> str:
+        now = _naive_from_epoch(self.clock())
+        with self.ledger.writing() as conn:
+            return hold_lease(conn, RECONCILE_LEASE, self.holder, now, LEASE_SECONDS)
+
+    def _release_lease(self) -> None:
+        with contextlib.suppress(Exception), self.ledger.writing() as conn:
+            conn.execute(
+                leases_table.delete().where(
+                    leases_table.c.name == RECONCILE_LEASE, leases_table.c.holder == self.holder
+                )
+            )
+
+    # ── rows ──
+    def _candidates(
+        self, since: datetime | None, *, due_only: bool, after_id: int
+    ) -> list[Mapping[str, Any]]:
+        now = _naive_from_epoch(self.clock())
+        condition = [_PENDING, ledger_table.c.id > after_id]
+        if due_only:
+            condition.append(ledger_table.c.created_at <= now - timedelta(seconds=FIRST_LOOKUP_DELAY_SECONDS))
+            condition.append(
+                sa.or_(ledger_table.c.reconcile_after.is_(None), ledger_table.c.reconcile_after <= now)
+            )
+        if since is not None:
+            condition.append(ledger_table.c.created_at >= _naive_utc(since))
+        query = (
+            sa.select(*_RECONCILE_COLUMNS)
+            .where(*condition)
+            .order_by(ledger_table.c.id)
+            .limit(RECONCILE_BATCH)
+        )
+        with self.ledger.writing() as conn:  # the lease holder's own reads, beside its writes
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def _check_row(self, row: Mapping[str, Any], summary: ReconcileSummary) -> None:
+        ids = [gid for gid in json.loads(row["generation_ids"] or "[]") if is_openrouter_generation_id(gid)]
+        if not ids:
+            self._settle(row, {"reconcile_status": "no_id"})
+            summary.no_id += 1
+            return
+        found: dict[str, Any] = json.loads(row["billed_json"] or "{}")
+        for generation_id in ids:
+            if generation_id in found:  # found in an earlier pass: never looked up twice
+                continue
+            lookup = self._lookup(generation_id, summary)
+            if lookup.outcome == "found":
+                generation = parse_generation(lookup.data)
+                if generation is None:
+                    lookup = Lookup("error", reason="malformed JSON")
+                else:
+                    found[generation_id] = dataclasses.asdict(generation)
+                    continue
+            if lookup.outcome == "rejected":
+                summary.rejected = lookup.reason
+            elif lookup.outcome == "slow_down":
+                self._settle(row, {"billed_json": json.dumps(found)})  # keep what was found; retry later
+            else:
+                self._retry_later(row, found, lookup, summary)
+            return
+        self._conclude(row, {gid: BilledGeneration(**found[gid]) for gid in ids}, summary)
+
+    def _lookup(self, generation_id: str, summary: ReconcileSummary) -> Lookup:
+        for _ in range(RATE_LIMITED_TRIES):
+            self._pace()
+            lookup = self.account.generation(generation_id)
+            summary.looked_up += 1
+            if lookup.outcome != "slow_down":
+                if lookup.outcome == "error":
+                    summary.count_error(lookup.reason)
+                return lookup
+            summary.count_error("HTTP 429")
+            self._next_request_at = self.clock() + lookup.retry_after
+        return Lookup("slow_down")
+
+    def _pace(self) -> None:
+        wait = self._next_request_at - self.clock()
+        if wait > 0:
+            self.sleep(wait)
+        self._next_request_at = max(self.clock(), self._next_request_at) + self.interval
+
+    def _retry_later(
+        self, row: Mapping[str, Any], found: Mapping[str, Any], lookup: Lookup, summary: ReconcileSummary
+    ) -> None:
+        attempts = int(row["reconcile_attempts"] or 0) + 1
+        now = self.clock()
+        values: dict[str, Any] = {
+            "billed_json": json.dumps(found),
+            "reconcile_attempts": attempts,
+            "reconciled_at": _naive_from_epoch(now),
+            "reconcile_error": "" if lookup.outcome == "not_ready" else lookup.reason,
+            "reconcile_after": _naive_from_epoch(now + backoff_seconds(attempts)),
+        }
+        if attempts >= GIVE_UP_ATTEMPTS:
+            if lookup.outcome == "not_ready":
+                values["reconcile_status"] = "not_found"
+                summary.not_found += 1
+            else:
+                values["reconcile_status"] = "failed"
+                summary.failed += 1
+        self._settle(row, values)
+
+    def _conclude(
+        self, row: Mapping[str, Any], billed: Mapping[str, BilledGeneration], summary: ReconcileSummary
+    ) -> None:
+        total = sum(generation.billed_pico for generation in billed.values())
+        values: dict[str, Any] = {
+            "billed_pico": total,
+            "billed_json": json.dumps({gid: dataclasses.asdict(g) for gid, g in billed.items()}),
+            "reconciled_at": _naive_from_epoch(self.clock()),
+            "reconcile_error": "",
+            "reconcile_after": None,
+        }
+        priced = None
+        if row["status"] == "stopped" and row["cost_pico"] is None:
+            priced = priced_from_bill(row, billed.values())
+            values |= {name: priced[name] for name in (*TOKEN_MEASURES, *MONEY_MEASURES)} | {
+                "is_byok": priced["is_byok"]
+            }
+            summary.priced_stopped += 1
+        status: ReconcileStatus = "matched" if (priced or row)["spend_pico"] == total else "differs"
+        values["reconcile_status"] = status
+        if status == "matched":
+            summary.matched += 1
+        else:
+            summary.differs += 1
+            summary.difference_pico += total - int(row["spend_pico"] or 0)
+        self._settle(row, values, priced)
+
+    def _settle(
+        self, row: Mapping[str, Any], values: Mapping[str, Any], priced: Mapping[str, Any] | None = None
+    ) -> None:
+        with self.ledger.writing() as conn:
+            save_reconciliation(conn, row, values, priced)
+
+    # ── the account's figures ──
+    def _poll_key(self, summary: ReconcileSummary) -> None:
+        now = self.clock()
+        if now < self._next_key_poll:
+            return
+        self._next_key_poll = now + KEY_POLL_SECONDS
+        self._pace()
+        lookup = self.account.key()
+        if lookup.outcome == "rejected":
+            summary.rejected = lookup.reason
+            return
+        if lookup.outcome != "found" or lookup.data is None:
+            summary.count_error(lookup.reason or "HTTP 429")
+            return
+        with self.ledger.writing() as conn:
+            save_key_usage(conn, lookup.data, _naive_from_epoch(now))
+
+
+def priced_from_bill(row: Mapping[str, Any], billed: Iterable[BilledGeneration]) -> dict[str, Any]:
+    """A stopped row, as OpenRouter billed it: its cost, and its tokens where the stream saw none."""
+    generations = list(billed)
+    byok = any(g.is_byok for g in generations)
+    cost = sum(g.total_cost_pico for g in generations)
+    upstream_values = [g.upstream_cost_pico for g in generations if g.upstream_cost_pico is not None]
+    upstream = sum(upstream_values) if upstream_values else None
+    priced = dict(row) | {
+        "cost_pico": cost,
+        "upstream_cost_pico": upstream,
+        "spend_pico": cost + ((upstream or 0) if byok else 0),
+        "is_byok": byok,
+    }
+    if not any(int(row[name] or 0) for name in TOKEN_MEASURES):
+        prompt = sum(g.prompt_tokens for g in generations)
+        completion = sum(g.completion_tokens for g in generations)
+        priced |= {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "cached_tokens": sum(g.cached_tokens for g in generations),
+            "reasoning_tokens": sum(g.reasoning_tokens for g in generations),
+        }
+    return priced
+
+
+def _naive_from_epoch(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None)
+
+
+# ── Statements ──
+
+_LEASE_UPSERT: Final = sa.text(
+    f"INSERT INTO {leases_table.name} (name, holder, expires_at) VALUES (:name, :holder, :expires_at) "
+    "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
+    f"WHERE {leases_table.name}.holder = excluded.holder OR {leases_table.name}.expires_at < :now"
+).bindparams(sa.bindparam("expires_at", type_=sa.DateTime), sa.bindparam("now", type_=sa.DateTime))
+
+
+def hold_lease(conn: sa.Connection, name: str, holder: str, now: datetime, seconds: float) -> str:
+    """Take or renew the lease `name` for `holder` unless another holder's lease is still valid;
+    returns whoever holds it now."""
+    expires_at = now + timedelta(seconds=seconds)
+    conn.execute(_LEASE_UPSERT, {"name": name, "holder": holder, "expires_at": expires_at, "now": now})
+    return str(conn.execute(sa.select(leases_table.c.holder).where(leases_table.c.name == name)).scalar_one())
+
+
+def save_reconciliation(
+    conn: sa.Connection, row: Mapping[str, Any], values: Mapping[str, Any], priced: Mapping[str, Any] | None
+) -> None:
+    """Store what a check found for a pending row. A stopped row priced from OpenRouter's bill
+    (`priced`: the row as it now is) moves its rollups by the difference, in the same transaction."""
+    if priced is not None:
+        _advisory_lock(conn, ROLLUP_LOCK_KEY, shared=True)
+    updated = conn.execute(
+        ledger_table.update().where(ledger_table.c.id == row["id"], _PENDING).values(**values)
+    ).rowcount
+    if priced is None or updated != 1:
+        return
+    state = read_rollup_state(conn)
+    zones = [state.zone] if state.zone else []
+    if state.recount_zone and int(row["id"]) <= state.recount_after_id:  # the recount counted it already
+        zones.append(state.recount_zone)
+    for zone in zones:
+        apply_rollups(conn, zone, rollup_difference(row, priced, ZoneInfo(zone)))
+
+
+def next_reconcile_due(conn: sa.Connection) -> float | None:
+    """When the next pending row is due (epoch seconds), or None when nothing is pending."""
+    retry_at = conn.execute(
+        sa.select(sa.func.min(ledger_table.c.reconcile_after)).where(
+            _PENDING, ledger_table.c.reconcile_after.is_not(None)
+        )
+    ).scalar_one()
+    first_at = conn.execute(
+        sa.select(sa.func.min(ledger_table.c.created_at)).where(
+            _PENDING, ledger_table.c.reconcile_after.is_(None)
+        )
+    ).scalar_one()
+    candidates = [moment.replace(tzinfo=UTC).timestamp() for moment in (retry_at,) if moment is not None]
+    if first_at is not None:
+        candidates.append(first_at.replace(tzinfo=UTC).timestamp() + FIRST_LOOKUP_DELAY_SECONDS)
+    return min(candidates) if candidates else None
+
+
+def read_meta_json(conn: sa.Connection, key: str) -> dict[str, Any]:
+    value = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == key)).scalar()
+    with contextlib.suppress(TypeError, ValueError):
+        loaded = json.loads(str(value))
+        if isinstance(loaded, dict):
+            return loaded
+    return {}
+
+
+def save_reconcile_state(
+    conn: sa.Connection, summary: ReconcileSummary, fingerprint: str, now: float
+) -> None:
+    """The panel's view of reconciliation across processes: the key's rejection (kept until the key
+    changes) and the errors counted so far."""
+    state = read_meta_json(conn, RECONCILE_STATE_KEY)
+    errors = dict(state.get("errors") or {})
+    for reason, count in summary.errors.items():
+        errors[reason] = int(errors.get(reason, 0)) + count
+    state |= {"errors": errors, "last_pass_at": _naive_from_epoch(now).isoformat()}
+    if summary.rejected:
+        state |= {
+            "rejected": summary.rejected,
+            "rejected_key": fingerprint,
+            "rejected_at": state["last_pass_at"],
+        }
+    elif summary.looked_up:
+        for key in ("rejected", "rejected_key", "rejected_at"):
+            state.pop(key, None)
+    conn.execute(META_UPSERT, {"key": RECONCILE_STATE_KEY, "value": json.dumps(state)})
+
+
+def save_key_usage(conn: sa.Connection, data: Mapping[str, Any], now: datetime) -> None:
+    """Sample /key: today's (UTC) spend on this key, kept per day for KEY_DAYS_KEPT days, and its limit."""
+
+    def usd(name: str) -> str | None:
+        amount = to_decimal(data.get(name))
+        return decimal_text(amount) if amount is not None else None
+
+    day = now.date().isoformat()
+    sample = {"usage": usd("usage_daily"), "byok_usage": usd("byok_usage_daily"), "at": now.isoformat()}
+    conn.execute(META_UPSERT, {"key": KEY_DAY_PREFIX + day, "value": json.dumps(sample)})
+    oldest = (now.date() - timedelta(days=KEY_DAYS_KEPT - 1)).isoformat()
+    conn.execute(
+        meta_table.delete().where(
+            meta_table.c.key.startswith(KEY_DAY_PREFIX, autoescape=True),
+            meta_table.c.key < KEY_DAY_PREFIX + oldest,
+        )
+    )
+    limit = {
+        "limit": usd("limit"),
+        "remaining": usd("limit_remaining"),
+        "reset": clean_text(data.get("limit_reset") or "", 40),
+        "at": now.isoformat(),
+    }
+    conn.execute(META_UPSERT, {"key": KEY_LIMIT_KEY, "value": json.dumps(limit)})
+
+
+# ── Running it ──
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReconcileConfig:
+    """What a background reconciler needs from the settings (the key never in a repr)."""
+
+    api_key: str = dataclasses.field(repr=False)
+    base_url: str
+    lookups_per_second: float = DEFAULT_LOOKUPS_PER_SECOND
+
+
+def reconcile_config(settings: Settings) -> ReconcileConfig | None:
+    """The reconciler's settings, or None when reconciliation is off or no key is available."""
+    api_key = openrouter_api_key(settings)[0]
+    if not (settings.reconcile and api_key):
+        return None
+    return ReconcileConfig(
+        api_key,
+        settings.openrouter_api_base.strip() or OPENROUTER_API_BASE,
+        settings.reconcile_lookups_per_second,
+    )
+
+
+def openrouter_api_key(settings: Settings) -> tuple[str, str]:
+    """The key and where it came from: the valve, else $OPENROUTER_API_KEY, else none."""
+    if settings.openrouter_api_key.strip():
+        return settings.openrouter_api_key.strip(), "this function's settings"
+    from_environment = os.environ.get(API_KEY_ENV, "").strip()
+    if from_environment:
+        return from_environment, f"${API_KEY_ENV}"
+    return "", ""
+
+
+class BackgroundReconciler:
+    """Reconciliation in the background, for one ledger in this process: a thread that runs while
+    rows are pending (sleeping until the next is due), ends when none is, when the key was
+    rejected, or within IDLE_CHECK_SECONDS once this copy of the plugin is superseded. Every
+    outlet (and stopped generation) asks it to run; asking a running one costs a lock."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._config: ReconcileConfig | None = None
+        self._rejected_key = ""  # the fingerprint of a key OpenRouter rejected: not tried again
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def ensure_running(self, config: ReconcileConfig) -> None:
+        with self._lock:
+            self._config = config
+            if self._thread is not None or key_fingerprint(config.api_key) == self._rejected_key:
+                return
+            self._thread = threading.Thread(target=self._run, name="openrouter_usage_reconcile", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        reconciler: Reconciler | None = None
+        try:
+            while not superseded():
+                with self._lock:
+                    config = self._config
+                if config is None:
+                    break
+                if reconciler is None or reconciler.account.fingerprint != key_fingerprint(config.api_key):
+                    if reconciler is not None:
+                        reconciler.account.close()
+                    account = OpenRouterAccount(config.api_key, config.base_url)
+                    reconciler = Reconciler(
+                        self.ledger, account, lookups_per_second=config.lookups_per_second, holder=self.holder
+                    )
+                summary = reconciler.run_pass()
+                if summary.rejected:
+                    log.warning(
+                        "openrouter_usage: OpenRouter rejected the API key (%s); lookups stop",
+                        summary.rejected,
+                    )
+                    self._rejected_key = reconciler.account.fingerprint
+                    break
+                due = time.time() + LEASE_SECONDS / 2 if summary.busy else reconciler.next_due()
+                if due is None or not self._sleep_until(due):
+                    break
+        except Exception:
+            log.exception("openrouter_usage: reconciliation stopped; it resumes at the next completion")
+        finally:
+            if reconciler is not None:
+                reconciler.account.close()
+            with self._lock:
+                self._thread = None
+
+    @staticmethod
+    def _sleep_until(moment: float) -> bool:
+        """Sleep until `moment`; False if this copy of the plugin was superseded meanwhile."""
+        while (remaining := moment - time.time()) > 0:
+            if superseded():
+                return False
+            time.sleep(min(remaining, IDLE_CHECK_SECONDS))
+        return True
+
+
+_RECONCILERS: OrderedDict[str, BackgroundReconciler] = OrderedDict()
+_RECONCILERS_LOCK = threading.Lock()
+
+
+def reconciler_for(url: str) -> BackgroundReconciler:
+    """The process-wide background reconciler for a ledger URL; as many as writers are kept."""
+    ledger = ledger_for(url)
+    with _RECONCILERS_LOCK:
+        reconciler = _RECONCILERS.get(url)
+        if reconciler is None:
+            reconciler = BackgroundReconciler(ledger)
+            _RECONCILERS[url] = reconciler
+            while len(_RECONCILERS) > _MAX_OPEN_LEDGERS:
+                _RECONCILERS.popitem(last=False)
+        return reconciler
+
+
 # ══ Reporting ═════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -2682,6 +3520,201 @@ def health_lines(health: LedgerHealth) -> list[str]:
     return ["", " ".join(lines)] if lines else []
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyDay:
+    """One UTC day of this key: OpenRouter's spend (sampled at `sampled_at`) and the ledger's over
+    the same span; the difference is what the filter cannot see."""
+
+    day: str
+    openrouter_pico: int
+    ledger_pico: int
+    sampled_at: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReconciliationView:
+    """The panel's reconciliation section: checks over the last 30 days, stopped rows without a
+    cost, the key's state and the per-day comparison with OpenRouter's spend on this key."""
+
+    rows: int  # ledger rows in the last 30 days
+    by_status: dict[str, int]  # rows in the last 30 days not matched, by reconcile status
+    difference_pico: int  # OpenRouter's bill minus our spend, over the rows that differ
+    oldest_pending: datetime | None
+    unpriced_stopped: int  # stopped generations still without a cost (all time)
+    state: dict[str, Any]  # RECONCILE_STATE_KEY
+    key_days: list[KeyDay]
+    key_limit: dict[str, Any]
+
+
+def read_reconciliation_view(ledger: Ledger, report: UsageReport) -> ReconciliationView:
+    """The reconciliation section over the report's last 30 days (the same calendar days)."""
+    zone = ZoneInfo(report.timezone)
+    today = report.generated_at.astimezone(zone).date()
+    first_day = datetime.combine(today - timedelta(days=29), datetime.min.time(), tzinfo=zone)
+    with ledger.reading() as (conn, _):
+        return build_reconciliation_view(conn, _naive_utc(first_day), report.periods["last_30_days"].requests)
+
+
+def build_reconciliation_view(conn: sa.Connection, first_day_utc: datetime, rows: int) -> ReconciliationView:
+    """Read the reconciliation figures (through the partial index of rows not matched). Never writes."""
+    in_window = sa.and_(_NOT_MATCHED, ledger_table.c.created_at >= first_day_utc)
+    by_status: dict[str, int] = {}
+    difference = 0
+    oldest_pending = None
+    for status, count, differs, oldest in conn.execute(
+        sa.select(
+            ledger_table.c.reconcile_status,
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(ledger_table.c.billed_pico - ledger_table.c.spend_pico), 0),
+            sa.func.min(ledger_table.c.created_at),
+        )
+        .where(in_window)
+        .group_by(ledger_table.c.reconcile_status)
+    ):
+        by_status[str(status)] = int(count)
+        if status == "differs":
+            difference = int(differs)
+        if status == "pending":
+            oldest_pending = datetime.fromisoformat(oldest) if isinstance(oldest, str) else oldest
+    unpriced = conn.execute(
+        sa.select(sa.func.count()).where(
+            _NOT_MATCHED, ledger_table.c.status == "stopped", ledger_table.c.cost_pico.is_(None)
+        )
+    ).scalar_one()
+    samples = conn.execute(
+        sa.select(meta_table.c.key, meta_table.c.value)
+        .where(meta_table.c.key.startswith(KEY_DAY_PREFIX, autoescape=True))
+        .order_by(meta_table.c.key.desc())
+    ).all()
+    return ReconciliationView(
+        rows=rows,
+        by_status=by_status,
+        difference_pico=difference,
+        oldest_pending=oldest_pending.replace(tzinfo=UTC) if oldest_pending else None,
+        unpriced_stopped=int(unpriced),
+        state=read_meta_json(conn, RECONCILE_STATE_KEY),
+        key_days=[day for key, value in samples if (day := _key_day(conn, key, value)) is not None],
+        key_limit=read_meta_json(conn, KEY_LIMIT_KEY),
+    )
+
+
+def _key_day(conn: sa.Connection, key: str, value: str) -> KeyDay | None:
+    try:
+        sample = json.loads(value)
+        day = date.fromisoformat(key.removeprefix(KEY_DAY_PREFIX))
+        sampled_at = datetime.fromisoformat(sample["at"])
+        openrouter = sum(usd_to_pico(Decimal(sample[name] or 0)) for name in ("usage", "byok_usage"))
+    except (ValueError, KeyError, TypeError, InvalidOperation):
+        return None
+    start = datetime.combine(day, datetime.min.time())
+    ledger = conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)).where(
+            ledger_table.c.created_at >= start, ledger_table.c.created_at < sampled_at
+        )
+    ).scalar_one()
+    return KeyDay(day.isoformat(), openrouter, int(ledger), f"{sampled_at:%H:%M}")
+
+
+def render_reconciliation_markdown(view: ReconciliationView | None, key_source: str, *, enabled: bool) -> str:
+    """The panel's "Checked against OpenRouter's bill" section."""
+    lines = ["", "**Checked against OpenRouter's bill**", ""]
+    if not key_source:
+        lines.append(
+            f"No OpenRouter API key (set one above, or `${API_KEY_ENV}`): answers are not checked against "
+            "OpenRouter's bill, and stopped answers stay without a cost."
+        )
+    elif not enabled:
+        lines.append(f"API key: set ({key_source}). Checking is switched off.")
+    else:
+        lines.append(f"API key: set ({key_source}).")
+    if view is None:
+        return "\n".join(lines)
+    state = view.state
+    if state.get("rejected"):
+        lines.append(
+            f"**The key was rejected** ({escape_markdown(str(state['rejected']), 20)}, "
+            f"{escape_markdown(str(state.get('rejected_at', ''))[:16], 20)} UTC): "
+            "lookups stopped until the key changes."
+        )
+    lines.append(reconcile_summary_line(view))
+    if view.unpriced_stopped:
+        lines.append(
+            f"{count_of(view.unpriced_stopped, 'stopped answer')} without a cost yet: "
+            + (
+                "they are priced once OpenRouter has their record."
+                if key_source and enabled
+                else "set an OpenRouter API key above and they are priced from OpenRouter's record."
+            )
+        )
+    errors = state.get("errors") or {}
+    if errors:
+        counted = ", ".join(
+            f"{escape_markdown(str(k), 40)}: {format_count(int(v))}" for k, v in sorted(errors.items())
+        )
+        lines.append(f"Lookup errors so far (each retried later): {counted}.")
+    if view.key_days:
+        lines += [
+            "",
+            (
+                "Spend on this key by UTC day (OpenRouter's figure, sampled while checking) against the "
+                "ledger's: the difference is background tasks (titles, tags, follow-ups) and other "
+                "clients of this key."
+            ),
+            "",
+            "| UTC day | OpenRouter | Ledger | Difference |",
+            "|---|--:|--:|--:|",
+        ]
+        lines += [
+            f"| {d.day} (to {d.sampled_at}) | {format_usd(d.openrouter_pico)} | "
+            f"{format_usd(d.ledger_pico)} | {format_usd(d.openrouter_pico - d.ledger_pico)} |"
+            for d in view.key_days
+        ]
+    limit, remaining = (to_decimal(view.key_limit.get(name)) for name in ("limit", "remaining"))
+    if limit is not None:
+        reset = view.key_limit.get("reset")
+        lines.append(
+            f"Key limit (admins only): {format_usd(usd_to_pico(remaining or Decimal(0)))} remaining of "
+            f"{format_usd(usd_to_pico(limit))}"
+            + (f", resets {escape_markdown(str(reset), 30)}" if reset else "")
+            + "."
+        )
+    return "\n".join(lines)
+
+
+def reconcile_summary_line(view: ReconciliationView) -> str:
+    """How much of the last 30 days is checked, what differs, and what waits."""
+    counts = view.by_status
+    no_id = counts.get("no_id", 0)
+    checkable = view.rows - no_id
+    unchecked = counts.get("pending", 0)
+    checked = max(checkable - unchecked, 0)
+    differs = counts.get("differs", 0)
+    matched = max(checked - differs - counts.get("not_found", 0) - counts.get("failed", 0), 0)
+    parts = [
+        (
+            f"Last 30 days: {format_count(checked)} of {count_of(checkable, 'answer')} with a generation "
+            f"id checked ({format_share(checked, checkable)})"
+        ),
+        f"{format_count(matched)} match to the pico-dollar",
+    ]
+    if differs:
+        sign = "+" if view.difference_pico >= 0 else "-"
+        parts.append(
+            f"{format_count(differs)} differ by {sign}{format_usd(abs(view.difference_pico))} in total "
+            "(OpenRouter's bill minus the ledger)"
+        )
+    for status, label in (("not_found", "not found at OpenRouter"), ("failed", "failed")):
+        if counts.get(status):
+            parts.append(f"{format_count(counts[status])} {label}")
+    if unchecked and view.oldest_pending is not None:
+        parts.append(
+            f"{format_count(unchecked)} waiting, the oldest from {view.oldest_pending:%Y-%m-%d %H:%M} UTC"
+        )
+    if no_id:
+        parts.append(f"{format_count(no_id)} without a generation id (non-streaming) cannot be checked")
+    return "; ".join(parts) + "."
+
+
 def totals_as_dict(totals: Totals) -> dict[str, Any]:
     """Totals for reports, money in exact USD. OpenRouter fills upstream_inference_cost for
     non-BYOK calls too (about the cost itself), so a sum over all rows would mislead: reports give
@@ -2734,7 +3767,11 @@ def breakdown_rows(conn: sa.Connection, zone: str, by: Breakdown, first_day: str
     """Spend grouped by one dimension since `first_day` (a local YYYY-MM-DD), from the rollups."""
     if by == "user":
         table = rollup_user_day_table
-        keys: list[Any] = [table.c.user_id, sa.func.max(users_table.c.user_name).label("user_name")]
+        keys: list[Any] = [
+            table.c.user_id,
+            sa.func.max(users_table.c.user_name).label("user_name"),
+            sa.func.max(users_table.c.openrouter_user).label("openrouter_user"),
+        ]
         source: Any = table.outerjoin(users_table, users_table.c.user_id == table.c.user_id)
         group: list[Any] = [table.c.user_id]
     elif by == "day":
@@ -2951,6 +3988,9 @@ EXPORT_FIELDS: Final = (
     "usage",
     "notes",
     "omitted_generation_ids",
+    "billed_usd",
+    "reconcile_status",
+    "reconciled_at",
 )
 # A spreadsheet runs a cell (or a line inside one) that starts with one of these as a formula.
 _FORMULA_START: Final = re.compile(r"(?:^|(?<=[\r\n]))(?=[=+\-@\t\r])")
@@ -2967,6 +4007,12 @@ _EXPORT_CONVERTERS: Final[dict[str, Callable[[sa.RowMapping], Any]]] = {
     # Strict JSON even for rows an older release stored with NaN.
     "usage": lambda row: strict_json_value(json.loads(row["usage_json"])) if row["usage_json"] else None,
     "notes": lambda row: row["notes"] or "",
+    "billed_usd": lambda row: _usd_or_none(row["billed_pico"]),
+    "reconciled_at": lambda row: (
+        row["reconciled_at"].replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+        if row["reconciled_at"]
+        else None
+    ),
 }
 
 
@@ -3149,6 +4195,18 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     spool.add_argument("--yes", action="store_true", help="with --discard: do not ask")
     add_database_option(spool)
 
+    reconcile = commands.add_parser(
+        "reconcile",
+        help=f"check pending records against OpenRouter's bill now (key: ${API_KEY_ENV}, never a flag)",
+    )
+    reconcile.add_argument("--since", default="7d", help="records since '7d' or an ISO date (default: 7d)")
+    reconcile.add_argument(
+        "--base-url",
+        default=OPENROUTER_API_BASE,
+        help=f"OpenRouter API base (default: {OPENROUTER_API_BASE})",
+    )
+    add_database_option(reconcile)
+
     sync = commands.add_parser("sync", help="deprecated: prints why bulk sync cannot work, requests nothing")
     sync.add_argument("--date", help="ignored; kept so old scripts keep working")
     add_database_option(sync)
@@ -3189,6 +4247,8 @@ def run_ledger_command(args: argparse.Namespace, ledger: Ledger, out: Any) -> in
     """`spool`, `export` or `report` on an existing ledger; the exit status."""
     if args.command == "spool":
         return spool_command(ledger, out, replay=args.replay, discard=args.discard, assume_yes=args.yes)
+    if args.command == "reconcile":
+        return reconcile_command(ledger, args.since, args.base_url, out)
     if args.command == "export":
         since = datetime.fromisoformat(args.since) if args.since else None
         if since is not None and since.tzinfo is None:
@@ -3199,6 +4259,55 @@ def run_ledger_command(args: argparse.Namespace, ledger: Ledger, out: Any) -> in
     usage_report = build_usage_report(ledger, zone, max(args.rows, 1), breakdown=(args.by, args.since))
     print_report(usage_report, args.by, args.format, out)
     return 0
+
+
+CLI_LEASE_WAIT_SECONDS: Final = 2 * LEASE_SECONDS
+
+
+def reconcile_command(ledger: Ledger, since_text: str, base_url: str, out: Any) -> int:
+    """One reconciliation pass over the pending records since `since_text`, due or not (waiting
+    for a server process that holds the lease); prints a summary."""
+    api_key = os.environ.get(API_KEY_ENV, "").strip()
+    if not api_key:
+        sys.stderr.write(f"openrouter-usage: set ${API_KEY_ENV} to an OpenRouter API key (any key works)\n")
+        return 2
+    since = datetime.fromisoformat(parse_since(since_text, ZoneInfo("UTC"))).replace(tzinfo=UTC)
+    account = OpenRouterAccount(api_key, base_url)
+    try:
+        reconciler = Reconciler(ledger, account)
+        deadline = time.monotonic() + CLI_LEASE_WAIT_SECONDS
+        while (summary := reconciler.run_pass(since=since, due_only=False)).busy:
+            if time.monotonic() >= deadline:
+                sys.stderr.write(
+                    f"openrouter-usage: {terminal_text(summary.busy)} is reconciling this ledger; "
+                    "try again later\n"
+                )
+                return 1
+            time.sleep(1.0)
+    finally:
+        account.close()
+    out.write(reconcile_summary_text(summary))
+    return 1 if summary.rejected else 0
+
+
+def reconcile_summary_text(summary: ReconcileSummary) -> str:
+    if summary.rejected:
+        return f"OpenRouter rejected the key ({summary.rejected}); nothing was checked.\n"
+    sign = "+" if summary.difference_pico >= 0 else "-"
+    lines = [
+        f"Looked up {count_of(summary.looked_up, 'generation')} at OpenRouter.",
+        (
+            f"matched: {format_count(summary.matched)} · differ: {format_count(summary.differs)} "
+            f"({sign}{format_usd(abs(summary.difference_pico))}, OpenRouter's bill minus the ledger) · "
+            f"stopped answers priced: {format_count(summary.priced_stopped)} · not found: "
+            f"{format_count(summary.not_found)} · failed: {format_count(summary.failed)} · "
+            f"without a generation id: {format_count(summary.no_id)}"
+        ),
+        f"still waiting: {format_count(summary.waiting)} (no record at OpenRouter yet; retried with backoff)",
+    ]
+    if summary.errors:
+        lines.append("errors: " + ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors.items())))
+    return "\n".join(lines) + "\n"
 
 
 def cli_error_text(exc: BaseException) -> str:
@@ -3286,7 +4395,7 @@ def _spool_row(state: str, record: UsageRecord, reason: str) -> dict[str, Any]:
 
 def print_report(usage_report: UsageReport, by: str, fmt: str, out: Any) -> None:
     fields = {
-        "user": ["user_id", "user_name"],
+        "user": ["user_id", "user_name", "openrouter_user"],
         "model": ["served_model", "provider"],
         "day": ["day"],
         "provider": ["provider"],
@@ -3403,6 +4512,39 @@ class Settings(BaseModel):
     report_rows: int = Field(
         default=10, title="Report rows", description="Rows in the report's top users and top models."
     )
+    openrouter_api_key: str = Field(
+        default="",
+        title="OpenRouter API key",
+        description="Checks each answer against OpenRouter's own bill (read-only lookups; any key "
+        f"works). Empty: `${API_KEY_ENV}`. Never shown, logged or exported.",
+        json_schema_extra={"input": {"type": "password"}},
+    )
+    openrouter_api_base: str = Field(
+        default=OPENROUTER_API_BASE,
+        title="OpenRouter API base",
+        description="Where the lookups go: OpenRouter, or a proxy in front of it.",
+    )
+    reconcile: bool = Field(
+        default=True,
+        title="Check against the bill",
+        description="A few seconds after each answer, look its generations up at OpenRouter "
+        "(`/generation?id=`) and keep OpenRouter's bill beside the ledger's figures; stopped answers "
+        "are priced this way. Needs a key.",
+    )
+    reconcile_lookups_per_second: float = Field(
+        default=DEFAULT_LOOKUPS_PER_SECOND,
+        title="Lookups per second",
+        description="At most this many lookups per second (one process looks up at a time).",
+        gt=0,
+        le=50,
+    )
+    send_user_id: bool = Field(
+        default=True,
+        title="Send user id",
+        description="Send OpenRouter an opaque, stable id per user as `user` (an HMAC of the user id, "
+        "never the e-mail or name), so its Activity view can be filtered by person. "
+        "`openrouter-usage report --by user` prints the id next to each name.",
+    )
 
     def line_parts(self) -> LineParts:
         return LineParts(
@@ -3445,6 +4587,7 @@ class SettingsFile:
         with self._lock:
             self._last = snapshot
         persisted = dict(snapshot)
+        persisted.pop("openrouter_api_key", None)  # a secret: the CLI reads $OPENROUTER_API_KEY
         if persisted.get("database_url") and url_has_secret(str(persisted["database_url"])):
             persisted.pop("database_url")
         try:
@@ -3514,21 +4657,22 @@ def admin_report_markdown() -> str:
     """The settings-panel report, or a line saying why it cannot be read and what waits. Reads
     only: the rollups are read in the zone they are kept in."""
 
-    def read() -> tuple[Settings, Ledger, UsageReport | str]:
+    def read() -> tuple[Settings, Ledger, UsageReport | str, ReconciliationView | None]:
         settings = saved_settings(saved_valves())
         writer = writer_for(resolve_database_url(settings.database_url))
         try:
             report = build_usage_report(writer.ledger, None, min(max(settings.report_rows, 1), 100))
+            view = read_reconciliation_view(writer.ledger, report)
         except (NoLedger, LedgerNeedsUpgrade, RollupsRecounting) as exc:
-            return settings, writer.ledger, str(exc)
+            return settings, writer.ledger, str(exc), None
         except Exception as exc:
-            return settings, writer.ledger, cli_error_text(exc)
+            return settings, writer.ledger, cli_error_text(exc), None
         finally:
             writer.release_if_idle()
-        return settings, writer.ledger, report
+        return settings, writer.ledger, report, view
 
     try:
-        settings, ledger, report = run_off_loop(read)
+        settings, ledger, report, view = run_off_loop(read)
     except concurrent.futures.TimeoutError:
         return f"Usage report unavailable: the ledger did not answer within {PANEL_TIMEOUT_SECONDS:.0f} s."
     except Exception as exc:
@@ -3537,7 +4681,9 @@ def admin_report_markdown() -> str:
         unavailable = f"Usage report unavailable: {escape_markdown(report, 300)} (`{ledger.location}`)."
         return unavailable + waiting_note(ledger)
     wanted = resolve_zone(settings.report_timezone).key
-    markdown = render_report_markdown(report)
+    markdown = render_report_markdown(report) + render_reconciliation_markdown(
+        view, openrouter_api_key(settings)[1], enabled=settings.reconcile
+    )
     if wanted != report.timezone and not report.health.recount:
         markdown += (
             f"\n\nThe report time zone is now {escape_markdown(wanted)}: the rollups are recounted "
@@ -3633,6 +4779,7 @@ async def record_completion(  # noqa: PLR0913 - the outlet hook's inputs, passed
     """outlet's work: hand the completion to the writer, which builds the record, commits it
     (durably) and renders the usage line off the event loop; then show the line."""
     state = capture_state(metadata)
+    state.outlet_started = True  # from here on, a stop does not make this a stopped generation
     if not (valves.record_all_models or is_openrouter_completion(state, body)):
         log.debug("openrouter_usage: completion not from OpenRouter; not recorded")
         return None
@@ -3652,8 +4799,10 @@ async def record_completion(  # noqa: PLR0913 - the outlet hook's inputs, passed
     )
     zone = resolve_zone(valves.report_timezone)
     parts = valves.line_parts() if show_line else None
-    writer = writer_for(resolve_database_url(valves.database_url))
+    url = resolve_database_url(valves.database_url)
+    writer = writer_for(url)
     outcome = await writer.write(functools.partial(outlet_write_request, state, context, zone, parts))
+    start_reconciling(url, valves)
     try:
         if outcome.usage_line and emitter is not None:
             await emit(
@@ -3691,6 +4840,144 @@ def outlet_write_request(
         want_user_today=bool(parts and parts.today_total),
         render_line=functools.partial(render_usage_line, parts) if parts else None,
     )
+
+
+def start_reconciling(url: str, valves: Settings) -> None:
+    """Have this process reconcile the ledger in the background, if a key allows (never raises)."""
+    try:
+        config = reconcile_config(valves)
+        if config is not None:
+            reconciler_for(url).ensure_running(config)
+    except Exception as exc:
+        log.warning("openrouter_usage: reconciliation could not start (%s)", short_error(exc))
+
+
+# ── Stopped generations ──
+# Pressing stop cancels the task that reads the stream, and Open WebUI then runs no outlet. The
+# stream hook runs inside that task, so on the first generation id it asks to be told when the task
+# ends; a task that ended cancelled or failed before any outlet started is a stopped generation.
+# The record waits STOPPED_GRACE_SECONDS first: for API calls the outlet runs in a task of its own,
+# which may still be starting when the streaming task is cancelled by the client's disconnect.
+
+STOPPED_GRACE_SECONDS: Final = 2.0
+
+
+def watch_for_stop(state: CaptureState, valves: Settings) -> None:
+    """Record the generation as stopped if the task running the stream ends without an outlet."""
+    state.watching_for_stop = True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not inside an event loop (called directly, as some tests do)
+        return
+    if task is not None:
+        task.add_done_callback(functools.partial(_stream_task_done, state, valves))
+
+
+def _stream_task_done(state: CaptureState, valves: Settings, task: asyncio.Task[Any]) -> None:
+    try:
+        if state.outlet_started or not (task.cancelled() or task.exception() is not None):
+            return
+        task.get_loop().call_later(STOPPED_GRACE_SECONDS, record_stopped_generation, state, valves)
+    except Exception:
+        log.exception("openrouter_usage: could not check a stopped generation")
+
+
+def record_stopped_generation(state: CaptureState, valves: Settings) -> None:
+    """Hand a stopped generation's record to the writer without waiting for it (durable: the
+    writer commits or spools it), then have reconciliation price it."""
+    try:
+        if state.outlet_started:
+            return
+        if not (valves.record_all_models or state.is_openrouter_connection or state.has_openrouter_signature):
+            return
+        record = stopped_record(state, datetime.now(UTC), time.monotonic())
+        url = resolve_database_url(valves.database_url)
+        written = writer_for(url).submit(WriteRequest(record, resolve_zone(valves.report_timezone)))
+        written.add_done_callback(functools.partial(_log_stopped_outcome, record.message_id))
+        start_reconciling(url, valves)
+    except Exception:
+        log.exception("openrouter_usage: could not record a stopped generation")
+
+
+def _log_stopped_outcome(message_id: str, written: concurrent.futures.Future[WriteOutcome]) -> None:
+    if written.exception() is not None:
+        log.error(
+            "openrouter_usage: stopped generation %s was not recorded (%s)", message_id, written.exception()
+        )
+    else:
+        log.info("openrouter_usage: stopped generation %s %s", message_id, written.result().stored)
+
+
+# ── Attribution ──
+# OpenRouter shows the request's `user` in its Activity view and logs. The plugin sends an opaque,
+# stable id per Open WebUI user: an HMAC of the user id, keyed by Open WebUI's own secret (the same
+# in every worker and replica), else by a random secret kept in the ledger's meta table.
+
+# Open WebUI's public fallback when none is configured: no secret at all.
+OPEN_WEBUI_DEFAULT_SECRET: Final = "t0p-s3cr3t"  # noqa: S105 - a known public value, compared against
+ATTRIBUTION_SECRET_KEY: Final = "attribution_secret"  # noqa: S105 - the name of a meta row
+_ATTRIBUTION_SECRETS: dict[str, bytes] = {}  # per ledger URL, when Open WebUI has no secret of its own
+
+
+def openrouter_user_id(user_id: str, secret: bytes) -> str:
+    digest = hmac.new(secret, b"openrouter-usage user\x00" + user_id.encode(), hashlib.sha256).hexdigest()
+    return "owui-" + digest[:32]
+
+
+def ledger_attribution_secret(ledger: Ledger) -> bytes:
+    """The ledger's own attribution secret, created once across processes."""
+    with ledger.writing() as conn:
+        conn.execute(
+            META_INSERT_IF_ABSENT,
+            {"key": ATTRIBUTION_SECRET_KEY, "value": secrets.token_hex(32)},
+        )
+        value = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == ATTRIBUTION_SECRET_KEY))
+        return str(value.scalar_one()).encode()
+
+
+async def attribution_secret(url: str) -> bytes | None:
+    """Open WebUI's secret, else the ledger's (read once per process, off the event loop); None
+    when the ledger does not answer in time (the request then goes without `user`)."""
+    configured = os.environ.get("WEBUI_SECRET_KEY", "")
+    if configured and configured != OPEN_WEBUI_DEFAULT_SECRET:
+        return configured.encode()
+    secret = _ATTRIBUTION_SECRETS.get(url)
+    if secret is None:
+        try:
+            secret = await asyncio.wait_for(
+                asyncio.to_thread(ledger_attribution_secret, ledger_for(url)), INTERNAL_WAIT_SECONDS
+            )
+        except Exception as exc:
+            log.warning("openrouter_usage: no attribution secret (%s); `user` not sent", short_error(exc))
+            return None
+        if len(_ATTRIBUTION_SECRETS) >= _MAX_OPEN_LEDGERS:
+            _ATTRIBUTION_SECRETS.clear()
+        _ATTRIBUTION_SECRETS[url] = secret
+    return secret
+
+
+async def start_capture(
+    body: dict[str, Any], metadata: dict[str, Any] | None, model: dict[str, Any] | None, valves: Settings
+) -> None:
+    """inlet's work: note which connection serves the request and who asked, ask for usage, and
+    attribute the request to an opaque user id."""
+    base_url = await connection_base_url(model)
+    is_openrouter = matches_url_pattern(base_url, valves.openrouter_url_pattern)
+    state = CaptureState(time.monotonic(), is_openrouter_connection=is_openrouter if base_url else None)
+    if isinstance(metadata, dict):
+        metadata[STATE_KEY] = state
+        state.user_id = _first_text(metadata.get("user_id"))
+        state.chat_id = _first_text(metadata.get("chat_id"))
+        state.message_id = _first_text(metadata.get("message_id"))
+    if not isinstance(body, dict):
+        return
+    state.requested_model = _first_text(body.get("model"))
+    request_usage_reporting(body, is_openrouter=is_openrouter)
+    if is_openrouter and valves.send_user_id and state.user_id:
+        secret = await attribution_secret(resolve_database_url(valves.database_url))
+        if secret is not None:
+            state.openrouter_user = openrouter_user_id(state.user_id, secret)
+            body["user"] = state.openrouter_user
 
 
 async def emit(emitter: EventEmitter, event: dict[str, Any]) -> None:
@@ -3773,15 +5060,7 @@ class Filter:
         __model__: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         try:
-            base_url = await connection_base_url(__model__)
-            is_openrouter = matches_url_pattern(base_url, self.valves.openrouter_url_pattern)
-            state = CaptureState(
-                time.monotonic(), is_openrouter_connection=is_openrouter if base_url else None
-            )
-            if isinstance(__metadata__, dict):
-                __metadata__[STATE_KEY] = state
-            if isinstance(body, dict):
-                request_usage_reporting(body, is_openrouter=is_openrouter)
+            await start_capture(body, __metadata__, __model__, self.valves)
         except Exception:
             log.exception("openrouter_usage: inlet failed; the chat continues")
         return body
@@ -3800,6 +5079,8 @@ class Filter:
             if observe_chunk(state, event):
                 # The one change made to what the user sees: see surface_stream_error.
                 surface_stream_error(event)
+            if not state.watching_for_stop and state.generation_ids:
+                watch_for_stop(state, self.valves)
         except Exception:
             log.exception("openrouter_usage: could not read a stream chunk; the chat continues")
         return event

@@ -248,7 +248,12 @@ async def streamed_turn(
     """One streamed chat turn, inlet → stream → outlet, over the simulator's real response: the
     request body as inlet left it and the chunks `stream` saw."""
     request = {"model": model, "stream": True, "messages": [{"role": "user", "content": text}]}
-    metadata = {"chat_id": chat_id, "message_id": message_id, "session_id": "s-1"}
+    metadata = {
+        "chat_id": chat_id,
+        "message_id": message_id,
+        "session_id": "s-1",
+        "user_id": driver.user.get("id"),
+    }
     sent = dict(request)
     captured: list[dict[str, Any]] = []
 

@@ -93,7 +93,7 @@ def scanned_rollups(rows: Iterable[Any], zone: ZoneInfo) -> Rollups:
             "served_model": row["served_model"],
             "provider": row["provider"],
         }
-        values = [1, int(row["status"] != "ok"), *(int(row[name] or 0) for name in MEASURES[2:])]
+        values = [1, int(row["status"] == "error"), *(int(row[name] or 0) for name in MEASURES[2:])]
         for table, keys in ROLLUP_KEYS.items():
             bucket = sums[table][tuple(keyed[key] for key in keys)]
             bucket[:] = [total + value for total, value in zip(bucket, values, strict=True)]

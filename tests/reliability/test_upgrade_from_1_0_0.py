@@ -233,7 +233,9 @@ def test_a_1_0_0_ledger_is_upgraded_with_no_loss(plugin: types.ModuleType, datab
     assert len(rows) == OLD_RECORDS + 3
 
     users = {row["user_id"]: row for row in table_rows(database_url, "openrouter_usage_users", "user_id")}
-    assert all(users.get(user["user_id"]) == user for user in old_users), "1.0.0 users rows changed"
+    assert all(
+        {column: users.get(user["user_id"], {}).get(column) for column in user} == user for user in old_users
+    ), "1.0.0 users rows changed"
 
     migrations = [row["name"] for row in table_rows(database_url, "openrouter_usage_migrations", "name")]
     assert migrations == sorted(migration.name for migration in plugin.MIGRATIONS)

@@ -22,7 +22,7 @@ def scan_rollups(plugin: types.ModuleType, url: str, zone: ZoneInfo) -> list[dic
             day = plugin.local_day(r["created_at"], zone)
             measures = {
                 "requests": 1,
-                "failed": int(r["status"] != "ok"),
+                "failed": int(r["status"] == "error"),
                 **{m: int(r[m] or 0) for m in plugin.MEASURES[2:]},
             }
             for index, key in enumerate(
