@@ -9,16 +9,19 @@ required_open_webui_version: 0.10.0
 
 # ── The Open WebUI contract this file relies on (checked against 0.12.4) ──────────────────────────
 # * Loading: the source text is exec'd into a fresh module (no usable __file__); certain import
-#   spellings are rewritten on load, so this file imports only the standard library, pydantic
-#   and SQLAlchemy, both shipped with Open WebUI. One Filter instance serves every user and
+#   spellings are rewritten on load, so this file imports only the standard library, pydantic,
+#   httpx and SQLAlchemy, all shipped with Open WebUI. One Filter instance serves every user and
 #   request, so per-request state lives in __metadata__ (one dict shared by inlet, stream, outlet).
 # * Hooks: only parameters named in a signature are passed; coroutine functions are awaited and
 #   plain functions called directly (`stream` is plain here). `stream` sees each upstream SSE chunk
 #   as a dict, for every model call of a turn (tool rounds included), never for non-streaming
 #   responses. `outlet` runs server-side after every completion (0.9), API calls included (0.10);
 #   the legacy POST /api/chat/completed runs it again for the same message. No outlet runs for a
-#   stopped generation. Title, tag and follow-up generations never reach a function filter.
-#   A streamed `error` is shown to the user only when its chunk has no choices.
+#   stopped generation: the task that runs `stream` is cancelled (its done-callbacks still run).
+#   __metadata__ carries user_id, chat_id and message_id from inlet on. A `user` body field set in
+#   inlet reaches the OpenAI-compatible connection. Title, tag and follow-up generations never
+#   reach a function filter. A streamed `error` is shown to the user only when its chunk has no
+#   choices.
 # * The outlet body's last assistant message carries `usage` as Open WebUI merged it: it SUMS
 #   input_tokens/output_tokens/total_tokens/cost over tool rounds (as floats) and keeps the last
 #   round's other keys. Non-streaming outlets carry no generation id or provider.
