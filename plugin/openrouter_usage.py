@@ -2780,7 +2780,8 @@ class Reconciler:
 
     def next_due(self) -> float | None:
         """When the next pending row is due (epoch seconds), or None when nothing is pending."""
-        with self.ledger.writing() as conn:
+        self.ledger.ensure_schema()
+        with self.ledger.engine.connect() as conn:  # a read: no write lock
             return next_reconcile_due(conn)
 
     # ── the lease ──
@@ -2816,7 +2817,7 @@ class Reconciler:
             .order_by(ledger_table.c.id)
             .limit(RECONCILE_BATCH)
         )
-        with self.ledger.writing() as conn:  # the lease holder's own reads, beside its writes
+        with self.ledger.engine.connect() as conn:  # a read (the lease's write made the schema current)
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def _check_row(self, row: Mapping[str, Any], summary: ReconcileSummary) -> None:

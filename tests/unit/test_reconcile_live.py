@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from openrouter_sim import OpenRouterSimulator
+from openrouter_sim import LookupFault, OpenRouterSimulator
 from tests.factories import HookDriver, stream_events, streamed_turn
 
 KEY = "sk-or-v1-reconcile-test-key-0123456789"
@@ -259,3 +259,39 @@ def test_the_cli_reconciles_once_and_prints_a_summary(
     assert "matched: 1 · differ: 0" in captured.out
     assert rows(fast, url)[0]["reconcile_status"] == "matched"
     assert KEY not in captured.out + captured.err
+
+
+def test_faults_from_a_real_server_back_off_are_counted_and_the_row_still_matches(
+    fast: types.ModuleType, sim: OpenRouterSimulator, data_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fast, "LOOKUP_TIMEOUT_SECONDS", 0.5)
+    driver = HookDriver(fast)
+    asyncio.run(streamed_turn(driver, sim, "faults", message_id="m-faults"))
+    url = fast.resolve_database_url("")
+    time.sleep(0.4)  # the simulator's record becomes ready
+    sim.inject_lookup_faults(
+        LookupFault.rate_limited(1),
+        LookupFault.server_error(503),
+        LookupFault.slow(2.0),
+        LookupFault.not_json(),
+    )
+    account = fast.OpenRouterAccount(KEY, sim.base_url)
+    checker = fast.Reconciler(fast.ledger_for(url), account)
+    started = time.monotonic()
+    summaries = []
+    for _ in range(10):
+        summaries.append(checker.run_pass(due_only=False))
+        if rows(fast, url)[0]["reconcile_status"] != "pending":
+            break
+    account.close()
+
+    row = rows(fast, url)[0]
+    assert (row["reconcile_status"], row["reconcile_attempts"], row["reconcile_error"]) == ("matched", 3, "")
+    errors: dict[str, int] = {}
+    for summary in summaries:
+        for reason, count in summary.errors.items():
+            errors[reason] = errors.get(reason, 0) + count
+    assert errors == {"HTTP 429": 1, "HTTP 503": 1, "timeout": 1, "malformed JSON": 1}
+    assert time.monotonic() - started >= 1.0, "the 429's Retry-After was honoured"
+    (generation_id,) = json.loads(row["generation_ids"])
+    assert sim.successful_lookups() == {generation_id: 1}
