@@ -3995,6 +3995,7 @@ EXPORT_FIELDS: Final = (
     "billed_usd",
     "reconcile_status",
     "reconciled_at",
+    "reconcile_error",
 )
 # A spreadsheet runs a cell (or a line inside one) that starts with one of these as a formula.
 _FORMULA_START: Final = re.compile(r"(?:^|(?<=[\r\n]))(?=[=+\-@\t\r])")
