@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -111,8 +112,11 @@ def test_the_cli_sync_prints_the_notice_and_exits_zero(database_url: str) -> Non
     assert json.loads(result.stdout) == NOTICE
 
 
-def test_the_plugin_has_no_http_client_at_all() -> None:
-    """Bulk sync cannot call a listing endpoint: the plugin imports no HTTP client whatsoever."""
+def test_the_only_openrouter_endpoints_the_plugin_requests_are_single_lookups() -> None:
+    """Bulk sync cannot call a listing endpoint: the plugin's one HTTP client requests only
+    /generation?id= (one known id) and /key, and builds no other URL."""
     source = PLUGIN.read_text(encoding="utf-8")
-    for client in ("import httpx", "import urllib", "import http.client", "from urllib", "from http"):
+    assert set(re.findall(r"self\._get\(\"([^\"]+)\"", source)) == {"/generation", "/key"}
+    assert source.count("self._client.get(") == 1
+    for client in ("import urllib", "import http.client", "from urllib", "import requests", "import aiohttp"):
         assert client not in source
