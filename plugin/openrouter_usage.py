@@ -30,7 +30,10 @@ required_open_webui_version: 0.10.0
 # * Valves: self.valves is rebuilt as Valves(**saved) before every hook; the admin and user valve
 #   specs are rebuilt synchronously on the event loop on every GET …/valves/spec, which runs a
 #   callable json_schema_extra and calls a UserValves classmethod named in input.options with
-#   __user__. A validation error on save reaches the admin only as a generic toast.
+#   __user__. A validation error on save reaches the admin only as a generic toast. The panel
+#   always shows a field's description as Markdown, draws no control for a string field with an
+#   input type it does not know, and a save drops fields left at null ("Default"). The user spec
+#   runs the options method after UserValves.schema(), on the same dicts.
 # * Internals read (next section), each behind a guard that degrades to "unknown":
 #   open_webui.env.DATA_DIR (where the default ledger lives); the `openai.api_base_urls` config key
 #   with the model's urlIdx (which connection served the request); the module name Open WebUI gives
@@ -44,6 +47,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import copy
 import csv
 import dataclasses
@@ -71,7 +75,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -3202,13 +3206,18 @@ def reconciler_for(url: str) -> BackgroundReconciler:
 
 def format_usd(pico: int) -> str:
     """$12.34 from a dollar up; below, enough decimals for two significant digits (at least 4)."""
-    amount = pico_to_usd(pico)
+    return format_money(pico_to_usd(pico), "$")
+
+
+def format_money(amount: Decimal, symbol: str) -> str:
+    """`amount` after `symbol`: two decimals from one unit up; below, enough decimals for two
+    significant digits (at least 4). The one place money is rounded, and only to be shown."""
     if amount == 0:
-        return "$0.00"
+        return f"{symbol}0.00"
     if abs(amount) >= 1:
-        return f"${amount.quantize(Decimal('0.01'), rounding=ROUND_HALF_EVEN):,}"
+        return f"{symbol}{amount.quantize(Decimal('0.01'), rounding=ROUND_HALF_EVEN):,}"
     decimals = min(max(4, -amount.adjusted() + 1), 12)
-    return f"${amount.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_EVEN)}"
+    return f"{symbol}{amount.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_EVEN)}"
 
 
 def format_count(value: int) -> str:
@@ -3235,6 +3244,93 @@ def escape_markdown(text: str, limit: int = 60) -> str:
     if len(flat) > limit:
         flat = flat[: limit - 1] + "…"
     return _MARKDOWN_SPECIALS.sub(r"\\\1", flat) or "-"
+
+
+# ── Display currency ──
+# The ledger, the export and the CLI's JSON and CSV keep exact USD. The usage line, the panel and
+# the read-out may show another currency at a rate the admin sets; converting multiplies exactly
+# (a rate has at most MAX_RATE_DIGITS digits, a sum of pico-dollars at most 19: far below the
+# context's precision), and format_money rounds only the text.
+
+CURRENCY_SYMBOLS: Final = {"USD": "$", "EUR": "€", "GBP": "£"}  # other codes are written out
+MAX_RATE_PER_USD: Final = Decimal(1_000_000)  # the weakest currencies trade below 10^6 per USD
+MAX_RATE_DIGITS: Final = 15
+_EXACT: Final = Context(prec=64)
+CURRENCY_FORM: Final = (
+    "a currency code and its rate per USD, then optionally the date of the rate: EUR 0.92 2026-11-29"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DisplayCurrency:
+    """How money is shown: `code` at `rate` units per USD, set on `rate_date` when the admin said.
+    `problem` says why the admin's `text` was not understood (money is then shown in USD)."""
+
+    code: str = "USD"
+    rate: Decimal = Decimal(1)
+    rate_date: date | None = None
+    problem: str = ""
+    text: str = ""
+
+    def convert(self, pico: int) -> Decimal:
+        """Pico-dollars in this currency, exactly."""
+        return _EXACT.multiply(pico_to_usd(pico), self.rate)
+
+    def format(self, pico: int) -> str:
+        return format_money(self.convert(pico), CURRENCY_SYMBOLS.get(self.code, f"{self.code} "))
+
+    def rate_text(self) -> str:
+        """'0.92 EUR per USD (rate of 2026-11-29)', or '… as set by the admin' without a date."""
+        when = f"rate of {self.rate_date.isoformat()}" if self.rate_date else "as set by the admin"
+        return f"{decimal_text(self.rate)} {self.code} per USD ({when})"
+
+
+USD: Final = DisplayCurrency()
+
+
+def parse_display_currency(text: str) -> DisplayCurrency:
+    """`USD`, `EUR 0.92` or `EUR 0.92 2026-11-29` (code, rate per USD, optional date). Never raises:
+    anything else is USD with the problem named, so a bad value breaks neither a chat nor a save."""
+    words = str(text).split()
+    if not words:
+        return USD
+    code, rate_text, date_text = words[0].upper(), " ".join(words[1:2]), " ".join(words[2:])
+    rate = to_decimal(rate_text) if rate_text else (Decimal(1) if code == "USD" else None)
+    problem = ""
+    if not re.fullmatch(r"[A-Z]{3}", code):
+        problem = "expected " + CURRENCY_FORM
+    elif rate is None:
+        problem = "the rate is not a number" if rate_text else f"no rate per USD for {code}"
+    elif not 0 < rate <= MAX_RATE_PER_USD or len(rate.as_tuple().digits) > MAX_RATE_DIGITS:
+        problem = f"the rate must be above 0 and at most {MAX_RATE_PER_USD:,} per USD"
+    elif code == "USD" and rate != 1:
+        problem = "USD's rate per USD is 1"
+    rate_date = None
+    if not problem and date_text:
+        try:
+            rate_date = date.fromisoformat(date_text)
+        except ValueError:
+            problem = "the date must be YYYY-MM-DD"
+    if problem or rate is None:
+        return DisplayCurrency(problem=problem, text=str(text))
+    return DisplayCurrency(code, rate, rate_date, text=str(text))
+
+
+def currency_note(currency: DisplayCurrency) -> str:
+    """The panel's line about the display currency ("" for plain USD)."""
+    if currency.problem:
+        return (
+            f"Display currency {escape_markdown(currency.text, 40)} not understood ({currency.problem}): "
+            "amounts are in USD."
+        )
+    if currency.code == "USD":
+        return ""
+    example = f"{currency.code} {decimal_text(currency.rate)} YYYY-MM-DD"
+    undated = "" if currency.rate_date else f" Add the rate's date to the valve: `{example}`."
+    return (
+        f"Amounts in {currency.code} at {currency.rate_text()}; the ledger, the export and the CLI keep "
+        f"exact USD.{undated}"
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -3446,11 +3542,14 @@ def _period_totals(conn: sa.Connection, zone: str, first_day: str | None) -> Tot
     return Totals.from_row(conn.execute(_SELECT_PERIOD_TOTALS, parameters).first())
 
 
-def render_report_markdown(report: UsageReport) -> str:
+def render_report_markdown(report: UsageReport, currency: DisplayCurrency = USD) -> str:
     zone = ZoneInfo(report.timezone)
     generated = f"{report.generated_at.astimezone(zone):%Y-%m-%d %H:%M} {report.timezone}"
+    money = currency.format
+    note = currency_note(currency)
     lines = [
         f"Read-only, computed when this panel opens: {generated}.",
+        *(["", note] if note else []),
         "",
         "| Period | Spend | Requests | Tokens | Failed |",
         "|---|--:|--:|--:|--:|",
@@ -3459,14 +3558,14 @@ def render_report_markdown(report: UsageReport) -> str:
     for key, label in labels.items():
         totals = report.periods[key]
         lines.append(
-            f"| {label} | {format_usd(totals.spend_pico)} | {format_count(totals.requests)} | "
+            f"| {label} | {money(totals.spend_pico)} | {format_count(totals.requests)} | "
             f"{format_count(totals.total_tokens)} | {format_count(totals.failed)} |"
         )
     lines += ["", "**Top users, last 30 days**", ""]
     if report.top_users:
         lines += ["| User | Spend | Requests |", "|---|--:|--:|"]
         lines += [
-            f"| {escape_markdown(u.user_name)} | {format_usd(u.spend_pico)} | {format_count(u.requests)} |"
+            f"| {escape_markdown(u.user_name)} | {money(u.spend_pico)} | {format_count(u.requests)} |"
             for u in report.top_users
         ]
     else:
@@ -3476,7 +3575,7 @@ def render_report_markdown(report: UsageReport) -> str:
         lines += ["| Model | Provider | Spend | Tokens |", "|---|---|--:|--:|"]
         lines += [
             f"| {escape_markdown(m.served_model)} | {escape_markdown(m.provider)} | "
-            f"{format_usd(m.spend_pico)} | {format_count(m.total_tokens)} |"
+            f"{money(m.spend_pico)} | {format_count(m.total_tokens)} |"
             for m in report.top_models
         ]
     else:
@@ -3619,8 +3718,11 @@ def _key_day(conn: sa.Connection, key: str, value: str) -> KeyDay | None:
     return KeyDay(day.isoformat(), openrouter, int(ledger), f"{sampled_at:%H:%M}")
 
 
-def render_reconciliation_markdown(view: ReconciliationView | None, key_source: str, *, enabled: bool) -> str:
-    """The panel's "Checked against OpenRouter's bill" section."""
+def render_reconciliation_markdown(
+    view: ReconciliationView | None, key_source: str, *, enabled: bool, currency: DisplayCurrency = USD
+) -> str:
+    """The panel's "Checked against OpenRouter's bill" section, money in `currency`."""
+    money = currency.format
     lines = ["", "**Checked against OpenRouter's bill**", ""]
     if not key_source:
         lines.append(
@@ -3640,7 +3742,7 @@ def render_reconciliation_markdown(view: ReconciliationView | None, key_source: 
             f"{escape_markdown(str(state.get('rejected_at', ''))[:16], 20)} UTC): "
             "lookups stopped until the key changes."
         )
-    lines.append(reconcile_summary_line(view))
+    lines.append(reconcile_summary_line(view, money))
     if view.unpriced_stopped:
         lines.append(
             f"{count_of(view.unpriced_stopped, 'stopped answer')} without a cost yet: "
@@ -3669,23 +3771,23 @@ def render_reconciliation_markdown(view: ReconciliationView | None, key_source: 
             "|---|--:|--:|--:|",
         ]
         lines += [
-            f"| {d.day} (to {d.sampled_at}) | {format_usd(d.openrouter_pico)} | "
-            f"{format_usd(d.ledger_pico)} | {format_usd(d.openrouter_pico - d.ledger_pico)} |"
+            f"| {d.day} (to {d.sampled_at}) | {money(d.openrouter_pico)} | "
+            f"{money(d.ledger_pico)} | {money(d.openrouter_pico - d.ledger_pico)} |"
             for d in view.key_days
         ]
     limit, remaining = (to_decimal(view.key_limit.get(name)) for name in ("limit", "remaining"))
     if limit is not None:
         reset = view.key_limit.get("reset")
         lines.append(
-            f"Key limit (admins only): {format_usd(usd_to_pico(remaining or Decimal(0)))} remaining of "
-            f"{format_usd(usd_to_pico(limit))}"
+            f"Key limit (admins only): {money(usd_to_pico(remaining or Decimal(0)))} remaining of "
+            f"{money(usd_to_pico(limit))}"
             + (f", resets {escape_markdown(str(reset), 30)}" if reset else "")
             + "."
         )
     return "\n".join(lines)
 
 
-def reconcile_summary_line(view: ReconciliationView) -> str:
+def reconcile_summary_line(view: ReconciliationView, money: Callable[[int], str] = format_usd) -> str:
     """How much of the last 30 days is checked, what differs, and what waits."""
     counts = view.by_status
     no_id = counts.get("no_id", 0)
@@ -3704,7 +3806,7 @@ def reconcile_summary_line(view: ReconciliationView) -> str:
     if differs:
         sign = "+" if view.difference_pico >= 0 else "-"
         parts.append(
-            f"{format_count(differs)} differ by {sign}{format_usd(abs(view.difference_pico))} in total "
+            f"{format_count(differs)} differ by {sign}{money(abs(view.difference_pico))} in total "
             "(OpenRouter's bill minus the ledger)"
         )
     for status, label in (("not_found", "not found at OpenRouter"), ("failed", "failed")):
@@ -3819,7 +3921,7 @@ def user_usage_summary(ledger: Ledger, user_id: str, now: datetime | None = None
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LineParts:
-    """Which parts the usage line shows (admin valves)."""
+    """Which parts the usage line shows, and in which currency (admin valves)."""
 
     model: bool = True
     provider: bool = True
@@ -3829,6 +3931,7 @@ class LineParts:
     timing: bool = True
     speed: bool = True
     today_total: bool = False
+    currency: DisplayCurrency = USD
 
 
 def render_usage_line(
@@ -3840,14 +3943,14 @@ def render_usage_line(
     """The line Open WebUI shows under the model name, most important first, so a phone's narrow
     column (which cuts it short) still shows the money: the answer's cost, the chat's total, tokens,
     time, speed, provider; the model only when it is not the one requested (a router's choice)."""
-    usage = record.usage
+    usage, money = record.usage, parts.currency.format
     pieces: list[str] = [f"failed: {record.error}"] if record.status != "ok" else []
     if parts.cost:
-        pieces.append(format_usd(usage.spend_pico) if usage.cost_pico is not None else "cost not reported")
+        pieces.append(money(usage.spend_pico) if usage.cost_pico is not None else "cost not reported")
     if parts.chat_total and chat_spend_pico is not None:
-        pieces.append(f"chat {format_usd(chat_spend_pico)}")
+        pieces.append(f"chat {money(chat_spend_pico)}")
     if parts.today_total and today_spend_pico is not None:
-        pieces.append(f"today {format_usd(today_spend_pico)}")
+        pieces.append(f"today {money(today_spend_pico)}")
     if parts.tokens:
         pieces += _token_pieces(usage)
     if parts.timing and record.latency_ms is not None:
@@ -3910,9 +4013,13 @@ def bulk_sync_notice_markdown() -> str:
             f"- **Alternative:** {details['alternative']}",
             f"- **Impact:** {details['impact']}",
             "",
+            "No bulk sync ran and none will: the switch was saved off.",
+            "",
+            # Open WebUI labels the button of a field holding a saved value "Custom"; clicking it
+            # empties the field, and a save then drops it (docs/contract.md, saving the panel).
             (
-                "No bulk sync ran and none will: the switch turns itself back off. Clear this field and save "
-                "to dismiss the notice."
+                "To dismiss this notice, click **Custom** beside its title (it turns to **Default**), "
+                "then **Save**."
             ),
         ]
     )
@@ -4092,8 +4199,11 @@ def terminal_text(text: str) -> str:
     return "".join(character for character in flat if character.isprintable())
 
 
+_NUMERIC_CELL: Final = re.compile(rf"-?(?:[{''.join(CURRENCY_SYMBOLS.values())}]|[A-Z]{{3}} )?[\d,]+(\.\d+)?")
+
+
 def _looks_numeric(text: str) -> bool:
-    return bool(re.fullmatch(r"-?\$?[\d,]+(\.\d+)?", text))
+    return bool(_NUMERIC_CELL.fullmatch(text))
 
 
 def parse_since(text: str, zone: ZoneInfo, now: datetime | None = None) -> str:
@@ -4189,6 +4299,12 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         "the settings' report time zone); another zone is counted from the ledger rows, more slowly",
     )
     report.add_argument("--rows", type=int, default=10, help="rows in the top lists (default: 10)")
+    report.add_argument(
+        "--currency",
+        default="",
+        help='money in the tables in another currency: a code and its rate per USD, e.g. "EUR 0.92" '
+        "(JSON and CSV keep exact USD)",
+    )
     add_database_option(report)
 
     spool = commands.add_parser(
@@ -4260,10 +4376,23 @@ def run_ledger_command(args: argparse.Namespace, ledger: Ledger, out: Any) -> in
             since = since.replace(tzinfo=UTC)
         write_export(export_rows(ledger, since), args.format, out)
         return 0
+    currency = cli_currency(args.currency, args.format)
     zone = resolve_zone(args.timezone) if args.timezone else None
     usage_report = build_usage_report(ledger, zone, max(args.rows, 1), breakdown=(args.by, args.since))
-    print_report(usage_report, args.by, args.format, out)
+    print_report(usage_report, args.by, args.format, out, currency)
     return 0
+
+
+def cli_currency(text: str, fmt: str) -> DisplayCurrency:
+    """`report --currency` for the tables; JSON and CSV keep exact USD."""
+    if not text.strip():
+        return USD
+    if fmt != "table":
+        raise ValueError(f"--currency applies to tables; --format {fmt} keeps exact USD")
+    currency = parse_display_currency(text)
+    if currency.problem:
+        raise ValueError(f'--currency {text!r}: {currency.problem} (e.g. "EUR 0.92")')
+    return currency
 
 
 CLI_LEASE_WAIT_SECONDS: Final = 2 * LEASE_SECONDS
@@ -4398,14 +4527,17 @@ def _spool_row(state: str, record: UsageRecord, reason: str) -> dict[str, Any]:
     }
 
 
-def print_report(usage_report: UsageReport, by: str, fmt: str, out: Any) -> None:
+def print_report(
+    usage_report: UsageReport, by: str, fmt: str, out: Any, currency: DisplayCurrency = USD
+) -> None:
+    money = f"spend_{currency.code.lower()}"
     fields = {
         "user": ["user_id", "user_name", "openrouter_user"],
         "model": ["served_model", "provider"],
         "day": ["day"],
         "provider": ["provider"],
     }[by] + [
-        "spend_usd",
+        money if fmt == "table" else "spend_usd",
         "requests",
         "failed",
         "prompt_tokens",
@@ -4429,7 +4561,7 @@ def print_report(usage_report: UsageReport, by: str, fmt: str, out: Any) -> None
     periods = [
         {
             "period": label,
-            "spend_usd": format_usd(usage_report.periods[key].spend_pico),
+            money: currency.format(usage_report.periods[key].spend_pico),
             "requests": format_count(usage_report.periods[key].requests),
             "tokens": format_count(usage_report.periods[key].total_tokens),
             "failed": format_count(usage_report.periods[key].failed),
@@ -4437,25 +4569,29 @@ def print_report(usage_report: UsageReport, by: str, fmt: str, out: Any) -> None
         for key, label in [(k, lbl) for k, lbl, _ in PERIODS] + [("all_time", "All time")]
     ]
     out.write(f"Ledger: {terminal_text(usage_report.health.location)}   time zone: {usage_report.timezone}\n")
+    if currency.code != "USD":
+        out.write(f"Money in {currency.code} at {currency.rate_text()}; the ledger keeps exact USD.\n")
     for line in health_lines(usage_report.health)[1:]:
         out.write(terminal_text(line.replace("\\", "")) + "\n")
     out.write("\n")
-    write_table(periods, ["period", "spend_usd", "requests", "tokens", "failed"], out)
+    write_table(periods, ["period", money, "requests", "tokens", "failed"], out)
     out.write(f"\nBy {by}, since {since}:\n\n")
-    write_table([_as_shown(row) for row in breakdown], fields, out)
+    write_table([_as_shown(row, currency) for row in breakdown], fields, out)
 
 
-def _as_shown(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A report row as the tables show money and counts (`$0.0314`, `68,883`); JSON and CSV keep
-    the exact decimals."""
-    return {
-        key: format_usd(usd_to_pico(Decimal(value)))
-        if key.endswith("_usd") and value is not None
-        else format_count(value)
-        if isinstance(value, int) and not isinstance(value, bool)
-        else value
-        for key, value in row.items()
-    }
+def _as_shown(row: Mapping[str, Any], currency: DisplayCurrency) -> dict[str, Any]:
+    """A report row as the tables show money (in `currency`, its fields renamed from `_usd`) and
+    counts (`$0.0314`, `68,883`); JSON and CSV keep the exact decimals in USD."""
+    shown: dict[str, Any] = {}
+    for key, value in row.items():
+        if key.endswith("_usd"):
+            money = currency.format(usd_to_pico(Decimal(value))) if value is not None else None
+            shown[key.removesuffix("usd") + currency.code.lower()] = money
+        elif isinstance(value, int) and not isinstance(value, bool):
+            shown[key] = format_count(value)
+        else:
+            shown[key] = value
+    return shown
 
 
 # ══ The filter ════════════════════════════════════════════════════════════════════════════════════
@@ -4511,6 +4647,13 @@ class Settings(BaseModel):
     )
     line_show_timing: bool = Field(default=True, title="Line: time", description="Time to the full answer.")
     line_show_speed: bool = Field(default=True, title="Line: speed", description="Output tokens per second.")
+    display_currency: str = Field(
+        default="USD",
+        title="Display currency",
+        description="Money in the usage line, this report and users' read-outs: `USD`, or a currency code "
+        "and its rate per USD, then optionally the rate's date: `EUR 0.92 2026-11-29`. The ledger, the "
+        "export and the CLI keep exact USD.",
+    )
     report_timezone: str = Field(
         default="UTC", title="Report time zone", description="IANA name; decides what 'today' means."
     )
@@ -4561,6 +4704,7 @@ class Settings(BaseModel):
             timing=self.line_show_timing,
             speed=self.line_show_speed,
             today_total=self.line_show_today_total,
+            currency=parse_display_currency(self.display_currency),
         )
 
 
@@ -4605,6 +4749,12 @@ class SettingsFile:
             temporary.replace(path)
         except OSError as exc:
             log.debug("openrouter_usage: could not persist settings (%s)", exc)
+
+    def last_seen(self) -> dict[str, Any]:
+        """The valves this copy of the function last saw in this process, without the file (which
+        every copy installed in this data directory writes)."""
+        with self._lock:
+            return dict(self._last or {})
 
     def recall(self) -> dict[str, Any]:
         with self._lock:
@@ -4686,8 +4836,9 @@ def admin_report_markdown() -> str:
         unavailable = f"Usage report unavailable: {escape_markdown(report, 300)} (`{ledger.location}`)."
         return unavailable + waiting_note(ledger)
     wanted = resolve_zone(settings.report_timezone).key
-    markdown = render_report_markdown(report) + render_reconciliation_markdown(
-        view, openrouter_api_key(settings)[1], enabled=settings.reconcile
+    currency = parse_display_currency(settings.display_currency)
+    markdown = render_report_markdown(report, currency) + render_reconciliation_markdown(
+        view, openrouter_api_key(settings)[1], enabled=settings.reconcile, currency=currency
     )
     if wanted != report.timezone and not report.health.recount:
         markdown += (
@@ -4711,51 +4862,102 @@ def waiting_note(ledger: Ledger) -> str:
     return ""
 
 
+# Open WebUI 0.12.4 draws a control for a valve of an enum, boolean, multiselect or non-string
+# type, and for a string whose input type is password, select, color or map (else a text box); a
+# string with any other input type shows only its title, the Default/Custom button and its
+# description (Markdown). The panel's read-only fields use one, so nothing invites typing; their
+# values are never stored (Filter.Valves, Filter.UserValves), whatever that button is set to.
+READ_ONLY_INPUT: Final = "readonly"
+
+
 def _admin_report_schema(schema: dict[str, Any]) -> None:
+    schema["input"] = {"type": READ_ONLY_INPUT}
     schema["description"] = admin_report_markdown()
 
 
 def _bulk_sync_notice_schema(schema: dict[str, Any]) -> None:
+    """The notice of this copy of the function only: another copy, installed under another id,
+    has its own saved valves (and shares the settings file, so that is not read here)."""
+    schema["input"] = {"type": READ_ONLY_INPUT}
+    function_id = open_webui_function_id()
     try:
-        notice = run_off_loop(lambda: saved_valves().get("bulk_sync_notice"))
+        stored = run_off_loop(lambda: valves_in_open_webui_store(function_id)) if function_id else None
     except Exception:
-        notice = SETTINGS_FILE.recall().get("bulk_sync_notice")
+        stored = None
+    notice = (stored if stored is not None else SETTINGS_FILE.last_seen()).get("bulk_sync_notice")
     if notice:
         schema["description"] = bulk_sync_notice_markdown()
 
 
-def user_usage_options(user: Mapping[str, Any] | None) -> list[dict[str, str]]:
-    """The user's own read-out, as the options of a dropdown in their valves panel."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class UserReadout:
+    """A user's own figures, as their valves panel shows them: (label, figures) lines, then a note
+    (the display currency's rate, or why there are no figures)."""
+
+    lines: tuple[tuple[str, str], ...] = ()
+    note: str = ""
+
+    def markdown(self) -> str:
+        items = "\n".join(f"- **{label}:** {figures}" for label, figures in self.lines)
+        return "\n\n".join(part for part in (items, self.note) if part)
+
+    def options(self) -> list[dict[str, str]]:
+        """The same, as the option list Open WebUI asks the options method for."""
+        lines = self.lines or (("", self.note),)
+        return [
+            {"value": label, "label": f"{label}: {figures}" if label else figures} for label, figures in lines
+        ]
+
+
+def user_readout_lines(
+    summary: Mapping[str, Totals], currency: DisplayCurrency
+) -> tuple[tuple[str, str], ...]:
+    """Spend, requests and tokens today and this calendar month. Budget lines (the budget, what
+    remains, when it resets) follow these."""
+    lines = []
+    for key, label in (("today", "Today"), ("month", "This month")):
+        totals = summary[key]
+        figures = (
+            currency.format(totals.spend_pico),
+            count_of(totals.requests, "request"),
+            count_of(totals.total_tokens, "token"),
+        )
+        lines.append((label, " · ".join(figures)))
+    return tuple(lines)
+
+
+def user_readout(user: Mapping[str, Any] | None) -> UserReadout:
+    """The user's own read-out, from the ledger the saved valves name (reads only)."""
     user_id = str((user or {}).get("id") or "")
     if not user_id:
-        return [{"value": "today", "label": "Usage unavailable: not signed in"}]
+        return UserReadout(note="Usage unavailable: not signed in.")
 
-    def read() -> dict[str, Totals]:
+    def read() -> tuple[dict[str, Totals], DisplayCurrency]:
         settings = saved_settings(saved_valves())
+        currency = parse_display_currency(settings.display_currency)
         writer = writer_for(resolve_database_url(settings.database_url))
         try:
-            return user_usage_summary(writer.ledger, user_id)
+            return user_usage_summary(writer.ledger, user_id), currency
         finally:
             writer.release_if_idle()
 
     try:
-        summary = run_off_loop(read)
+        summary, currency = run_off_loop(read)
     except Exception as exc:
         log.warning("openrouter_usage: user read-out unavailable (%s)", short_error(exc))
-        return [{"value": "today", "label": "Your usage is unavailable right now"}]
-    today, month = summary["today"], summary["month"]
-    return [
-        {
-            "value": "today",
-            "label": f"Today: {format_usd(today.spend_pico)} · {count_of(today.requests, 'request')} · "
-            f"{count_of(today.total_tokens, 'token')}",
-        },
-        {
-            "value": "month",
-            "label": f"This month: {format_usd(month.spend_pico)} · "
-            f"{count_of(month.requests, 'request')} · {count_of(month.total_tokens, 'token')}",
-        },
-    ]
+        return UserReadout(note="Your usage is unavailable right now.")
+    converted = f"Converted from USD at {currency.rate_text()}." if currency.code != "USD" else ""
+    return UserReadout(user_readout_lines(summary, currency), converted)
+
+
+# Open WebUI 0.12.4 builds a user's valves spec as `UserValves.schema()` (which calls
+# model_json_schema), then, synchronously and on the same dicts, calls the options method named in
+# a field's `input.options` with __user__: the one call that knows the user. The schema's
+# read-out property waits here (per request: a context variable) for that call to write the
+# user's figures into its description, which the panel always shows.
+_READOUT_PROPERTY: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "openrouter_usage_readout_property", default=None
+)
 
 
 # ── The hooks' work ──
@@ -5005,13 +5207,15 @@ class Filter:
         bulk_sync: bool = Field(
             default=False,
             title="Bulk sync (deprecated)",
-            description="Does nothing: OpenRouter has no endpoint listing past generations. "
-            "Usage is recorded in real time at every completion.",
+            description="Does nothing: OpenRouter has no endpoint listing past generations, and usage is "
+            "recorded in real time at every completion. Saving with it on runs nothing: it is saved off "
+            "(this panel still shows it on until you close it), and the notice below explains why when "
+            "you open the panel again.",
         )
         bulk_sync_notice: str = Field(
             default="",
             title="Bulk sync notice",
-            description="Filled in when bulk sync is switched on.",
+            description="Appears here after bulk sync is switched on and saved.",
             json_schema_extra=_bulk_sync_notice_schema,
         )
 
@@ -5022,6 +5226,10 @@ class Filter:
             if self.bulk_sync:
                 self.bulk_sync = False
                 self.bulk_sync_notice = bulk_sync_notice_text(datetime.now(UTC))
+            # Read-only fields: what the Default/Custom button leaves in them is never stored.
+            self.model_fields_set.discard("usage_report")
+            if not self.bulk_sync_notice:
+                self.model_fields_set.discard("bulk_sync_notice")
             if self.model_fields_set:  # Valves() with no saved settings teaches nothing
                 SETTINGS_FILE.remember(self.__dict__)
             return self
@@ -5031,15 +5239,31 @@ class Filter:
             default=True, title="Usage line", description="Show the usage line with my answers."
         )
         my_usage: str = Field(
-            default="today",
+            default="",
             title="My usage",
-            description="Your own spend, from the usage ledger (click Default to show it).",
-            json_schema_extra={"input": {"type": "select", "options": "my_usage_options"}},
+            description="Your own spend, from the usage ledger.",  # the figures replace it
+            json_schema_extra={"input": {"type": READ_ONLY_INPUT, "options": "my_usage_options"}},
         )
+
+        @model_validator(mode="after")
+        def _read_only(self) -> Filter.UserValves:
+            self.model_fields_set.discard("my_usage")  # a read-out, never a setting
+            return self
+
+        @classmethod
+        def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            schema = super().model_json_schema(*args, **kwargs)
+            _READOUT_PROPERTY.set(schema.get("properties", {}).get("my_usage"))
+            return schema
 
         @classmethod
         def my_usage_options(cls, __user__: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
-            return user_usage_options(__user__)
+            readout = user_readout(__user__)
+            readout_property = _READOUT_PROPERTY.get()
+            if readout_property is not None:
+                readout_property["description"] = readout.markdown()
+                _READOUT_PROPERTY.set(None)
+            return readout.options()
 
     # Open WebUI looks `stream` up on the instance for every chunk (getattr) and skips a filter
     # whose `stream` is None, so with capture off the hook is absent, not a no-op that still costs

@@ -229,10 +229,20 @@ def test_two_users_at_once_each_get_their_own_rows_and_figures(
     # Issue 5: a user reads only their own figures; the admin spec is not theirs to read.
     spec = bob.get_user_valves_spec(FUNCTION_ID)
     assert spec is not None
-    labels = " ".join(o["label"] for o in spec["properties"]["my_usage"]["input"]["options"])
+    readout = spec["properties"]["my_usage"]
     bob_spend = sum(usd(r["spend_usd"]) for r in rows.values() if r["user_id"] == bob.user["id"])
+    # Issue 15: the figures are the field's description, which the panel always shows, with no
+    # control to click (docs/contract.md, valves rendering); the options carry the same figures.
+    assert readout["description"].startswith(
+        f"- **Today:** {plugin.format_usd(int(bob_spend * 10**12))} · 1 request ·"
+    )
+    assert "\n- **This month:** " in readout["description"]
+    assert readout["input"]["type"] == plugin.READ_ONLY_INPUT
+    labels = " ".join(o["label"] for o in readout["input"]["options"])
     assert f"Today: {plugin.format_usd(int(bob_spend * 10**12))} · 1 request ·" in labels
-    assert admin.user.get("name", "Admin") not in labels and "Admin" not in labels
+    assert admin.user.get("name", "Admin") not in labels + readout["description"]
+    own = admin.get_user_valves_spec(FUNCTION_ID)  # the next spec built is the admin's own, not Bob's
+    assert own is not None and own["properties"]["my_usage"]["description"] != readout["description"]
     with pytest.raises(OpenWebUIHTTPError) as denied:
         bob.get_valves_spec(FUNCTION_ID)
     assert denied.value.status_code == 401
@@ -294,10 +304,42 @@ def test_bulk_sync_valve_round_trip_shows_the_notice_and_tracking_goes_on(
     notice = spec["properties"]["bulk_sync_notice"]["description"]
     assert notice.startswith("**Deprecated.** Bulk sync has been disabled")
     assert "- **Impact:** No data loss" in notice
+    assert spec["properties"]["bulk_sync_notice"]["input"]["type"] == "readonly", "shown once: no text box"
     # A later save (the admin's next edit) is still accepted: stored valves stay valid.
     admin.update_valves(FUNCTION_ID, {"report_rows": 5}, merge=True)
     _, message_id = admin.browser_chat(MODEL, f"after-bulk-{uuid.uuid4().hex[:8]}")
     wait_for_row(openwebui, message_id)
+    # The dismissal the notice gives: Custom → Default leaves null in the form, and the save drops it.
+    admin.update_valves(FUNCTION_ID, {"bulk_sync_notice": None}, merge=True)
+    assert "bulk_sync_notice" not in admin.get_valves(FUNCTION_ID)
+    spec = admin.get_valves_spec(FUNCTION_ID)
+    assert spec is not None and not spec["properties"]["bulk_sync_notice"]["description"].startswith(
+        "**Deprecated"
+    )
+
+
+def test_a_second_copy_under_another_id_shows_only_its_own_notice(
+    admin: OpenWebUIClient, installed: None
+) -> None:
+    copy_id = f"{FUNCTION_ID}_copy"
+    admin.create_function(copy_id, "OpenRouter Usage (copy)", SOURCE)  # inactive: records nothing
+    try:
+        admin.update_valves(FUNCTION_ID, {"bulk_sync": True}, merge=True)
+        spec = admin.get_valves_spec(copy_id)
+        assert spec is not None and not spec["properties"]["bulk_sync_notice"]["description"].startswith(
+            "**Dep"
+        )
+        assert "bulk_sync_notice" not in admin.get_valves(copy_id)
+        admin.update_valves(copy_id, {"bulk_sync": True}, merge=True)
+        admin.update_valves(FUNCTION_ID, {"bulk_sync_notice": None}, merge=True)  # dismissed in the first
+        spec = admin.get_valves_spec(copy_id)
+        assert spec is not None and spec["properties"]["bulk_sync_notice"]["description"].startswith("**Dep")
+        spec = admin.get_valves_spec(FUNCTION_ID)
+        assert spec is not None and not spec["properties"]["bulk_sync_notice"]["description"].startswith(
+            "**Dep"
+        )
+    finally:
+        admin.delete_function(copy_id)
 
 
 def test_the_admin_panel_report_matches_the_ledger(
@@ -315,6 +357,46 @@ def test_the_admin_panel_report_matches_the_ledger(
         f"{sum(1 for r in rows if r['status'] != 'ok'):,} |"
     )
     assert "Bob Builder" in report and "openrouter_usage.sqlite3" in report
+    # Read-only: no control is drawn, and what the Default button leaves ("") is never stored.
+    assert spec["properties"]["usage_report"]["input"]["type"] == plugin.READ_ONLY_INPUT
+    admin.update_valves(FUNCTION_ID, {"usage_report": ""}, merge=True)
+    assert "usage_report" not in admin.get_valves(FUNCTION_ID)
+
+
+def test_money_shows_in_the_display_currency_and_the_ledger_stays_in_usd(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, installed: None, plugin: Any
+) -> None:
+    eur = plugin.parse_display_currency("EUR 0.92 2026-11-29")
+    admin.update_valves(FUNCTION_ID, {"display_currency": "EUR 0.92 2026-11-29"}, merge=True)
+    try:
+        chat_id, message_id = admin.browser_chat(MODEL, f"euro-{uuid.uuid4().hex[:8]}")
+        row = wait_for_row(openwebui, message_id)
+        spend = int(usd(row["spend_usd"]) * 10**12)
+        message = admin.get_message(chat_id, message_id)
+        assert message is not None
+        (line,) = [line for line in usage_lines(message) if "€" in line]
+        assert line.startswith(f"{eur.format(spend)} · chat {eur.format(spend)} · ")
+        rows = export(openwebui)
+        spec = admin.get_valves_spec(FUNCTION_ID)
+        assert spec is not None
+        report = spec["properties"]["usage_report"]["description"]
+        assert "Amounts in EUR at 0.92 EUR per USD (rate of 2026-11-29)" in report
+        total = sum(int(usd(r["spend_usd"]) * 10**12) for r in rows)
+        assert f"| All time | {eur.format(total)} |" in report
+        own = admin.get_user_valves_spec(FUNCTION_ID)
+        assert own is not None
+        readout = own["properties"]["my_usage"]["description"]
+        assert readout.startswith("- **Today:** €") and "Converted from USD at 0.92 EUR per USD" in readout
+        admin.update_valves(FUNCTION_ID, {"display_currency": "EUR 0,92"}, merge=True)  # saved, never refused
+        spec = admin.get_valves_spec(FUNCTION_ID)
+        assert spec is not None
+        assert "not understood" in spec["properties"]["usage_report"]["description"]
+        assert (
+            f"| All time | {plugin.format_usd(total)} |" in spec["properties"]["usage_report"]["description"]
+        )
+    finally:
+        admin.update_valves(FUNCTION_ID, {"display_currency": "USD"}, merge=True)
+    assert all(r["spend_usd"] and "€" not in json.dumps(r) for r in export(openwebui)), "the ledger stays USD"
 
 
 def test_the_panel_reads_the_valves_saved_in_open_webui_not_what_this_worker_last_saw(

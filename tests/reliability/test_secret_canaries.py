@@ -177,7 +177,7 @@ async def scan_every_surface(
     surfaces = {
         "events": json.dumps(emitter.events, default=str),
         "panel": plugin.admin_report_markdown(),
-        "read-out": json.dumps(plugin.user_usage_options(USER)),
+        "read-out": plugin.user_readout(USER).markdown(),
     }
     surfaces |= {f"cli {command}": output for command, output in run_cli(plugin, capsys, url).items()}
     surfaces["logs"] = log_text(caplog)

@@ -15,7 +15,7 @@ import pytest
 
 from openrouter_sim import OpenRouterSimulator
 from scripts.build_manifest import PLUGIN
-from tests.factories import EmitterRecorder, HookDriver, streamed_turn
+from tests.factories import EmitterRecorder, HookDriver, load_plugin_module, streamed_turn
 
 NOTICE: dict[str, Any] = {
     "status": "deprecated",
@@ -47,10 +47,47 @@ def test_saving_the_switch_on_stores_the_notice_and_a_valid_off_switch(plugin: t
     assert reloaded.bulk_sync is False and reloaded.bulk_sync_notice == stored["bulk_sync_notice"]
     properties = plugin.Filter.Valves.model_json_schema()["properties"]
     assert properties["bulk_sync"]["title"] == "Bulk sync (deprecated)"
-    # The panel renders the notice as Markdown in the notice field's description.
-    assert properties["bulk_sync_notice"]["description"].startswith(
-        "**Deprecated.** Bulk sync has been disabled"
+    # What the admin sees after saving: the switch still on until the panel is reopened (Open
+    # WebUI keeps its own copy of the form), then off, with the notice.
+    assert (
+        "it is saved off (this panel still shows it on until you close it)"
+        in (properties["bulk_sync"]["description"])
     )
+    # The panel shows the notice once: as Markdown in the description, with no text box (docs/contract.md,
+    # valves rendering).
+    notice = properties["bulk_sync_notice"]
+    assert notice["description"].startswith("**Deprecated.** Bulk sync has been disabled")
+    assert notice["type"] == "string" and notice["input"]["type"] not in {
+        "password",
+        "select",
+        "color",
+        "map",
+    }
+    assert (
+        "click **Custom** beside its title (it turns to **Default**), then **Save**" in notice["description"]
+    )
+
+
+def test_dismissing_the_notice_as_the_panel_does_drops_it(plugin: types.ModuleType) -> None:
+    stored = plugin.Filter.Valves(bulk_sync=True).model_dump(exclude_unset=True)
+    # Custom → Default sets the field to null; POST …/valves/update drops nulls, validates the rest
+    # and stores what was set (docs/contract.md, saving the panel).
+    form = {**stored, "bulk_sync_notice": None, "usage_report": ""}
+    saved = plugin.Filter.Valves(**{k: v for k, v in form.items() if v is not None})
+    assert saved.model_dump(exclude_unset=True) == {"bulk_sync": False}
+    notice = plugin.Filter.Valves.model_json_schema()["properties"]["bulk_sync_notice"]
+    assert notice["description"] == "Appears here after bulk sync is switched on and saved."
+
+
+def test_a_second_copy_shows_only_its_own_notice(plugin: types.ModuleType) -> None:
+    """Copies installed under other ids share the data directory's settings file, never a notice."""
+    plugin.Filter.Valves(bulk_sync=True)  # the first copy's save, remembered in the shared file
+    assert "Bulk sync has been disabled" in plugin.SettingsFile().recall()["bulk_sync_notice"]
+    second = load_plugin_module()
+    notice = second.Filter.Valves.model_json_schema()["properties"]["bulk_sync_notice"]
+    assert notice["description"] == "Appears here after bulk sync is switched on and saved."
+    first = plugin.Filter.Valves.model_json_schema()["properties"]["bulk_sync_notice"]
+    assert first["description"].startswith("**Deprecated.**")
 
 
 async def test_the_next_admin_chat_gets_the_notice_once_and_users_never(

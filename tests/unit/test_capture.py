@@ -480,3 +480,26 @@ def test_the_line_names_the_model_only_when_a_router_chose_another(plugin: types
     )
     asked = plugin.dataclasses.replace(routed, model="anthropic/claude-3.5-sonnet")
     assert "claude" not in plugin.render_usage_line(parts, asked, 3_000_000_000)
+
+
+@pytest.mark.parametrize(
+    ("display_currency", "shown"),
+    [("EUR 0.92 2026-11-29", "EUR 0.92"), ("EUR", "USD"), ("EUR 0.92 sometime", "USD"), ("{}", "USD")],
+)
+async def test_the_line_shows_money_in_the_display_currency_and_a_bad_one_is_usd(
+    plugin: types.ModuleType, data_dir: Any, sim: OpenRouterSimulator, display_currency: str, shown: str
+) -> None:
+    url = f"sqlite:///{data_dir / 'l.sqlite3'}"
+    valves = {"database_url": url, "display_currency": display_currency, "line_show_today_total": True}
+    emitter = EmitterRecorder()
+    _, chunks = await streamed_turn(
+        HookDriver(plugin, valves=valves), sim, "Hi", message_id="m-1", emitter=emitter
+    )
+    spend = spend_of(sim, chunks[0]["id"])
+    currency = plugin.parse_display_currency(shown)
+    (line,) = emitter.statuses
+    assert line.startswith(
+        f"{currency.format(spend)} · chat {currency.format(spend)} · today {currency.format(spend)} · "
+    )
+    (row,) = rows(plugin, url)
+    assert row["spend_pico"] == spend, "the ledger keeps exact USD"

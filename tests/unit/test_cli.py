@@ -281,3 +281,32 @@ def test_report_tables_show_money_and_counts_as_the_summary_does(
         plugin, capsys, "report", "--by", "user", "--format", "json", "--database-url", database_url
     )
     assert "$" not in out and re.search(r'"spend_usd": "0\.\d+"', out), "JSON keeps exact decimals"
+
+
+def test_report_tables_can_show_another_currency_and_json_and_csv_stay_in_usd(
+    plugin: types.ModuleType, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{data_dir / 'ledger.sqlite3'}"
+    records = [make_record(plugin, i, user_id="u-1", created_at=datetime.now(UTC)) for i in range(3)]
+    write(plugin, url, records)
+    total = sum(r.usage.spend_pico for r in records)
+    eur = plugin.parse_display_currency("EUR 0.92")
+    code, out = run_cli(plugin, capsys, "report", "--currency", "EUR 0.92", "--database-url", url)
+    assert (
+        code == 0
+        and "Money in EUR at 0.92 EUR per USD (as set by the admin); the ledger keeps exact USD." in out
+    )
+    assert "$" not in out and "spend_usd" not in out
+    (all_time,) = [line for line in out.splitlines() if line.startswith("All time")]
+    assert all_time.split()[2] == eur.format(total)
+    header, _, row = out.split("By user")[1].splitlines()[2:5]
+    end = header.index("spend_eur") + len("spend_eur")
+    assert row[:end].endswith(" " + eur.format(total)), "money in euros, right-aligned as a number"
+    capsys.readouterr()
+    for fmt in ("json", "csv"):
+        code = plugin.cli_main(["report", "--currency", "EUR 0.92", "--format", fmt, "--database-url", url])
+        error = capsys.readouterr().err
+        assert code == 2 and f"--currency applies to tables; --format {fmt} keeps exact USD" in error
+    code = plugin.cli_main(["report", "--currency", "EUR", "--database-url", url])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "no rate per USD for EUR" in error and "EUR 0.92" in error

@@ -245,8 +245,7 @@ def test_reads_never_create_a_ledger(plugin: types.ModuleType, data_dir: Path) -
     url = f"sqlite:///{data_dir / 'never.sqlite3'}"
     plugin.Filter.Valves(database_url=url)
     assert "No ledger" in plugin.admin_report_markdown() or "no ledger" in plugin.admin_report_markdown()
-    options = plugin.user_usage_options({"id": "u-1"})
-    assert "unavailable" in options[0]["label"]
+    assert "unavailable" in plugin.user_readout({"id": "u-1"}).markdown()
     assert plugin.cli_main(["report", "--database-url", url]) == 2
     assert plugin.cli_main(["export", "--database-url", url]) == 2
     assert not (data_dir / "never.sqlite3").exists()

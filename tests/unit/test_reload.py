@@ -73,7 +73,7 @@ def use_every_path(module: types.ModuleType, url: str, index: int) -> None:
 
     asyncio.run(driver.call("outlet", body, __metadata__={}, __user__=driver.user, __event_emitter__=emitter))
     assert "Usage report" in str(module.Filter.Valves.model_json_schema())
-    module.user_usage_options({"id": "admin-1"})
+    module.user_readout({"id": "admin-1"})
 
 
 def wait_until(condition: Any, seconds: float = 15.0) -> bool:

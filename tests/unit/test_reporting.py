@@ -154,3 +154,159 @@ def test_valve_titles_are_short_enough_for_a_phone(plugin: types.ModuleType) -> 
     for model in (plugin.Filter.Valves, plugin.Filter.UserValves):
         titles = {name: field.title or name for name, field in model.model_fields.items()}
         assert all(len(title) <= 24 for title in titles.values()), titles
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "rate", "rate_date"),
+    [
+        ("", "USD", "1", None),
+        ("USD", "USD", "1", None),
+        ("EUR 0.92", "EUR", "0.92", None),
+        ("  eur   0.920  2026-11-29 ", "EUR", "0.92", "2026-11-29"),
+        ("CHF 0.8812345", "CHF", "0.8812345", None),
+    ],
+)
+def test_the_display_currency_is_a_code_a_rate_per_usd_and_an_optional_date(
+    plugin: types.ModuleType, text: str, code: str, rate: str, rate_date: str | None
+) -> None:
+    currency = plugin.parse_display_currency(text)
+    assert (currency.code, currency.rate, currency.problem) == (code, Decimal(rate), "")
+    assert currency.rate_date == (datetime.fromisoformat(rate_date).date() if rate_date else None)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("EUR", "no rate per USD for EUR"),
+        ("EUR 0,92", "the rate is not a number"),
+        ("EUR NaN", "the rate is not a number"),
+        ("EUR 0", "the rate must be above 0"),
+        ("EUR -0.92", "the rate must be above 0"),
+        ("EUR 1e7", "at most 1,000,000 per USD"),
+        ("EUR 0.1234567890123456", "at most 1,000,000 per USD"),  # more digits than are multiplied exactly
+        ("EURO 0.92", "expected a currency code"),
+        ("€ 0.92", "expected a currency code"),
+        ("USD 0.9", "USD's rate per USD is 1"),
+        ("EUR 0.92 29/11/2026", "the date must be YYYY-MM-DD"),
+        ("EUR 0.92 2026-11-29 today", "the date must be YYYY-MM-DD"),
+    ],
+)
+def test_a_malformed_display_currency_is_usd_with_the_problem_named(
+    plugin: types.ModuleType, text: str, problem: str
+) -> None:
+    currency = plugin.parse_display_currency(text)
+    assert problem in currency.problem
+    assert (currency.code, currency.rate, currency.text) == ("USD", 1, text)
+    assert currency.format(1_005 * 10**9) == plugin.format_usd(1_005 * 10**9)
+
+
+def test_conversion_is_exact_and_only_the_text_is_rounded(plugin: types.ModuleType) -> None:
+    eur = plugin.parse_display_currency("EUR 0.92")
+    # $1.005 shows as $1.00 (half-even); converting the exact amount gives €0.9246, not 0.92 x $1.00.
+    assert plugin.format_usd(1_005_000_000_000) == "$1.00"
+    assert eur.format(1_005_000_000_000) == "€0.9246"
+    assert eur.format(1_234_500_000_000) == "€1.14" and eur.format(0) == "€0.00"
+    assert plugin.parse_display_currency("GBP 0.79").format(10**12) == "£0.7900"
+    assert plugin.parse_display_currency("JPY 155.5").format(10**13) == "JPY 1,555.00"
+    # The largest sum a ledger column holds, at a rate with the most digits allowed: exact.
+    most = 2**63 - 1
+    odd = plugin.parse_display_currency("XAU 0.000412345678901")
+    assert odd.convert(most) == Decimal(f"{most * 412345678901}E-27")
+    assert odd.format(most) == f"XAU {Decimal(f'{most * 412345678901}E-27').quantize(Decimal('0.01')):,}"
+
+
+def test_the_panel_report_shows_money_in_the_display_currency_with_its_rate(
+    plugin: types.ModuleType, data_dir: Path
+) -> None:
+    url = f"sqlite:///{data_dir / 'ledger.sqlite3'}"
+    records = [make_record(plugin, i, created_at=datetime.now(UTC)) for i in range(3)]
+    write(plugin, url, records)
+    total = sum(r.usage.spend_pico for r in records)
+
+    def panel(display_currency: str) -> str:
+        plugin.Filter.Valves(database_url=url, display_currency=display_currency)
+        description: str = plugin.Filter.Valves.model_json_schema()["properties"]["usage_report"][
+            "description"
+        ]
+        return description
+
+    def all_time(report: str) -> str:
+        return next(line for line in report.splitlines() if line.startswith("| All time |"))
+
+    dated = panel("EUR 0.92 2026-11-29")
+    assert (
+        "Amounts in EUR at 0.92 EUR per USD (rate of 2026-11-29); the ledger, the export and the CLI" in dated
+    )
+    assert all_time(dated).startswith(
+        f"| All time | {plugin.parse_display_currency('EUR 0.92').format(total)} |"
+    )
+    assert "$" not in dated.split("**Top models")[0]
+    undated = panel("EUR 0.92")
+    assert (
+        "(as set by the admin)" in undated
+        and "Add the rate's date to the valve: `EUR 0.92 YYYY-MM-DD`" in undated
+    )
+    broken = panel("EUR 0,92")
+    assert (
+        f"Display currency {plugin.escape_markdown('EUR 0,92')} not understood (the rate is not a number): "
+        "amounts are in USD." in broken
+    )
+    assert all_time(broken).startswith(f"| All time | {plugin.format_usd(total)} |")
+    assert "Amounts in" not in panel("USD") and "not understood" not in panel("USD")
+
+
+def test_a_user_reads_their_figures_in_the_always_shown_description(
+    plugin: types.ModuleType, data_dir: Path
+) -> None:
+    """As Open WebUI 0.12.4 builds a user's valves spec: UserValves.schema(), then the options
+    method with __user__, on the same dicts (docs/contract.md, a user's valves spec)."""
+    url = f"sqlite:///{data_dir / 'ledger.sqlite3'}"
+    now = datetime.now(UTC)
+    mine = [make_record(plugin, i, user_id="me", created_at=now) for i in range(2)]
+    write(plugin, url, [*mine, make_record(plugin, 9, user_id="other", created_at=now)])
+    plugin.Filter.Valves(database_url=url, display_currency="EUR 0.92 2026-11-29")
+    eur = plugin.parse_display_currency("EUR 0.92")
+    spend = eur.format(sum(r.usage.spend_pico for r in mine))
+    tokens = plugin.count_of(sum(r.usage.total_tokens for r in mine), "token")
+
+    def spec_for(user: dict[str, Any]) -> dict[str, Any]:
+        schema: dict[str, Any] = plugin.Filter.UserValves.model_json_schema()
+        options = plugin.Filter.UserValves.my_usage_options(__user__=user)
+        readout: dict[str, Any] = schema["properties"]["my_usage"]
+        return readout | {"input": readout["input"] | {"options": options}}
+
+    readout = spec_for({"id": "me"})
+    assert readout["input"]["type"] == plugin.READ_ONLY_INPUT, "no control: nothing to click or type"
+    assert readout["description"] == (
+        f"- **Today:** {spend} · 2 requests · {tokens}\n"
+        f"- **This month:** {spend} · 2 requests · {tokens}\n\n"
+        "Converted from USD at 0.92 EUR per USD (rate of 2026-11-29)."
+    )
+    assert readout["input"]["options"][0]["label"] == f"Today: {spend} · 2 requests · {tokens}"
+    other = spec_for({"id": "other"})["description"]
+    assert " · 1 request · " in other and spend not in other
+    assert "not signed in" in spec_for({})["description"]
+    # Without a spec being built (another caller), the options method answers and writes nowhere.
+    assert plugin.Filter.UserValves.my_usage_options(__user__={"id": "me"})[1]["label"].startswith(
+        "This month:"
+    )
+    # What the Default/Custom button leaves in the field is never stored.
+    assert plugin.Filter.UserValves(my_usage="today").model_dump(exclude_unset=True) == {}
+
+
+def test_the_report_field_shows_no_control_and_what_is_typed_is_never_stored(
+    plugin: types.ModuleType,
+) -> None:
+    report = plugin.Filter.Valves.model_json_schema()["properties"]["usage_report"]
+    # Open WebUI 0.12.4 draws a text box for a string without an input type, and a control for
+    # these input types; for any other, only the title, the Default/Custom button and the description.
+    assert report["type"] == "string" and report["input"]["type"] not in {
+        "password",
+        "select",
+        "color",
+        "map",
+    }
+    assert "enum" not in report and "usage_report" not in plugin.Filter.Valves.model_json_schema().get(
+        "required", []
+    )
+    assert plugin.Filter.Valves(usage_report="typed anyway").model_dump(exclude_unset=True) == {}
