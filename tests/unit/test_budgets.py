@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
+import time
 import types
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -277,6 +279,37 @@ async def test_a_reservation_expires_and_a_used_up_budget_admits_nothing(
     assert set(reservations(plugin, url)) == {"b"}
     ledger.release_reservations(["b"])
     assert not ask("c", now, limit=0).admitted  # at least one pico is always reserved
+
+
+def test_a_second_admission_waits_until_the_first_one_commits(
+    plugin: types.ModuleType, database_url: str
+) -> None:
+    """Two admissions of one user at once: the second sees the first's reservation, never a state
+    from before it (the write lock on SQLite, the per-user advisory lock on PostgreSQL)."""
+    ledger = plugin.ledger_for(database_url)
+    ledger.ensure_schema()
+    now = datetime.now(UTC)
+    window = plugin.budget_window("day", now, ZoneInfo("UTC"))
+
+    def ask(key: str) -> Any:
+        return plugin.AdmissionRequest(key, "u", MODEL, USD, window, 6 * 10**11, now)
+
+    holding, results = threading.Event(), {}
+
+    def first() -> None:
+        with ledger._write_transaction() as conn:
+            plugin._budget_lock(conn, "u")
+            results["a"] = plugin.admit_in_transaction(conn, ask("a"))
+            holding.set()
+            time.sleep(0.5)  # the second admission starts meanwhile
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert holding.wait(10)
+    results["b"] = ledger.admit(ask("b"))
+    thread.join()
+    assert results["a"].admitted and not results["b"].admitted
+    assert results["b"].held_pico == 6 * 10**11
 
 
 async def test_the_reservation_is_the_users_p95_for_the_model(
