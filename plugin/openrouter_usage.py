@@ -2289,6 +2289,15 @@ _SELECT_WINDOW_ROW_SPEND: Final = sa.select(
 ).where(ledger_table.c.user_id == sa.bindparam("user_id"), ledger_table.c.created_at >= sa.bindparam("since"))
 
 
+# One round trip for what admission reads besides the estimate: the zone the rollups are kept in,
+# the spend in the window by those rollups (used when the zones agree), and what is held.
+_SELECT_ADMISSION_FIGURES: Final = sa.select(
+    sa.select(meta_table.c.value).where(meta_table.c.key == ROLLUP_ZONE_KEY).scalar_subquery(),
+    _SELECT_WINDOW_ROLLUP_SPEND.scalar_subquery(),
+    _SELECT_HELD.scalar_subquery(),
+)
+
+
 @contextlib.contextmanager
 def _relaxed_sqlite_commits(connection: sa.Connection) -> Iterator[None]:
     """On SQLite, commits without fsync (synchronous=NORMAL: in WAL mode still atomic and
@@ -2345,13 +2354,23 @@ def admit_in_transaction(conn: sa.Connection, request: AdmissionRequest) -> Budg
     """The admission rule, inside the caller's exclusive transaction (see Ledger.admit)."""
     now = _naive_utc(request.now)
     conn.execute(_DELETE_EXPIRED, {"user_id": request.user_id, "now": now})
-    spent = window_spend_pico(conn, read_rollup_state(conn), request.user_id, request.window)
-    held = int(
-        conn.execute(
-            _SELECT_HELD,
-            {"user_id": request.user_id, "reservation_id": request.reservation_id, "now": now},
-        ).scalar_one()
+    window = request.window
+    kept_zone, rollup_spent, held = conn.execute(
+        _SELECT_ADMISSION_FIGURES,
+        {
+            "zone": window.zone.key,
+            "days": window.days,
+            "user_id": request.user_id,
+            "reservation_id": request.reservation_id,
+            "now": now,
+        },
+    ).one()
+    spent = (
+        int(rollup_spent)
+        if kept_zone == window.zone.key
+        else window_spend_pico(conn, RollupState(kept_zone), request.user_id, window)
     )
+    held = int(held)
     estimate = reservation_estimate(
         conn, request.user_id, request.model, request.now, request.default_estimate_pico
     )
