@@ -35,6 +35,7 @@ BENCHMARKS = (
     "event_loop",
     "ledger_throughput",
     "report_scale",
+    "budget_admission",
     "multiprocess_writers",
     "server_overhead",
 )

@@ -194,6 +194,74 @@ async def connection_base_url(model: Any) -> str | None:
     return str(urls[index]) if 0 <= index < len(urls) else None
 
 
+# Open WebUI's users and groups (tables `user`, `group`, `group_member`), read for budgets through
+# its synchronous session. Plain SQL on three columns each, so a change in its models elsewhere
+# does not matter; any failure reads as "groups unknown".
+WEBUI_USER_GROUPS_SQL: Final = sa.text(
+    'SELECT g.name FROM group_member gm JOIN "group" g ON g.id = gm.group_id WHERE gm.user_id = :user_id'
+)
+WEBUI_USERS_SQL: Final = sa.text('SELECT id, email, role FROM "user"')
+WEBUI_MEMBERSHIPS_SQL: Final = sa.text(
+    'SELECT gm.user_id, g.name FROM group_member gm JOIN "group" g ON g.id = gm.group_id'
+)
+GROUPS_TTL_SECONDS: Final = 60.0
+MAX_CACHED_GROUPS: Final = 1024
+_groups_cache: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
+_groups_cache_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def open_webui_connection() -> Iterator[sa.Connection | None]:
+    """A connection to Open WebUI's own database (None outside Open WebUI). Blocking."""
+    get_db = getattr(sys.modules.get("open_webui.internal.db"), "get_db", None)
+    if get_db is None:
+        yield None
+        return
+    with get_db() as session:
+        yield session.connection()
+
+
+def user_group_names(user_id: str) -> tuple[str, ...] | None:
+    """The names of the Open WebUI groups `user_id` belongs to, cached GROUPS_TTL_SECONDS; None
+    when they cannot be read. Blocking: call it off the event loop."""
+    now = time.monotonic()
+    with _groups_cache_lock:
+        cached = _groups_cache.get(user_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+    try:
+        with open_webui_connection() as conn:
+            if conn is None:
+                return None
+            names = tuple(
+                sorted(
+                    str(name) for name in conn.execute(WEBUI_USER_GROUPS_SQL, {"user_id": user_id}).scalars()
+                )
+            )
+    except Exception as exc:
+        log.warning("openrouter_usage: Open WebUI's groups unreadable (%s)", short_error(exc))
+        return None
+    with _groups_cache_lock:
+        _groups_cache[user_id] = (now + GROUPS_TTL_SECONDS, names)
+        _groups_cache.move_to_end(user_id)
+        while len(_groups_cache) > MAX_CACHED_GROUPS:
+            _groups_cache.popitem(last=False)
+    return names
+
+
+def read_webui_directory(conn: sa.Connection) -> dict[str, BudgetUser]:
+    """Every Open WebUI user with e-mail, role and groups, from a connection to its database."""
+    groups: dict[str, list[str]] = {}
+    for user_id, name in conn.execute(WEBUI_MEMBERSHIPS_SQL):
+        groups.setdefault(str(user_id), []).append(str(name))
+    return {
+        str(user_id): BudgetUser(
+            str(user_id), str(email or ""), role == "admin", tuple(sorted(groups.get(str(user_id), ())))
+        )
+        for user_id, email, role in conn.execute(WEBUI_USERS_SQL)
+    }
+
+
 # ══ Value types ═══════════════════════════════════════════════════════════════════════════════════
 # The measures have one home: the token kinds are Usage's `token_kind` fields, and the money
 # measures are MONEY_MEASURES. Parsing, the ledger and rollup columns, Totals, the rollup
@@ -347,6 +415,7 @@ class CaptureState:
     """
 
     __slots__ = (
+        "budget",
         "calls",
         "chat_id",
         "current_generation",
@@ -391,6 +460,7 @@ class CaptureState:
         self.openrouter_user = ""
         self.watching_for_stop = False
         self.outlet_started = False
+        self.budget: BudgetTicket | None = None  # the turn's standing with its budget, if checked
 
     def note_generation(self, generation_id: str) -> None:
         self.current_generation = generation_id
@@ -417,6 +487,128 @@ def capture_state(metadata: Any) -> CaptureState:
     if isinstance(metadata, dict):
         metadata[STATE_KEY] = state
     return state
+
+
+# ── Budgets: rules and windows ──
+# A budget limits one user's spend over a calendar window (day, week Monday to Sunday, month) in
+# the report time zone. A window is only a date range: nothing resets, spend is read from the
+# ledger for the window in force, so a rule's new amount keeps the spend and a new period counts
+# in its own window.
+
+BudgetPeriod = Literal["day", "week", "month"]
+BUDGET_PERIODS: Final[tuple[BudgetPeriod, ...]] = ("day", "week", "month")
+# Which group rule is the most generous: limits compared per 30 days.
+_PER_30_DAYS: Final = {"day": Decimal(30), "week": Decimal(30) / 7, "month": Decimal(1)}
+MAX_BUDGET_USD: Final = Decimal(1_000_000_000)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetRule:
+    """One parsed line of the `budgets` valve. `limit_pico` None is unlimited."""
+
+    line: int
+    kind: Literal["default", "group", "user"]
+    target: str  # the group's name or the user's e-mail or id, as written ("" for default)
+    limit_pico: int | None
+    period: BudgetPeriod = "month"
+
+    @property
+    def label(self) -> str:
+        return "default" if self.kind == "default" else f"{self.kind} {self.target}"
+
+    @property
+    def amount_text(self) -> str:
+        """'$20.00 per month', or 'unlimited'."""
+        if self.limit_pico is None:
+            return "unlimited"
+        return f"{format_usd(self.limit_pico)} per {self.period}"
+
+    @property
+    def generosity(self) -> Decimal:
+        if self.limit_pico is None:
+            return Decimal("Infinity")
+        return pico_to_usd(self.limit_pico) * _PER_30_DAYS[self.period]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetUser:
+    """Who asks, as far as budgets care: id, e-mail, whether an admin, and their groups' names
+    (None when Open WebUI's groups could not be read)."""
+
+    user_id: str
+    email: str = ""
+    is_admin: bool = False
+    groups: tuple[str, ...] | None = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetRules:
+    """The parsed `budgets` valve: the rules that parsed, and a reason for each line that did not
+    (such a line is ignored: it never blocks anyone)."""
+
+    rules: tuple[BudgetRule, ...] = ()
+    errors: tuple[str, ...] = ()
+
+    @property
+    def needs_groups(self) -> bool:
+        return any(rule.kind == "group" for rule in self.rules)
+
+    def rule_for(self, user: BudgetUser) -> BudgetRule | None:
+        """The rule that applies: the user's own; else (admins excepted) the most generous of
+        their groups'; else the default; else None (unlimited)."""
+        names = {user.user_id.casefold(), user.email.casefold()} - {""}
+        for rule in self.rules:
+            if rule.kind == "user" and rule.target.casefold() in names:
+                return rule
+        if user.is_admin:
+            return None
+        groups = {name.casefold() for name in user.groups or ()}
+        matching = [rule for rule in self.rules if rule.kind == "group" and rule.target.casefold() in groups]
+        if matching:
+            return max(matching, key=lambda rule: (rule.generosity, -rule.line))
+        return next((rule for rule in self.rules if rule.kind == "default"), None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetWindow:
+    """The calendar window a budget counts in: local days `first_day` to `today`; the next one
+    starts at local midnight of `resets_on`."""
+
+    first_day: date
+    today: date
+    resets_on: date
+    zone: ZoneInfo
+
+    @property
+    def days(self) -> list[str]:
+        return [
+            (self.first_day + timedelta(days=n)).isoformat()
+            for n in range((self.today - self.first_day).days + 1)
+        ]
+
+    @property
+    def starts_at(self) -> datetime:
+        """The window's first moment, as naive UTC (the ledger's created_at)."""
+        return _naive_utc(datetime.combine(self.first_day, datetime.min.time(), tzinfo=self.zone))
+
+    @property
+    def resets_text(self) -> str:
+        """'1 December 2026 at 00:00 UTC'."""
+        return f"{self.resets_on.day} {self.resets_on:%B %Y} at 00:00 {self.zone.key}"
+
+
+def budget_window(period: BudgetPeriod, now: datetime, zone: ZoneInfo) -> BudgetWindow:
+    """The window of `period` holding `now`, in `zone`."""
+    today = now.astimezone(zone).date()
+    if period == "day":
+        first, resets = today, today + timedelta(days=1)
+    elif period == "week":
+        first = today - timedelta(days=today.weekday())
+        resets = first + timedelta(days=7)
+    else:
+        first = today.replace(day=1)
+        resets = (first + timedelta(days=32)).replace(day=1)
+    return BudgetWindow(first, today, resets, zone)
 
 
 # ══ Parsing ═══════════════════════════════════════════════════════════════════════════════════════
@@ -854,6 +1046,65 @@ def _first_text(*values: Any) -> str:
     return ""
 
 
+_BUDGET_LIMIT: Final = re.compile(
+    r"\$?\s*(?P<amount>[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)\s*(?:per\s+|/\s*|a\s+)?(?P<period>.*)",
+    re.IGNORECASE,
+)
+
+
+def parse_budget_line(number: int, text: str) -> BudgetRule | str:
+    """One line of the `budgets` valve as a rule, or the reason it is not one."""
+    head, colon, limit = text.rpartition(":")
+    words = head.split(None, 1)
+    kind = words[0].lower() if words else ""
+    if not colon or kind not in ("default", "group", "user") or (kind == "default") != (len(words) == 1):
+        return (
+            f"line {number}: {clean_text(text, 60)!r} is not a rule "
+            "(write 'default: …', 'group NAME: …' or 'user E-MAIL: …')"
+        )
+    target = clean_text(words[1].strip()) if len(words) > 1 else ""
+    limit = limit.strip()
+    rule = BudgetRule(number, kind, target, None)  # type: ignore[arg-type]
+    if limit.lower() == "unlimited":
+        return rule
+    match = _BUDGET_LIMIT.fullmatch(limit)
+    if match is None:
+        shown = clean_text(limit, 40)
+        return f"line {number}: {shown!r} is not an amount (write '$20 per month' or 'unlimited')"
+    period = match.group("period").strip().lower()
+    if period not in BUDGET_PERIODS:
+        shown = f"per {period}" if period else "no period"
+        return f"line {number}: {clean_text(shown, 40)!r} is not a period (day, week or month)"
+    amount = Decimal(match.group("amount").replace(",", ""))
+    if amount > MAX_BUDGET_USD:
+        return f"line {number}: {clean_text(limit, 40)!r} is more than any budget needs"
+    return dataclasses.replace(rule, limit_pico=usd_to_pico(amount), period=period)
+
+
+@functools.lru_cache(maxsize=8)
+def parse_budget_rules(text: str) -> BudgetRules:
+    """The `budgets` valve: one rule per line; blank lines and lines starting with # are skipped.
+    A line that does not parse, or repeats an earlier rule's target, is named and ignored."""
+    rules: list[BudgetRule] = []
+    errors: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parsed = parse_budget_line(number, line)
+        if isinstance(parsed, str):
+            errors.append(parsed)
+            continue
+        key = (parsed.kind, parsed.target.casefold())
+        if key in seen:
+            errors.append(f"line {number}: repeats the rule for {parsed.label} of line {seen[key]}; ignored")
+            continue
+        seen[key] = number
+        rules.append(parsed)
+    return BudgetRules(tuple(rules), tuple(errors))
+
+
 # ══ Ledger ════════════════════════════════════════════════════════════════════════════════════════
 # Tables share one prefix so the ledger can live inside Open WebUI's own PostgreSQL database.
 # Money is integer pico-dollars (1e-12 USD): SQLite's SUM over integers is exact, NUMERIC is not.
@@ -920,6 +1171,8 @@ ledger_table = sa.Table(
     sa.Index(f"{TABLE_PREFIX}ledger_created_at", "created_at"),
     sa.Index(f"{TABLE_PREFIX}ledger_user_created_at", "user_id", "created_at"),
     sa.Index(f"{TABLE_PREFIX}ledger_chat_id", "chat_id"),
+    # A budget's reservation estimate reads one user's recent spends on one model from the index.
+    sa.Index(f"{TABLE_PREFIX}ledger_user_model_created_at", "user_id", "model", "created_at", "spend_pico"),
     # Partial: counting repaired rows reads only those rows.
     sa.Index(
         f"{TABLE_PREFIX}ledger_repaired",
@@ -982,6 +1235,17 @@ leases_table = sa.Table(
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("holder", sa.Text, nullable=False),
     sa.Column("expires_at", sa.DateTime, nullable=False),
+)
+# What running requests hold against their user's budget until the outlet, a stopped generation
+# or the expiry releases it: every worker and replica sees the same reservations.
+reservations_table = sa.Table(
+    f"{TABLE_PREFIX}budget_reservations",
+    schema,
+    sa.Column("reservation_id", sa.Text, primary_key=True),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("amount_pico", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),  # UTC, naive
+    sa.Index(f"{TABLE_PREFIX}budget_reservations_user", "user_id", "expires_at"),
 )
 
 
@@ -1157,6 +1421,24 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
                 (
                     "CREATE TABLE openrouter_usage_leases (name TEXT NOT NULL, holder TEXT NOT NULL, "
                     f"expires_at {ts} NOT NULL, PRIMARY KEY (name))"
+                ),
+            ),
+        ),
+        (
+            "0007_budget_reservations",
+            (
+                (
+                    "CREATE TABLE openrouter_usage_budget_reservations (reservation_id TEXT NOT NULL, "
+                    f"user_id TEXT NOT NULL, amount_pico BIGINT NOT NULL, expires_at {ts} NOT NULL, "
+                    "PRIMARY KEY (reservation_id))"
+                ),
+                (
+                    "CREATE INDEX openrouter_usage_budget_reservations_user "
+                    "ON openrouter_usage_budget_reservations (user_id, expires_at)"
+                ),
+                (
+                    "CREATE INDEX openrouter_usage_ledger_user_model_created_at "
+                    "ON openrouter_usage_ledger (user_id, model, created_at, spend_pico)"
                 ),
             ),
         ),
@@ -2022,6 +2304,31 @@ class Ledger:
                 stored += len(records) - len(result.quarantined)
         return stored, refused
 
+    # ── budget reservations ──
+    def admit(self, request: AdmissionRequest) -> BudgetAdmission:
+        """Admit one model call against its user's budget, or refuse it, in one transaction that
+        excludes every other admission of the same user, in every process: the write lock on
+        SQLite (BEGIN IMMEDIATE), a per-user advisory lock on PostgreSQL. So two processes can
+        never both admit past the limit."""
+        self.ensure_schema()
+        with self.engine.connect() as connection, _relaxed_sqlite_commits(connection):
+            conn = connection.execution_options(ledger_write=True)
+            with conn.begin():
+                _budget_lock(conn, request.user_id)
+                return admit_in_transaction(conn, request)
+
+    def release_reservations(self, reservation_ids: Sequence[str]) -> None:
+        """Drop these reservations (a finished, failed or stopped request holds nothing any more)."""
+        if not reservation_ids:
+            return
+        self.ensure_schema()
+        with self._write_transaction() as conn:
+            conn.execute(
+                reservations_table.delete().where(
+                    reservations_table.c.reservation_id.in_(list(reservation_ids))
+                )
+            )
+
     # ── reads: never write ──
     @contextlib.contextmanager
     def reading(self) -> Iterator[tuple[sa.Connection, RollupState]]:
@@ -2064,6 +2371,190 @@ _SELECT_USER_TOTALS: Final = sa.select(*_sums(rollup_user_day_table)).where(
 def user_totals(conn: sa.Connection, zone: str, user_id: str, first_day: str, last_day: str) -> Totals:
     parameters = {"zone": zone, "user_id": user_id, "first_day": first_day, "last_day": last_day}
     return Totals.from_row(conn.execute(_SELECT_USER_TOTALS, parameters).first())
+
+
+# ── Budget reservations and spend in a window ──
+# Admission: spend in the window (rollups, or rows while the rollups are kept in another zone)
+# + what the user's other running requests reserve + this call's reservation <= the limit.
+
+RESERVATION_TTL_SECONDS: Final = 900  # a reservation nobody released (a worker died) lapses
+ESTIMATE_DAYS: Final = 30
+ESTIMATE_SAMPLE: Final = 1000  # the p95 is taken over the user's latest completions on the model
+BUDGET_LOCK_NAMESPACE: Final = 0x6F72_7573  # "orus": PostgreSQL advisory locks (namespace, user hash)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """One model call asking to start. `turn_spent_pico` is what this turn's earlier calls cost
+    (seen in the stream, not yet in the ledger); `unpriced_calls` are earlier calls whose cost is
+    unknown: each counts as one more reservation."""
+
+    reservation_id: str
+    user_id: str
+    model: str
+    limit_pico: int
+    window: BudgetWindow
+    default_estimate_pico: int
+    now: datetime
+    turn_spent_pico: int = 0
+    unpriced_calls: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetAdmission:
+    admitted: bool
+    spent_pico: int  # in the window, from the ledger
+    held_pico: int  # reserved by the user's other running requests
+    amount_pico: int  # this request's reservation
+
+
+_RESERVATION_UPSERT: Final = sa.text(
+    f"INSERT INTO {reservations_table.name} (reservation_id, user_id, amount_pico, expires_at) "
+    "VALUES (:reservation_id, :user_id, :amount_pico, :expires_at) "
+    "ON CONFLICT (reservation_id) DO UPDATE SET amount_pico = excluded.amount_pico, "
+    "expires_at = excluded.expires_at"
+).bindparams(sa.bindparam("expires_at", type_=sa.DateTime))
+_SELECT_HELD: Final = sa.select(sa.func.coalesce(sa.func.sum(reservations_table.c.amount_pico), 0)).where(
+    reservations_table.c.user_id == sa.bindparam("user_id"),
+    reservations_table.c.reservation_id != sa.bindparam("reservation_id"),
+    reservations_table.c.expires_at > sa.bindparam("now"),
+)
+_DELETE_EXPIRED: Final = reservations_table.delete().where(
+    reservations_table.c.user_id == sa.bindparam("user_id"),
+    reservations_table.c.expires_at <= sa.bindparam("now"),
+)
+_SELECT_RECENT_SPENDS: Final = (
+    sa.select(ledger_table.c.spend_pico)
+    .where(
+        ledger_table.c.user_id == sa.bindparam("user_id"),
+        ledger_table.c.model == sa.bindparam("model"),
+        ledger_table.c.created_at >= sa.bindparam("since"),
+    )
+    .order_by(ledger_table.c.created_at.desc())
+    .limit(ESTIMATE_SAMPLE)
+)
+_SELECT_WINDOW_ROLLUP_SPEND: Final = sa.select(
+    sa.func.coalesce(sa.func.sum(rollup_user_day_table.c.spend_pico), 0)
+).where(
+    rollup_user_day_table.c.zone == sa.bindparam("zone"),
+    # Days listed, not a range: one key lookup per day, whatever the number of users.
+    rollup_user_day_table.c.day.in_(sa.bindparam("days", expanding=True)),
+    rollup_user_day_table.c.user_id == sa.bindparam("user_id"),
+)
+_SELECT_WINDOW_ROW_SPEND: Final = sa.select(
+    sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)
+).where(ledger_table.c.user_id == sa.bindparam("user_id"), ledger_table.c.created_at >= sa.bindparam("since"))
+
+
+# One round trip for what admission reads besides the estimate: the zone the rollups are kept in,
+# the spend in the window by those rollups (used when the zones agree), and what is held.
+_SELECT_ADMISSION_FIGURES: Final = sa.select(
+    sa.select(meta_table.c.value).where(meta_table.c.key == ROLLUP_ZONE_KEY).scalar_subquery(),
+    _SELECT_WINDOW_ROLLUP_SPEND.scalar_subquery(),
+    _SELECT_HELD.scalar_subquery(),
+)
+
+
+@contextlib.contextmanager
+def _relaxed_sqlite_commits(connection: sa.Connection) -> Iterator[None]:
+    """On SQLite, commits without fsync (synchronous=NORMAL: in WAL mode still atomic and
+    consistent) for the duration, then back to FULL before the connection returns to the pool:
+    a reservation lost in a power cut only lapses early, and the fsync would be most of an
+    admission's time."""
+    raw = connection.connection.dbapi_connection if connection.dialect.name == "sqlite" else None
+    if raw is None:
+        yield
+        return
+    raw.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        raw.execute("PRAGMA synchronous=FULL")
+
+
+def _budget_lock(conn: sa.Connection, user_id: str) -> None:
+    if conn.dialect.name == "postgresql":
+        # A reservation lost in a crash only lapses early; its commit need not wait for the disk.
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:user_id))"),
+            {"namespace": BUDGET_LOCK_NAMESPACE, "user_id": user_id},
+        )
+
+
+def window_spend_pico(conn: sa.Connection, state: RollupState, user_id: str, window: BudgetWindow) -> int:
+    """The user's spend in the window: from the daily rollups when they are kept in the window's
+    zone, else from the ledger rows since the window's first moment."""
+    if state.zone == window.zone.key:
+        by_day = {"zone": state.zone, "days": window.days, "user_id": user_id}
+        return int(conn.execute(_SELECT_WINDOW_ROLLUP_SPEND, by_day).scalar_one())
+    by_row = {"user_id": user_id, "since": window.starts_at}
+    return int(conn.execute(_SELECT_WINDOW_ROW_SPEND, by_row).scalar_one())
+
+
+def reservation_estimate(conn: sa.Connection, user_id: str, model: str, now: datetime, default: int) -> int:
+    """The user's 95th-percentile spend on `model` over the last ESTIMATE_DAYS (nearest rank, over
+    the latest ESTIMATE_SAMPLE completions), or `default` without history."""
+    since = _naive_utc(now) - timedelta(days=ESTIMATE_DAYS)
+    spends = sorted(
+        int(value)
+        for value in conn.execute(
+            _SELECT_RECENT_SPENDS, {"user_id": user_id, "model": model, "since": since}
+        ).scalars()
+    )
+    if not spends:
+        return default
+    return spends[math.ceil(0.95 * len(spends)) - 1]
+
+
+def admit_in_transaction(conn: sa.Connection, request: AdmissionRequest) -> BudgetAdmission:
+    """The admission rule, inside the caller's exclusive transaction (see Ledger.admit)."""
+    now = _naive_utc(request.now)
+    conn.execute(_DELETE_EXPIRED, {"user_id": request.user_id, "now": now})
+    window = request.window
+    kept_zone, rollup_spent, held = conn.execute(
+        _SELECT_ADMISSION_FIGURES,
+        {
+            "zone": window.zone.key,
+            "days": window.days,
+            "user_id": request.user_id,
+            "reservation_id": request.reservation_id,
+            "now": now,
+        },
+    ).one()
+    spent = (
+        int(rollup_spent)
+        if kept_zone == window.zone.key
+        else window_spend_pico(conn, RollupState(kept_zone), request.user_id, window)
+    )
+    held = int(held)
+    estimate = reservation_estimate(
+        conn, request.user_id, request.model, request.now, request.default_estimate_pico
+    )
+    # At least one pico: a budget that is exactly used up admits nothing, even a free model.
+    amount = max(1, request.turn_spent_pico + (request.unpriced_calls + 1) * estimate)
+    admitted = spent + held + amount <= request.limit_pico
+    if admitted:
+        conn.execute(
+            _RESERVATION_UPSERT,
+            {
+                "reservation_id": request.reservation_id,
+                "user_id": request.user_id,
+                "amount_pico": amount,
+                "expires_at": now + timedelta(seconds=RESERVATION_TTL_SECONDS),
+            },
+        )
+    else:
+        conn.execute(
+            reservations_table.delete().where(reservations_table.c.reservation_id == request.reservation_id)
+        )
+    return BudgetAdmission(admitted, spent, held, amount)
+
+
+def user_window_spend(ledger: Ledger, user_id: str, window: BudgetWindow) -> int:
+    """A read of the user's spend in the window (never writes)."""
+    with ledger.reading() as (conn, state):
+        return window_spend_pico(conn, state, user_id, window)
 
 
 def _utcnow_naive() -> datetime:
@@ -3981,6 +4472,281 @@ def _speed_piece(record: UsageRecord) -> list[str]:
     return [f"{record.usage.completion_tokens * 1000 / generating_ms:.0f} tok/s"]
 
 
+# ── Budgets: standing, the report's section, the read-out ──
+
+
+def compact_usd(pico: int) -> str:
+    """'$20' for whole dollars, else as format_usd: the usage line is short."""
+    amount = pico_to_usd(pico)
+    if amount >= 1 and amount == amount.to_integral_value():
+        return f"${amount:,.0f}"
+    return format_usd(pico)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetStanding:
+    """One user's spend against the limited rule that applies to them, in its current window."""
+
+    user_id: str
+    user_name: str
+    rule: BudgetRule
+    window: BudgetWindow
+    spent_pico: int
+
+    @property
+    def limit_pico(self) -> int:
+        return self.rule.limit_pico or 0
+
+    @property
+    def percent(self) -> int:
+        """Whole percent used, rounded down: 79.9% is not yet 80%."""
+        return self.spent_pico * 100 // self.limit_pico if self.limit_pico else 100
+
+    @property
+    def used_up(self) -> bool:
+        return self.spent_pico >= self.limit_pico
+
+    @property
+    def line_text(self) -> str:
+        """The usage line's part: 'budget 82% of $20/month'."""
+        return f"budget {self.percent}% of {compact_usd(self.limit_pico)}/{self.rule.period}"
+
+    @property
+    def warning_text(self) -> str:
+        return (
+            f"You have used {self.percent}% of your budget ({format_usd(self.spent_pico)} of "
+            f"{self.rule.amount_text}). It resets on {self.window.resets_text}."
+        )
+
+
+def budget_block_message(standing: BudgetStanding, admission: BudgetAdmission) -> str:
+    """What a blocked user reads as the chat's error (and an API client as the error detail)."""
+    budget = f"Your budget of {standing.rule.amount_text}"
+    if admission.spent_pico >= standing.limit_pico:
+        reason = f"{budget} is used up ({format_usd(admission.spent_pico)} spent)."
+    else:
+        reason = (
+            f"{budget} would be exceeded by this request ({format_usd(admission.spent_pico)} spent, "
+            f"{format_usd(admission.held_pico + admission.amount_pico)} held for answers in progress)."
+        )
+    return f"{reason} It resets on {standing.window.resets_text}. Ask an admin to raise it."
+
+
+BUDGET_UNCHECKED_MESSAGE: Final = (
+    "Your request was not sent: your spend budget could not be checked because the usage ledger "
+    "is unavailable. Ask an admin."
+)
+
+
+@dataclasses.dataclass(slots=True)
+class BudgetCheckFailure:
+    """The latest budget check in this process that could not read the ledger (the panel says
+    so): one entry, replaced by the next failure."""
+
+    at: datetime | None = None
+    reason: str = ""
+    fail_closed: bool = False
+
+    def note(self, reason: str, *, fail_closed: bool) -> None:
+        self.at, self.reason, self.fail_closed = datetime.now(UTC), reason, fail_closed
+
+
+BUDGET_CHECK_FAILURE = BudgetCheckFailure()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetReport:
+    """The report's Budgets section, for the panel and `openrouter-usage budgets`."""
+
+    mode: str
+    warn_percent: int
+    timezone: str
+    rules: tuple[tuple[BudgetRule, int], ...]  # each rule, and how many users it covers
+    errors: tuple[str, ...]
+    standings: tuple[BudgetStanding, ...]  # users at or over the warning line, most used first
+    users_source: str
+
+
+def spend_by_user_day(
+    conn: sa.Connection, state: RollupState, zone: ZoneInfo, first_day: date
+) -> dict[tuple[str, str], int]:
+    """Spend per (user, local day) since `first_day`: rollups when kept in `zone`, else rows."""
+    spends: dict[tuple[str, str], int] = {}
+    if state.zone == zone.key:
+        table = rollup_user_day_table
+        rows = conn.execute(
+            sa.select(table.c.user_id, table.c.day, table.c.spend_pico).where(
+                table.c.zone == zone.key, table.c.day >= first_day.isoformat()
+            )
+        )
+        return {(str(user_id), str(day)): int(spend) for user_id, day, spend in rows}
+    since = _naive_utc(datetime.combine(first_day, datetime.min.time(), tzinfo=zone))
+    rows = conn.execute(
+        sa.select(ledger_table.c.user_id, ledger_table.c.created_at, ledger_table.c.spend_pico).where(
+            ledger_table.c.created_at >= since
+        )
+    )
+    for user_id, created_at, spend in rows:
+        key = (str(user_id), local_day(created_at, zone))
+        spends[key] = spends.get(key, 0) + int(spend)
+    return spends
+
+
+def build_budget_report(
+    ledger: Ledger,
+    settings: Settings,
+    directory: Mapping[str, BudgetUser] | None,
+    rows: int,
+    now: datetime | None = None,
+) -> BudgetReport:
+    """Each rule with the users it covers, and the users at or over the warning line. Users are
+    Open WebUI's (`directory`) plus any the ledger knows; without a directory only the ledger's,
+    matched by id. Reads only."""
+    now = now or datetime.now(UTC)
+    rules = parse_budget_rules(settings.budgets)
+    zone = resolve_zone(settings.report_timezone)
+    windows = {period: budget_window(period, now, zone) for period in BUDGET_PERIODS}
+    with ledger.reading() as (conn, state):
+        names = {
+            str(uid): str(name)
+            for uid, name in conn.execute(sa.select(users_table.c.user_id, users_table.c.user_name))
+        }
+        spends = spend_by_user_day(conn, state, zone, min(w.first_day for w in windows.values()))
+    people = dict(directory or {})
+    for user_id in names:
+        people.setdefault(user_id, BudgetUser(user_id))
+    covered: dict[int, int] = {}
+    standings = []
+    for user_id, person in sorted(people.items()):
+        rule = rules.rule_for(person)
+        if rule is None:
+            continue
+        covered[rule.line] = covered.get(rule.line, 0) + 1
+        if rule.limit_pico is None:
+            continue
+        window = windows[rule.period]
+        spent = sum(spends.get((user_id, day), 0) for day in window.days)
+        standing = BudgetStanding(user_id, names.get(user_id) or user_id, rule, window, spent)
+        if standing.percent >= settings.budget_warn_percent or standing.used_up:
+            standings.append(standing)
+    standings.sort(key=lambda s: (-Decimal(s.spent_pico) / max(s.limit_pico, 1), s.user_id))
+    source = (
+        f"Open WebUI's {len(directory)} users and their groups"
+        if directory is not None
+        else f"the {len(names)} users in the ledger, by id (Open WebUI's users and groups could not be read)"
+    )
+    return BudgetReport(
+        mode=settings.budget_mode,
+        warn_percent=settings.budget_warn_percent,
+        timezone=zone.key,
+        rules=tuple((rule, covered.get(rule.line, 0)) for rule in rules.rules),
+        errors=rules.errors,
+        standings=tuple(standings[:rows]),
+        users_source=source,
+    )
+
+
+def render_budgets_markdown(report: BudgetReport) -> str:
+    zone, source = escape_markdown(report.timezone), escape_markdown(report.users_source, 200)
+    lines = [
+        "**Budgets**",
+        "",
+        (
+            f"Mode: {report.mode}; warning at {report.warn_percent}%; windows in {zone}. "
+            f"Users counted: {source}."
+        ),
+        "",
+    ]
+    if report.rules:
+        lines += ["| Rule | Budget | Users |", "|---|---|--:|"]
+        lines += [
+            f"| {escape_markdown(rule.label)} | {rule.amount_text} | {format_count(users)} |"
+            for rule, users in report.rules
+        ]
+    else:
+        lines.append("No budget rules: everyone is unlimited.")
+    lines += ["", "**At or over the warning line**", ""]
+    if report.standings:
+        lines += ["| User | Rule | Spent | Budget | Used | Resets |", "|---|---|--:|---|--:|---|"]
+        for s in report.standings:
+            blocked = " (blocked now)" if s.used_up and report.mode == "block" else ""
+            lines.append(
+                f"| {escape_markdown(s.user_name)} | {escape_markdown(s.rule.label)} | "
+                f"{format_usd(s.spent_pico)} | {s.rule.amount_text} | "
+                f"{s.percent}%{blocked} | {escape_markdown(s.window.resets_text)} |"
+            )
+    else:
+        lines.append("Nobody.")
+    if report.errors:
+        lines += ["", "**Lines ignored**", ""]
+        lines += [f"- {escape_markdown(error, 200)}" for error in report.errors]
+    failure = BUDGET_CHECK_FAILURE
+    if failure.at is not None:
+        outcome = "blocked (fail closed)" if failure.fail_closed else "let through"
+        lines += [
+            "",
+            (
+                f"The ledger could not be read for a budget check at {failure.at:%Y-%m-%d %H:%M:%S} UTC "
+                f"(in this worker): requests were {outcome}. Reason: {escape_markdown(failure.reason, 200)}."
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def budget_report_as_dict(report: BudgetReport) -> dict[str, Any]:
+    return {
+        "mode": report.mode,
+        "warn_percent": report.warn_percent,
+        "timezone": report.timezone,
+        "users_source": report.users_source,
+        "rules": [
+            {
+                "line": rule.line,
+                "rule": rule.label,
+                "limit_usd": _usd_or_none(rule.limit_pico),
+                "period": rule.period if rule.limit_pico is not None else None,
+                "users": users,
+            }
+            for rule, users in report.rules
+        ],
+        "users": [
+            {
+                "user_id": s.user_id,
+                "user_name": s.user_name,
+                "rule": s.rule.label,
+                "spent_usd": decimal_text(pico_to_usd(s.spent_pico)),
+                "limit_usd": decimal_text(pico_to_usd(s.limit_pico)),
+                "period": s.rule.period,
+                "percent": s.percent,
+                "blocked": s.used_up and report.mode == "block",
+                "resets_on": s.window.resets_on.isoformat(),
+            }
+            for s in report.standings
+        ],
+        "ignored_lines": list(report.errors),
+    }
+
+
+def user_budget_label(
+    ledger: Ledger, settings: Settings, user: BudgetUser, now: datetime | None = None
+) -> str | None:
+    """The user's own budget line for the read-out (None when no rules are set). Reads only."""
+    rules = parse_budget_rules(settings.budgets)
+    if not rules.rules:
+        return None
+    if rules.needs_groups and not user.is_admin:
+        user = dataclasses.replace(user, groups=user_group_names(user.user_id))
+    rule = rules.rule_for(user)
+    if rule is None or rule.limit_pico is None:
+        return "Budget: unlimited"
+    window = budget_window(rule.period, now or datetime.now(UTC), resolve_zone(settings.report_timezone))
+    spent = user_window_spend(ledger, user.user_id, window)
+    return (
+        f"Budget: {rule.amount_text} · spent {format_usd(spent)} · "
+        f"remaining {format_usd(max(rule.limit_pico - spent, 0))} · resets {window.resets_text}"
+    )
+
+
 # ══ Bulk sync: deprecated for good, interfaces kept ═══════════════════════════════════════════════
 
 BULK_SYNC_NOTICE: Final[dict[str, Any]] = {
@@ -4074,7 +4840,7 @@ class OpenRouterClient:
         }
 
 
-# ══ Admin CLI: `openrouter-usage report | export | spool | sync` (the panel's code) ═══════════════
+# ══ Admin CLI: `openrouter-usage report | export | spool | budgets | sync` (the panel's code) ═════
 
 EXPORT_FIELDS: Final = (
     "id",
@@ -4327,6 +5093,18 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         help=f"OpenRouter API base (default: {OPENROUTER_API_BASE})",
     )
     add_database_option(reconcile)
+    budgets = commands.add_parser(
+        "budgets", help="budget rules, users at or over the warning line, ignored lines (as in the panel)"
+    )
+    budgets.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    budgets.add_argument("--rows", type=int, default=10, help="users listed (default: 10)")
+    budgets.add_argument(
+        "--webui-database-url",
+        default="",
+        help="Open WebUI's database, for users and groups (default: $DATABASE_URL, else webui.db in "
+        "$DATA_DIR or an Open WebUI data directory)",
+    )
+    add_database_option(budgets)
 
     sync = commands.add_parser("sync", help="deprecated: prints why bulk sync cannot work, requests nothing")
     sync.add_argument("--date", help="ignored; kept so old scripts keep working")
@@ -4365,11 +5143,16 @@ def run_command(args: argparse.Namespace, out: Any) -> int:
 
 
 def run_ledger_command(args: argparse.Namespace, ledger: Ledger, out: Any) -> int:
-    """`spool`, `export` or `report` on an existing ledger; the exit status."""
+    """`spool`, `export`, `budgets` or `report` on an existing ledger; the exit status."""
     if args.command == "spool":
         return spool_command(ledger, out, replay=args.replay, discard=args.discard, assume_yes=args.yes)
     if args.command == "reconcile":
         return reconcile_command(ledger, args.since, args.base_url, out)
+    if args.command == "budgets":
+        directory = webui_directory_at(find_webui_database_url(args.webui_database_url))
+        settings = saved_settings(SETTINGS_FILE.recall())
+        print_budgets(build_budget_report(ledger, settings, directory, max(args.rows, 1)), args.format, out)
+        return 0
     if args.command == "export":
         since = datetime.fromisoformat(args.since) if args.since else None
         if since is not None and since.tzinfo is None:
@@ -4442,6 +5225,90 @@ def reconcile_summary_text(summary: ReconcileSummary) -> str:
     if summary.errors:
         lines.append("errors: " + ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors.items())))
     return "\n".join(lines) + "\n"
+
+
+def find_webui_database_url(explicit: str = "") -> str | None:
+    """Open WebUI's own database, for its users and groups: --webui-database-url, else
+    $DATABASE_URL, else webui.db in an Open WebUI data directory; None when there is none."""
+    for candidate in (explicit, os.environ.get("DATABASE_URL", "")):
+        if candidate.strip():
+            return normalize_database_url(candidate.strip())
+    for directory in open_webui_data_dirs():
+        if (directory / "webui.db").is_file():
+            return f"sqlite:///{directory / 'webui.db'}"
+    return None
+
+
+def webui_directory_at(url: str | None) -> dict[str, BudgetUser] | None:
+    """Open WebUI's users and groups read from its database at `url`; None when unreadable."""
+    if url is None:
+        return None
+    engine = sa.create_engine(parse_database_url(url))
+    try:
+        with engine.connect() as conn:
+            return read_webui_directory(conn)
+    except Exception as exc:
+        sys.stderr.write(f"openrouter-usage: Open WebUI's users unreadable ({cli_error_text(exc)})\n")
+        return None
+    finally:
+        engine.dispose()
+
+
+BUDGET_CSV_FIELDS: Final = (
+    "section",
+    "line",
+    "rule",
+    "limit_usd",
+    "period",
+    "users",
+    "user_id",
+    "user_name",
+    "spent_usd",
+    "percent",
+    "blocked",
+    "resets_on",
+    "reason",
+)
+
+
+def print_budgets(report: BudgetReport, fmt: str, out: Any) -> None:
+    """`openrouter-usage budgets`: the panel's Budgets section as a table, JSON or CSV."""
+    data = budget_report_as_dict(report)
+    if fmt == "json":
+        json.dump(data, out, indent=2)
+        out.write("\n")
+        return
+    rules = [{"section": "rule", **rule} for rule in data["rules"]]
+    users = [{"section": "user", **user} for user in data["users"]]
+    ignored = [{"section": "ignored", "reason": reason} for reason in data["ignored_lines"]]
+    if fmt == "csv":
+        write_csv([*rules, *users, *ignored], BUDGET_CSV_FIELDS, out)
+        return
+    out.write(
+        f"Budgets: mode {report.mode}, warning at {report.warn_percent}%, windows in {report.timezone}\n"
+        f"Users counted: {terminal_text(report.users_source)}\n\n"
+    )
+    write_table(
+        [_as_shown(rule, USD) for rule in rules], ["line", "rule", "limit_usd", "period", "users"], out
+    )
+    out.write("\nAt or over the warning line:\n\n")
+    write_table(
+        [_as_shown(user, USD) for user in users],
+        [
+            "user_id",
+            "user_name",
+            "rule",
+            "spent_usd",
+            "limit_usd",
+            "period",
+            "percent",
+            "blocked",
+            "resets_on",
+        ],
+        out,
+    )
+    for reason in data["ignored_lines"]:
+        out.write(f"Ignored: {terminal_text(reason)}\n")
 
 
 def cli_error_text(exc: BaseException) -> str:
@@ -4693,6 +5560,40 @@ class Settings(BaseModel):
         "never the e-mail or name), so its Activity view can be filtered by person. "
         "`openrouter-usage report --by user` prints the id next to each name.",
     )
+    budgets: str = Field(
+        default="",
+        title="Budgets",
+        description="Spend limits, one rule per line: `default: $20 per month`, `group Interns: $2 per day`, "
+        "`user alice@example.com: $50 per week`, `user bob@example.com: unlimited` (users by e-mail or "
+        "id, groups by their Open WebUI name). Periods: day, week (Monday to Sunday), month, in the "
+        "report time zone. **Which rule applies:** 1. the user's own `user` rule; 2. otherwise the most "
+        "generous of their groups' rules (compared per 30 days); 3. otherwise `default`; 4. otherwise "
+        "unlimited. Admins are unlimited unless a `user` rule names them. A line that does not parse is "
+        "ignored (it never blocks anyone) and named in the report's Budgets section.",
+    )
+    budget_warn_percent: int = Field(
+        default=80,
+        title="Budget warning at %",
+        description="Above this share of their budget, users see it in the usage line and get one "
+        "notification per window.",
+    )
+    budget_mode: Literal["block", "warn only"] = Field(
+        default="block",
+        title="Budget mode",
+        description="block: a request that would pass the budget is not sent. warn only: never blocks.",
+    )
+    budget_reservation_usd: str = Field(
+        default="0.05",
+        title="Budget reservation $",
+        description="Held against the budget while a request runs when the user has no history on "
+        "that model (otherwise their 95th-percentile cost on it over 30 days).",
+    )
+    budget_fail_closed: bool = Field(
+        default=False,
+        title="Budget: fail closed",
+        description="Off: when the ledger cannot be read, requests go through (the report says so). "
+        "On: they are blocked with a message saying why.",
+    )
 
     def line_parts(self) -> LineParts:
         return LineParts(
@@ -4706,6 +5607,13 @@ class Settings(BaseModel):
             today_total=self.line_show_today_total,
             currency=parse_display_currency(self.display_currency),
         )
+
+    def budget_reservation_pico(self) -> int:
+        """The reservation without history; the default when the valve is not an amount."""
+        amount = to_decimal(self.budget_reservation_usd.strip().lstrip("$"))
+        if amount is None or not 0 <= amount <= MAX_COMPLETION_USD:
+            amount = Decimal("0.05")
+        return usd_to_pico(amount)
 
 
 # ── Saved settings, for code Open WebUI calls without them ──
@@ -4812,22 +5720,24 @@ def admin_report_markdown() -> str:
     """The settings-panel report, or a line saying why it cannot be read and what waits. Reads
     only: the rollups are read in the zone they are kept in."""
 
-    def read() -> tuple[Settings, Ledger, UsageReport | str, ReconciliationView | None]:
+    def read() -> tuple[Settings, Ledger, UsageReport | str, ReconciliationView | None, str]:
         settings = saved_settings(saved_valves())
         writer = writer_for(resolve_database_url(settings.database_url))
+        rows = min(max(settings.report_rows, 1), 100)
         try:
-            report = build_usage_report(writer.ledger, None, min(max(settings.report_rows, 1), 100))
+            report = build_usage_report(writer.ledger, None, rows)
             view = read_reconciliation_view(writer.ledger, report)
+            budgets = budgets_markdown(settings, writer.ledger, rows)
         except (NoLedger, LedgerNeedsUpgrade, RollupsRecounting) as exc:
-            return settings, writer.ledger, str(exc), None
+            return settings, writer.ledger, str(exc), None, ""
         except Exception as exc:
-            return settings, writer.ledger, cli_error_text(exc), None
+            return settings, writer.ledger, cli_error_text(exc), None, ""
         finally:
             writer.release_if_idle()
-        return settings, writer.ledger, report, view
+        return settings, writer.ledger, report, view, budgets
 
     try:
-        settings, ledger, report, view = run_off_loop(read)
+        settings, ledger, report, view, budgets = run_off_loop(read)
     except concurrent.futures.TimeoutError:
         return f"Usage report unavailable: the ledger did not answer within {PANEL_TIMEOUT_SECONDS:.0f} s."
     except Exception as exc:
@@ -4846,7 +5756,21 @@ def admin_report_markdown() -> str:
             "for it from the next recorded completion; until then figures are by day in "
             f"{escape_markdown(report.timezone)}."
         )
-    return markdown
+    return markdown + (f"\n\n{budgets}" if budgets else "")
+
+
+def budgets_markdown(settings: Settings, ledger: Ledger, rows: int) -> str:
+    """The report's Budgets section ("" when no budget is set), with Open WebUI's users and groups
+    when they can be read. Blocking."""
+    if not settings.budgets.strip():
+        return ""
+    directory = None
+    try:
+        with open_webui_connection() as conn:
+            directory = read_webui_directory(conn) if conn is not None else None
+    except Exception as exc:
+        log.warning("openrouter_usage: Open WebUI's users unreadable for the budgets (%s)", short_error(exc))
+    return render_budgets_markdown(build_budget_report(ledger, settings, directory, rows))
 
 
 def waiting_note(ledger: Ledger) -> str:
@@ -4910,10 +5834,10 @@ class UserReadout:
 
 
 def user_readout_lines(
-    summary: Mapping[str, Totals], currency: DisplayCurrency
+    summary: Mapping[str, Totals], currency: DisplayCurrency, budget: str | None = None
 ) -> tuple[tuple[str, str], ...]:
-    """Spend, requests and tokens today and this calendar month. Budget lines (the budget, what
-    remains, when it resets) follow these."""
+    """Spend, requests and tokens today and this calendar month, then the budget line (the
+    budget, what is spent and remains, when it resets) when budgets are set."""
     lines = []
     for key, label in (("today", "Today"), ("month", "This month")):
         totals = summary[key]
@@ -4923,6 +5847,9 @@ def user_readout_lines(
             count_of(totals.total_tokens, "token"),
         )
         lines.append((label, " · ".join(figures)))
+    if budget:
+        label, _, text = budget.partition(": ")
+        lines.append((label, text))
     return tuple(lines)
 
 
@@ -4932,22 +5859,26 @@ def user_readout(user: Mapping[str, Any] | None) -> UserReadout:
     if not user_id:
         return UserReadout(note="Usage unavailable: not signed in.")
 
-    def read() -> tuple[dict[str, Totals], DisplayCurrency]:
+    def read() -> tuple[dict[str, Totals], DisplayCurrency, str | None]:
         settings = saved_settings(saved_valves())
         currency = parse_display_currency(settings.display_currency)
         writer = writer_for(resolve_database_url(settings.database_url))
         try:
-            return user_usage_summary(writer.ledger, user_id), currency
+            budget_user = BudgetUser(
+                user_id, str((user or {}).get("email") or ""), (user or {}).get("role") == "admin"
+            )
+            budget = user_budget_label(writer.ledger, settings, budget_user)
+            return user_usage_summary(writer.ledger, user_id), currency, budget
         finally:
             writer.release_if_idle()
 
     try:
-        summary, currency = run_off_loop(read)
+        summary, currency, budget = run_off_loop(read)
     except Exception as exc:
         log.warning("openrouter_usage: user read-out unavailable (%s)", short_error(exc))
         return UserReadout(note="Your usage is unavailable right now.")
     converted = f"Converted from USD at {currency.rate_text()}." if currency.code != "USD" else ""
-    return UserReadout(user_readout_lines(summary, currency), converted)
+    return UserReadout(user_readout_lines(summary, currency, budget), converted)
 
 
 # Open WebUI 0.12.4 builds a user's valves spec as `UserValves.schema()` (which calls
@@ -4989,6 +5920,7 @@ async def record_completion(  # noqa: PLR0913 - the outlet hook's inputs, passed
     state.outlet_started = True  # from here on, a stop does not make this a stopped generation
     if not (valves.record_all_models or is_openrouter_completion(state, body)):
         log.debug("openrouter_usage: completion not from OpenRouter; not recorded")
+        await release_budget_reservation(metadata, valves.database_url)
         return None
     context = CompletionContext(
         body=body,
@@ -5010,19 +5942,28 @@ async def record_completion(  # noqa: PLR0913 - the outlet hook's inputs, passed
     writer = writer_for(url)
     outcome = await writer.write(functools.partial(outlet_write_request, state, context, zone, parts))
     start_reconciling(url, valves)
+    # After the record is committed: until then the reservation stands for its spend.
+    standing = await settle_budget(state, user, valves, writer.ledger)
     try:
-        if outcome.usage_line and emitter is not None:
+        line = outcome.usage_line
+        if line and standing is not None and standing.percent >= valves.budget_warn_percent:
+            line += " · " + standing.line_text
+        if line and emitter is not None:
             await emit(
                 emitter,
                 {
                     "type": "status",
-                    "data": {"description": outcome.usage_line, "done": True, "hidden": False},
+                    "data": {"description": line, "done": True, "hidden": False},
                 },
             )
         if bulk_sync_notice and emitter is not None and outcome.stored != "skipped":
             notification = await claim_bulk_sync_notification(user, bulk_sync_notice, writer.ledger)
             if notification is not None:
                 await emit(emitter, notification)
+        if emitter is not None:
+            warning = await budget_warning(standing, valves, writer.ledger)
+            if warning is not None:
+                await emit(emitter, warning)
     except Exception as exc:
         log.warning(
             "openrouter_usage: a completion was %s, but the usage line or a notice could not be shown (%s)",
@@ -5099,20 +6040,36 @@ def record_stopped_generation(state: CaptureState, valves: Settings) -> None:
             return
         record = stopped_record(state, datetime.now(UTC), time.monotonic())
         url = resolve_database_url(valves.database_url)
-        written = writer_for(url).submit(WriteRequest(record, resolve_zone(valves.report_timezone)))
-        written.add_done_callback(functools.partial(_log_stopped_outcome, record.message_id))
+        writer = writer_for(url)
+        written = writer.submit(WriteRequest(record, resolve_zone(valves.report_timezone)))
+        written.add_done_callback(
+            functools.partial(_after_stopped_write, record.message_id, state.budget, writer.ledger)
+        )
         start_reconciling(url, valves)
     except Exception:
         log.exception("openrouter_usage: could not record a stopped generation")
 
 
-def _log_stopped_outcome(message_id: str, written: concurrent.futures.Future[WriteOutcome]) -> None:
+def _after_stopped_write(
+    message_id: str,
+    ticket: BudgetTicket | None,
+    ledger: Ledger,
+    written: concurrent.futures.Future[WriteOutcome],
+) -> None:
+    """On the writer thread, once the stopped generation is recorded: log it, and release the
+    turn's budget reservation (the row counts against the budget once reconciliation prices it)."""
     if written.exception() is not None:
         log.error(
             "openrouter_usage: stopped generation %s was not recorded (%s)", message_id, written.exception()
         )
-    else:
-        log.info("openrouter_usage: stopped generation %s %s", message_id, written.result().stored)
+        return
+    log.info("openrouter_usage: stopped generation %s %s", message_id, written.result().stored)
+    if ticket is not None and ticket.reserved:
+        try:
+            ledger.release_reservations([ticket.reservation_id])
+            ticket.reserved = False
+        except Exception as exc:
+            log.warning("openrouter_usage: a budget reservation could not be released (%s)", short_error(exc))
 
 
 # ── Attribution ──
@@ -5185,6 +6142,228 @@ async def start_capture(
         if secret is not None:
             state.openrouter_user = openrouter_user_id(state.user_id, secret)
             body["user"] = state.openrouter_user
+
+
+# ── Budgets in the hooks ──
+
+
+class BudgetBlocked(Exception):
+    """A deliberate block, raised from inlet or request: Open WebUI 0.12.4 sends nothing upstream,
+    shows the message as the chat's error, and answers an API client HTTP 400 with it as detail."""
+
+
+@dataclasses.dataclass(slots=True)
+class BudgetTicket:
+    """A turn's standing with its budget, in the request's CaptureState. `admitted_calls` counts
+    the model calls admitted so far and `requests` the request hooks seen: inlet admits the first
+    call, so the first request hook has nothing to check."""
+
+    reservation_id: str
+    user: BudgetUser
+    model: str
+    resolved: bool = False
+    rule: BudgetRule | None = None
+    reserved: bool = False
+    admitted_calls: int = 0
+    requests: int = 0
+
+    @property
+    def limited(self) -> bool:
+        return self.rule is not None and self.rule.limit_pico is not None
+
+    def needs_admission(self, *, model_call: bool) -> bool:
+        """Counts a request hook; whether this model call is not yet admitted (nor unlimited)."""
+        if model_call:
+            self.requests += 1
+            if self.requests <= self.admitted_calls:
+                return False
+        elif self.admitted_calls:
+            return False
+        return not self.resolved or self.limited
+
+
+def budget_ticket(user: Mapping[str, Any], metadata: Any, body: Mapping[str, Any]) -> BudgetTicket:
+    """A new ticket; its reservation is named by the message id when there is one, so whatever
+    learns that a message ended (a stopped generation) can release it."""
+    message_id = metadata.get("message_id") if isinstance(metadata, Mapping) else None
+    return BudgetTicket(
+        reservation_id=clean_text(message_id)
+        if isinstance(message_id, str) and message_id
+        else f"api-{uuid.uuid4()}",
+        user=BudgetUser(
+            clean_text(user.get("id") or "unknown"), str(user.get("email") or ""), user.get("role") == "admin"
+        ),
+        model=clean_text(_first_text(body.get("model"))),
+    )
+
+
+def resolve_budget_rule(ticket: BudgetTicket, rules: BudgetRules) -> None:
+    """Which rule applies to the ticket's user (groups read when a group rule exists). Blocking."""
+    if ticket.resolved:
+        return
+    user = ticket.user
+    if rules.needs_groups and not user.is_admin:
+        user = dataclasses.replace(user, groups=user_group_names(user.user_id))
+    ticket.rule = rules.rule_for(user)
+    ticket.resolved = True
+
+
+def budget_standing(user_id: str, rule: BudgetRule, zone: ZoneInfo, spent_pico: int) -> BudgetStanding:
+    window = budget_window(rule.period, datetime.now(UTC), zone)
+    return BudgetStanding(user_id, user_id, rule, window, spent_pico)
+
+
+def admit_model_call(
+    ticket: BudgetTicket, rules: BudgetRules, valves: Settings, state: CaptureState
+) -> tuple[BudgetStanding, BudgetAdmission] | None:
+    """Resolve the rule and admit the next model call of the turn (None: unlimited). Blocking."""
+    resolve_budget_rule(ticket, rules)
+    rule = ticket.rule
+    if rule is None or rule.limit_pico is None:
+        return None
+    standing = budget_standing(ticket.user.user_id, rule, resolve_zone(valves.report_timezone), 0)
+    calls_before = max(ticket.requests - 1, 0)
+    priced = [usage for usage, _ in state.calls.values() if usage.cost_pico is not None]
+    admission = ledger_for(resolve_database_url(valves.database_url)).admit(
+        AdmissionRequest(
+            reservation_id=ticket.reservation_id,
+            user_id=ticket.user.user_id,
+            model=ticket.model,
+            limit_pico=rule.limit_pico,
+            window=standing.window,
+            default_estimate_pico=valves.budget_reservation_pico(),
+            now=datetime.now(UTC),
+            turn_spent_pico=sum(usage.spend_pico for usage in priced),
+            unpriced_calls=max(calls_before - len(priced), 0),
+        )
+    )
+    ticket.reserved = admission.admitted
+    return dataclasses.replace(standing, spent_pico=admission.spent_pico), admission
+
+
+async def enforce_budget(body: Any, user: Any, metadata: Any, valves: Settings, *, model_call: bool) -> None:
+    """The budget check of inlet (`model_call` False) and of the request hook before each model
+    call: admits the call, or raises BudgetBlocked. Database work runs on a thread; the hook
+    waits at most INTERNAL_WAIT_SECONDS. When the ledger cannot be read, the call goes through
+    (the report says so) unless `budget_fail_closed`."""
+    rules = parse_budget_rules(valves.budgets)
+    if valves.budget_mode != "block" or not rules.rules or not isinstance(user, Mapping):
+        return
+    state = capture_state(metadata)
+    if state.is_openrouter_connection is False and not valves.record_all_models:
+        return  # not traffic this plugin counts
+    if state.budget is None:
+        state.budget = budget_ticket(user, metadata, body if isinstance(body, Mapping) else {})
+    ticket = state.budget
+    if not ticket.needs_admission(model_call=model_call):
+        return
+    try:
+        decided = await asyncio.wait_for(
+            asyncio.to_thread(admit_model_call, ticket, rules, valves, state), INTERNAL_WAIT_SECONDS
+        )
+    except Exception as exc:
+        budget_check_failed(exc, ticket, valves)
+        return
+    if decided is None:
+        return
+    standing, admission = decided
+    if admission.admitted:
+        ticket.admitted_calls = max(ticket.requests, 1)
+        return
+    log.info(
+        "openrouter_usage: budget blocked user %s (rule line %d, %s %s: spent %s, held %s, this call %s)",
+        ticket.user.user_id,
+        standing.rule.line,
+        standing.rule.label,
+        standing.rule.amount_text,
+        format_usd(admission.spent_pico),
+        format_usd(admission.held_pico),
+        format_usd(admission.amount_pico),
+    )
+    raise BudgetBlocked(budget_block_message(standing, admission))
+
+
+def budget_check_failed(exc: Exception, ticket: BudgetTicket, valves: Settings) -> None:
+    """The ledger could not be read for a check: noted for the report; the call goes through,
+    or with `budget_fail_closed` is blocked (BudgetBlocked)."""
+    reason = "the ledger did not answer in time" if isinstance(exc, TimeoutError) else short_error(exc)
+    BUDGET_CHECK_FAILURE.note(reason, fail_closed=valves.budget_fail_closed)
+    outcome = "blocked" if valves.budget_fail_closed else "let through"
+    log.warning(
+        "openrouter_usage: budget check failed for user %s (%s); %s", ticket.user.user_id, reason, outcome
+    )
+    if valves.budget_fail_closed:
+        raise BudgetBlocked(BUDGET_UNCHECKED_MESSAGE) from None
+
+
+def settle_budget_work(ticket: BudgetTicket, valves: Settings, ledger: Ledger) -> BudgetStanding | None:
+    """After a completion is recorded: release its reservation, then read the user's standing
+    (None when no limited rule applies). Blocking."""
+    if ticket.reserved:
+        ledger.release_reservations([ticket.reservation_id])
+        ticket.reserved = False
+    resolve_budget_rule(ticket, parse_budget_rules(valves.budgets))
+    rule = ticket.rule
+    if rule is None or rule.limit_pico is None:
+        return None
+    standing = budget_standing(ticket.user.user_id, rule, resolve_zone(valves.report_timezone), 0)
+    spent = user_window_spend(ledger, ticket.user.user_id, standing.window)
+    return dataclasses.replace(standing, spent_pico=spent)
+
+
+async def settle_budget(
+    state: CaptureState, user: Any, valves: Settings, ledger: Ledger
+) -> BudgetStanding | None:
+    """settle_budget_work off the event loop, bounded; never raises. Without a ticket from inlet
+    (warn-only mode, or no inlet ran) the rule is resolved here."""
+    ticket = state.budget
+    if ticket is None and isinstance(user, Mapping) and parse_budget_rules(valves.budgets).rules:
+        ticket = budget_ticket(user, None, {})
+    if ticket is None:
+        return None
+    try:
+        return await asyncio.wait_for(
+            asyncio.to_thread(settle_budget_work, ticket, valves, ledger), INTERNAL_WAIT_SECONDS
+        )
+    except Exception as exc:
+        log.warning("openrouter_usage: budget standing unavailable after a completion (%s)", short_error(exc))
+        return None
+
+
+async def release_budget_reservation(metadata: Any, database_url: str = "") -> None:
+    """Release the budget reservation of the request whose `__metadata__` this is, for a
+    generation that ends without an outlet (stopped). Never raises; waits at most
+    INTERNAL_WAIT_SECONDS (an unreleased reservation lapses after RESERVATION_TTL_SECONDS)."""
+    state = metadata.get(STATE_KEY) if isinstance(metadata, Mapping) else None
+    ticket = getattr(state, "budget", None)
+    if not isinstance(ticket, BudgetTicket) or not ticket.reserved:
+        return
+    ledger = ledger_for(resolve_database_url(database_url))
+    try:
+        await asyncio.wait_for(
+            asyncio.to_thread(ledger.release_reservations, [ticket.reservation_id]), INTERNAL_WAIT_SECONDS
+        )
+        ticket.reserved = False
+    except Exception as exc:
+        log.warning("openrouter_usage: a budget reservation could not be released (%s)", short_error(exc))
+
+
+async def budget_warning(
+    standing: BudgetStanding | None, valves: Settings, ledger: Ledger
+) -> dict[str, Any] | None:
+    """The warning notification, once per user, rule and window across processes (None when not
+    due, or already sent)."""
+    if standing is None or standing.percent < valves.budget_warn_percent:
+        return None
+    key = (
+        "budget_warning:"
+        + hashlib.sha256(
+            f"{standing.user_id}\n{standing.rule.label}\n{standing.rule.period}\n{standing.window.first_day}".encode()
+        ).hexdigest()[:24]
+    )
+    if not await asyncio.wait_for(asyncio.to_thread(ledger.claim_once, key), INTERNAL_WAIT_SECONDS):
+        return None
+    return {"type": "notification", "data": {"type": "warning", "content": standing.warning_text}}
 
 
 async def emit(emitter: EventEmitter, event: dict[str, Any]) -> None:
@@ -5285,13 +6464,32 @@ class Filter:
     async def inlet(
         self,
         body: dict[str, Any],
+        __user__: dict[str, Any] | None = None,
         __metadata__: dict[str, Any] | None = None,
         __model__: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         try:
             await start_capture(body, __metadata__, __model__, self.valves)
+            await enforce_budget(body, __user__, __metadata__, self.valves, model_call=False)
+        except BudgetBlocked:
+            raise  # the one exception that leaves a hook: a deliberate, clearly worded block
         except Exception:
             log.exception("openrouter_usage: inlet failed; the chat continues")
+        return body
+
+    async def request(
+        self,
+        body: dict[str, Any],
+        __user__: dict[str, Any] | None = None,
+        __metadata__: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Before every model call, tool rounds included (Open WebUI >= 0.11.2): the budget check."""
+        try:
+            await enforce_budget(body, __user__, __metadata__, self.valves, model_call=True)
+        except BudgetBlocked:
+            raise
+        except Exception:
+            log.exception("openrouter_usage: the budget check failed; the chat continues")
         return body
 
     def observe_stream(

@@ -878,6 +878,7 @@ class OpenWebUIClient:
         background_tasks: Mapping[str, bool] | None = None,
         precreate: bool = False,
         timeout: float = 60.0,
+        extra: Mapping[str, Any] | None = None,
     ) -> tuple[str, str]:
         """Send ``text`` the way the 0.12.4 web UI does; wait for the saved answer.
 
@@ -972,6 +973,7 @@ class OpenWebUIClient:
         }
         if chat_id is not None:
             body["chat_id"] = chat_id
+        body.update(extra or {})  # e.g. tool_ids and params, as the UI sends them
         answer = self.post("/api/chat/completions", body)
         if not isinstance(answer, dict) or not answer.get("chat_id"):
             raise OpenWebUIError(f"browser-style completion was not accepted as a task: {answer!r}")
