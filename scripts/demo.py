@@ -6,22 +6,31 @@
 * Open WebUI (pinned, cached venv) listens on http://127.0.0.1:8080 (``DEMO_PORT``) with its
   data in ``./demo-data`` (``DEMO_DATA_DIR``), kept between runs.
 * The admin account is created on the first run from ``DEMO_ADMIN_EMAIL`` /
-  ``DEMO_ADMIN_PASSWORD`` (defaults printed at start).
+  ``DEMO_ADMIN_PASSWORD``; a second, ordinary user from ``DEMO_USER_EMAIL`` /
+  ``DEMO_USER_PASSWORD`` (defaults printed at start), so the per-user read-out and the
+  isolation between users can be seen in two browser windows.
 * The function from ``plugin/openrouter_usage.py`` is created or updated, activated, made
   global; in simulator mode its ``openrouter_url_pattern`` valve also matches the simulator.
+* Every model of the connection is made public (Open WebUI lets only admins use a model nobody
+  shared), as an admin does under Admin Panel -> Settings -> Models -> Access.
 
+:func:`running_demo` does all of it and is reused by ``scripts/screenshots.py``.
 Ctrl-C (or SIGTERM) stops everything this script started.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http
 import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +41,13 @@ from scripts.build_manifest import parse_frontmatter  # noqa: E402
 from tests.e2e.owui import (  # noqa: E402
     OpenWebUIClient,
     OpenWebUIError,
+    OpenWebUIHTTPError,
     OpenWebUIServer,
     ensure_openwebui,
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from types import FrameType
 
 log = logging.getLogger("demo")
@@ -44,10 +55,52 @@ log = logging.getLogger("demo")
 FUNCTION_ID = "openrouter_usage"
 PLUGIN_PATH = REPO / "plugin" / "openrouter_usage.py"
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
-DEFAULT_ADMIN_EMAIL = "admin@example.com"
-DEFAULT_ADMIN_PASSWORD = "openrouter-usage-demo"
 SIM_CHUNK_DELAY_S = 0.04
 DEMO_MODEL = "openai/gpt-4o-mini"
+LEDGER_NAME = "openrouter_usage.sqlite3"  # the plugin's default ledger in Open WebUI's DATA_DIR
+CLI_NAME = "openrouter-usage"  # [project.scripts] in pyproject.toml
+# Open WebUI's grant that lets every user read (use) a model: "Public" in its access editor.
+PUBLIC_READ = {"principal_type": "user", "principal_id": "*", "permission": "read"}
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    email: str
+    password: str
+
+
+DEFAULT_ADMIN = Account("Admin", "admin@example.com", "openrouter-usage-demo")
+DEFAULT_USER = Account("Demo User", "user@example.com", "openrouter-usage-user")
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A running demo: where it listens, who can sign in, where the ledger is."""
+
+    server: OpenWebUIServer
+    admin: Account
+    user: Account
+    simulated: bool
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def data_dir(self) -> Path:
+        return self.server.data_dir
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / LEDGER_NAME
+
+    def cli_command(self, *args: str) -> str:
+        """The shell command that runs the admin CLI on this demo's ledger."""
+        script = Path(sys.executable).parent / CLI_NAME
+        with contextlib.suppress(ValueError):
+            script = script.relative_to(Path.cwd())
+        return shlex.join([f"DATA_DIR={self.data_dir}", str(script), *args])
 
 
 def with_fragment(pattern: str, fragment: str) -> str:
@@ -94,63 +147,60 @@ def install_function(admin: OpenWebUIClient, url_fragment: str) -> None:
         log.info("valve openrouter_url_pattern = %r", wanted)
 
 
-def banner(url: str, email: str, password: str, data_dir: Path, *, simulated: bool) -> str:
-    rows = [
-        "",
-        "=" * 72,
-        f"  Open WebUI + openrouter_usage is running at  {url}",
-        "",
-        f"  Sign in as   {email}",
-        f"  Password     {password}",
-        "",
-        f"  1. Open {url} and sign in.",
-        f"  2. Pick the model {DEMO_MODEL} (or any other) and ask something.",
-        "  3. Under the answer: the usage line (model, provider, tokens, cost, chat total).",
-        "  4. Admin Panel -> Functions -> OpenRouter Usage -> gear: valves and the usage report.",
-        "     Your own view: Chat Controls -> Valves -> Functions.",
-    ]
-    if simulated:
-        rows += [
-            "",
-            "  Upstream: the OpenRouter SIMULATOR (no key set, nothing leaves this machine).",
-            "  Steer it from the message text, e.g. '[sim:byok]', '[sim:shape=A]',",
-            "  '[sim:midstream-error]'.  Set OPENROUTER_API_KEY to use the real OpenRouter.",
-        ]
-    else:
-        rows += ["", "  Upstream: https://openrouter.ai (OPENROUTER_API_KEY) - real money is spent."]
-    rows += [
-        "",
-        f"  Data (kept between runs): {data_dir}",
-        f"  Ledger: {data_dir / 'openrouter_usage.sqlite3'}",
-        "  Ctrl-C stops everything.",
-        "=" * 72,
-        "",
-    ]
-    return "\n".join(rows)
+def ensure_user(admin: OpenWebUIClient, account: Account) -> None:
+    """Create the ordinary user once; later runs check that its password still signs in."""
+    try:
+        admin.add_user(account.name, account.email, account.password, role="user")
+        log.info("user %s created", account.email)
+        return
+    except OpenWebUIHTTPError as exc:
+        if exc.status_code != http.HTTPStatus.BAD_REQUEST:  # the email is taken: an earlier run made it
+            raise
+    try:
+        OpenWebUIClient.login(admin.base_url, account.email, account.password).close()
+    except OpenWebUIHTTPError as exc:
+        raise OpenWebUIError(
+            f"the user {account.email} exists but does not sign in with the password given ({exc.detail}); "
+            "use the credentials of the run that created it or delete the data directory"
+        ) from exc
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def share_models(admin: OpenWebUIClient) -> list[str]:
+    """Make every model the connection offers public, so ordinary users can chat with it.
 
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    Open WebUI 0.12.4 lets a non-admin use a model only through an access grant stored with the
+    model's own entry; a connection's models have none until an admin shares them. This is what
+    Admin Panel -> Settings -> Models -> (model) -> Access -> Public does
+    (``POST /api/v1/models/model/access/update``). Already public models are left alone.
+    """
+    shared = []
+    for model in admin.get_models():
+        grants = (model.get("info") or {}).get("access_grants") or []
+        if any({k: g.get(k) for k in PUBLIC_READ} == PUBLIC_READ for g in grants):
+            continue
+        admin.post(
+            "/api/v1/models/model/access/update",
+            {"id": model["id"], "name": model.get("name") or model["id"], "access_grants": [PUBLIC_READ]},
+        )
+        shared.append(str(model["id"]))
+    if shared:
+        log.info("made %d model(s) public: %s", len(shared), ", ".join(shared))
+    return shared
 
-    # Explicit for SIGINT too: a shell starts background jobs with SIGINT ignored.
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
 
-    host = "127.0.0.1"
-    port = int(os.environ.get("DEMO_PORT", "8080"))
-    data_dir = Path(os.environ.get("DEMO_DATA_DIR", REPO / "demo-data")).resolve()
-    email = os.environ.get("DEMO_ADMIN_EMAIL", DEFAULT_ADMIN_EMAIL)
-    password = os.environ.get("DEMO_ADMIN_PASSWORD", DEFAULT_ADMIN_PASSWORD)
-    api_key = os.environ.get("OPENROUTER_API_KEY", "").strip()
-
-    if not port_is_free(host, port):
-        log.error("port %d on %s is in use; set DEMO_PORT to another port", port, host)
-        return 2
-
+@contextlib.contextmanager
+def running_demo(  # noqa: PLR0913 - every knob of the demo, each with the default `make demo` uses
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    admin: Account = DEFAULT_ADMIN,
+    user: Account = DEFAULT_USER,
+    api_key: str = "",
+    chunk_delay_s: float = SIM_CHUNK_DELAY_S,
+) -> Iterator[Demo]:
+    """Start the upstream (OpenRouter with ``api_key``, else the simulator) and Open WebUI with
+    the function installed, both users able to chat; stop both on exit."""
     sim: Any = None
     server: OpenWebUIServer | None = None
     try:
@@ -161,7 +211,7 @@ def main() -> int:
         else:
             from openrouter_sim import OpenRouterSimulator
 
-            sim = OpenRouterSimulator(host=host, port=0, chunk_delay_s=SIM_CHUNK_DELAY_S)
+            sim = OpenRouterSimulator(host=host, port=0, chunk_delay_s=chunk_delay_s)
             sim.start()
             base_url, url_fragment = sim.base_url, host
             api_key = "sk-or-v1-demo-simulated"
@@ -172,8 +222,9 @@ def main() -> int:
             data_dir,
             openai_base_url=base_url,
             openai_api_key=api_key,
-            admin_email=email,
-            admin_password=password,
+            admin_email=admin.email,
+            admin_password=admin.password,
+            admin_name=admin.name,
             host=host,
             port=port,
             secret_key=secret_key(data_dir),
@@ -182,41 +233,122 @@ def main() -> int:
         server.start()
 
         try:
-            admin = server.client()
+            client = server.client()
         except OpenWebUIError as exc:
-            log.error(
-                "cannot sign in as %s (%s). The admin is created only on the first run in %s; "
-                "use the credentials of that run or delete the directory.",
-                email,
-                exc,
-                data_dir,
-            )
-            return 1
-        with admin:
+            raise OpenWebUIError(
+                f"cannot sign in as {admin.email} ({exc}). The admin is created only on the first run in "
+                f"{data_dir}; use the credentials of that run or delete the directory."
+            ) from exc
+        with client:
             # Connection settings persist in the data dir: point them at this run's upstream.
-            admin.set_openai_connection(base_url, api_key)
-            install_function(admin, url_fragment)
+            client.set_openai_connection(base_url, api_key)
+            install_function(client, url_fragment)
+            ensure_user(client, user)
+            share_models(client)
+        yield Demo(server=server, admin=admin, user=user, simulated=sim is not None)
+    finally:
+        if server is not None:
+            server.stop()
+        if sim is not None:
+            sim.stop()
 
-        print(banner(server.url, email, password, data_dir, simulated=sim is not None), flush=True)
-        while server.is_running():
-            time.sleep(0.5)
-        log.error("Open WebUI exited unexpectedly; log tail:\n%s", server.log_tail())
-        return 1
+
+def banner(demo: Demo) -> str:
+    url = demo.url
+    rows = [
+        "",
+        "=" * 76,
+        f"  Open WebUI + openrouter_usage is running at  {url}",
+        "",
+        f"  Admin        {demo.admin.email}   password  {demo.admin.password}",
+        f"  Second user  {demo.user.email}   password  {demo.user.password}   (ordinary user)",
+        "",
+        f"  1. Open {url} and sign in as the admin.",
+        f"  2. Pick the model {DEMO_MODEL} (or any other) and ask something.",
+        "  3. Under the model name, above the answer: the usage line (cost, chat total, tokens, ...).",
+        "  4. Admin Panel -> Functions -> OpenRouter Usage -> gear: valves and the usage report.",
+        "  5. In a private window, sign in as the second user and chat: their usage line and their",
+        "     own figures (Chat Controls -> Valves -> Functions -> OpenRouter Usage) count only",
+        "     their chats. Every model is public, so they can use them all.",
+    ]
+    if demo.simulated:
+        rows += [
+            "",
+            "  Upstream: the OpenRouter SIMULATOR (no key set, nothing leaves this machine).",
+            "  Steer it from the message text, e.g. '[sim:byok]', '[sim:shape=A]',",
+            "  '[sim:midstream-error]'.  Set OPENROUTER_API_KEY to use the real OpenRouter.",
+        ]
+    else:
+        rows += ["", "  Upstream: https://openrouter.ai (OPENROUTER_API_KEY) - real money is spent."]
+    rows += [
+        "",
+        f"  Data (kept between runs): {demo.data_dir}",
+        f"  Ledger (created at the first recorded chat): {demo.ledger_path}",
+        "  Read it from a shell:",
+        f"    {demo.cli_command('report')}",
+        f"    {demo.cli_command('report', '--by', 'model')}",
+        "  Ctrl-C stops everything.",
+        "=" * 76,
+        "",
+    ]
+    return "\n".join(rows)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        # One is enough: a second Ctrl-C must not cut the cleanup short (the server runs in its
+        # own session, so only this process can stop it).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    # Explicit for SIGINT too: a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    host = "127.0.0.1"
+    port = int(os.environ.get("DEMO_PORT", "8080"))
+    data_dir = Path(os.environ.get("DEMO_DATA_DIR", REPO / "demo-data")).resolve()
+    admin = Account(
+        DEFAULT_ADMIN.name,
+        os.environ.get("DEMO_ADMIN_EMAIL", DEFAULT_ADMIN.email),
+        os.environ.get("DEMO_ADMIN_PASSWORD", DEFAULT_ADMIN.password),
+    )
+    user = Account(
+        DEFAULT_USER.name,
+        os.environ.get("DEMO_USER_EMAIL", DEFAULT_USER.email),
+        os.environ.get("DEMO_USER_PASSWORD", DEFAULT_USER.password),
+    )
+
+    if not port_is_free(host, port):
+        log.error("port %d on %s is in use; set DEMO_PORT to another port", port, host)
+        return 2
+
+    try:
+        with running_demo(
+            data_dir,
+            host=host,
+            port=port,
+            admin=admin,
+            user=user,
+            api_key=os.environ.get("OPENROUTER_API_KEY", "").strip(),
+        ) as demo:
+            print(banner(demo), flush=True)
+            while demo.server.is_running():
+                time.sleep(0.5)
+            log.error("Open WebUI exited unexpectedly; log tail:\n%s", demo.server.log_tail())
+            return 1
     except KeyboardInterrupt:
-        log.info("interrupted, shutting down")
+        log.info("interrupted")
         return 0
     except OpenWebUIError as exc:
         log.error("%s", exc)
         return 1
     finally:
-        # A second Ctrl-C must not cut the cleanup short: the server runs in its own session.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if server is not None:
-            server.stop()
-        if sim is not None:
-            sim.stop()
-        log.info("stopped")
+        log.info("stopped")  # running_demo has stopped everything it started
 
 
 if __name__ == "__main__":

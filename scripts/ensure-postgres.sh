@@ -43,25 +43,9 @@ fi
 
 echo "ensure-postgres: PostgreSQL server binaries not found; installing Debian package 'postgresql'" >&2
 
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "ensure-postgres: apt-get is not available; install PostgreSQL (pg_ctl, initdb) manually" >&2
-    exit 1
-fi
-
-as_root=()
-if [[ $(id -u) -ne 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then
-        as_root=(sudo -n)
-    else
-        echo "ensure-postgres: not root and sudo is unavailable; cannot install postgresql" >&2
-        exit 1
-    fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-"${as_root[@]}" apt-get update -qq >&2
-"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq --no-install-recommends postgresql >&2
+# shellcheck source=apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+apt_install ensure-postgres postgresql
 
 # The package may have created and started a "main" cluster; the tests do not use it.
 if command -v pg_lsclusters >/dev/null 2>&1; then
