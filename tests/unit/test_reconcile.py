@@ -185,7 +185,7 @@ def test_the_first_lookup_waits_a_few_seconds_after_the_completion(
 
 def drive_until_settled(checker: Any, clock: FakeClock, passes: int = 40) -> list[float]:
     """Run passes at each due time until nothing is pending; the waits between them."""
-    waits = []
+    waits: list[float] = []
     for _ in range(passes):
         checker.run_pass()
         due = checker.next_due()
@@ -408,8 +408,8 @@ def test_the_key_is_sampled_and_the_panel_compares_each_utc_day_with_the_ledger(
         "found",
         {
             "usage_daily": Decimal("0.0015"),
-            "byok_usage_daily": Decimal("0"),
-            "limit": Decimal("25"),
+            "byok_usage_daily": Decimal(0),
+            "limit": Decimal(25),
             "limit_remaining": Decimal("24.5"),
             "limit_reset": "monthly",
         },
