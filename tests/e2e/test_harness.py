@@ -8,15 +8,14 @@ a browser-style chat is saved with the filter's status in ``statusHistory``, API
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from tests.e2e.owui import OpenWebUIClient, OpenWebUIServer
+from tests.e2e.owui import OpenWebUIClient, OpenWebUIServer, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -79,19 +78,6 @@ class Filter:
             await __event_emitter__({"type": "status", "data": {"description": text, "done": True}})
         return body
 '''
-
-T = TypeVar("T")
-
-
-def eventually(check: Callable[[], T | None], timeout: float = 15.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def probe_log(server: OpenWebUIServer, function_id: str) -> list[dict[str, Any]]:

@@ -7,30 +7,32 @@ the user sees (the saved message's statusHistory, the valve panels).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import types
 import uuid
 from collections.abc import Iterator
-from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from scripts.build_manifest import MANIFEST, PLUGIN, build_manifest
 from tests.e2e.owui import OpenWebUIClient, OpenWebUIHTTPError, OpenWebUIServer
+from tests.e2e.plugin_under_test import (
+    FUNCTION_ID,
+    MODEL,
+    export,
+    generation_for,
+    install,
+    rows_by_message,
+    usd,
+    wait_for_row,
+)
 from tests.factories import load_plugin_module
 
 pytestmark = pytest.mark.e2e
 
-FUNCTION_ID = "openrouter_usage"
-MODEL = "openai/gpt-4o-mini"
 SOURCE = PLUGIN.read_text(encoding="utf-8")
 
 
@@ -38,16 +40,6 @@ SOURCE = PLUGIN.read_text(encoding="utf-8")
 def plugin(openwebui: OpenWebUIServer) -> types.ModuleType:
     """The plugin's own formatting helpers, for computing what the user should see."""
     return load_plugin_module()
-
-
-def install(admin: OpenWebUIClient, item: dict[str, Any]) -> None:
-    created = admin.create_function(item["id"], item["name"], item["content"], item["meta"])
-    assert created["id"] == FUNCTION_ID and created["type"] == "filter"
-    state = admin.activate_global(FUNCTION_ID)
-    assert state["is_active"] and state["is_global"]
-    # The simulator listens on loopback; this makes it count as an OpenRouter connection, so
-    # inlet asks it for usage exactly as it would ask openrouter.ai.
-    admin.update_valves(FUNCTION_ID, {"openrouter_url_pattern": "openrouter.ai,127.0.0.1"})
 
 
 @pytest.fixture(scope="module")
@@ -60,55 +52,8 @@ def installed(admin: OpenWebUIClient, simulator: Any) -> Iterator[None]:
     admin.delete_function(FUNCTION_ID)
 
 
-def export(openwebui: OpenWebUIServer) -> list[dict[str, Any]]:
-    """The ledger, through the admin CLI, reading the default SQLite file in Open WebUI's DATA_DIR."""
-    script = shutil.which("openrouter-usage", path=str(Path(sys.executable).parent))
-    assert script
-    env = {**os.environ, "DATA_DIR": str(openwebui.data_dir)}
-    env.pop("OPENROUTER_USAGE_DATABASE_URL", None)
-    result = subprocess.run(
-        [script, "export", "--format", "json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=True,
-    )
-    rows: list[dict[str, Any]] = json.loads(result.stdout)
-    return rows
-
-
-def generation_for(simulator: Any, marker: str) -> Any:
-    """The simulator's record of the chat completion whose last user message holds `marker`."""
-    chats = [
-        g
-        for g in simulator.generations.values()
-        if g.task is None and marker in json.dumps(g.request_body.get("messages", [])[-1:])
-    ]
-    assert len(chats) == 1, f"expected one completion for {marker!r}, got {len(chats)}"
-    return chats[0]
-
-
-def usd(row_value: str | None) -> Decimal:
-    return Decimal(row_value or "0")
-
-
-def rows_by_message(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {row["message_id"]: row for row in rows}
-
-
 def usage_lines(message: dict[str, Any]) -> list[str]:
     return [s.get("description", "") for s in message.get("statusHistory") or [] if s.get("done")]
-
-
-def wait_for_row(openwebui: OpenWebUIServer, message_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        row = rows_by_message(export(openwebui)).get(message_id)
-        if row is not None or time.monotonic() > deadline:
-            assert row is not None, f"no ledger row for {message_id}"
-            return row
-        time.sleep(0.2)
 
 
 def test_browser_streaming_chat_records_exactly_and_shows_the_line(

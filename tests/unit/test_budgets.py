@@ -520,15 +520,16 @@ def test_the_read_out_shows_budget_spent_remaining_and_reset(
     url = f"sqlite:///{data_dir / 'l.sqlite3'}"
     spend(plugin, url, "u-alice", "0.5", 1)
     plugin.Filter.Valves(database_url=url, budgets="group Interns: $2 per day")  # saved, as the panel does
-    labels = [option["label"] for option in plugin.user_usage_options(ALICE)]
+    labels = [option["label"] for option in plugin.user_readout(ALICE).options()]
     tomorrow = datetime.now(UTC).date() + timedelta(days=1)
     assert labels[-1] == (
         "Budget: $2.00 per day · spent $0.5000 · remaining $1.50 · "
         f"resets {tomorrow.day} {tomorrow:%B %Y} at 00:00 UTC"
     )
-    assert plugin.user_usage_options(ADMIN)[-1]["label"] == "Budget: unlimited"
+    assert plugin.user_readout(ADMIN).options()[-1]["label"] == "Budget: unlimited"
+    assert "- **Budget:** unlimited" in plugin.user_readout(ADMIN).markdown()
     plugin.Filter.Valves(database_url=url, budgets="")
-    assert [o["value"] for o in plugin.user_usage_options(ALICE)] == ["today", "month"]
+    assert [label for label, _ in plugin.user_readout(ALICE).lines] == ["Today", "This month"]
 
 
 def test_the_report_counts_users_per_rule_and_lists_those_over_the_warning_line(
