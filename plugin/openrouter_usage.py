@@ -3599,13 +3599,23 @@ def reconcile_config(settings: Settings) -> ReconcileConfig | None:
     )
 
 
+# An OpenRouter key is printable ASCII without spaces. Anything else (a pasted line break, a
+# no-break space) is never sent: an HTTP library would refuse it, and may log the header it refused.
+_USABLE_API_KEY: Final = re.compile(r"[\x21-\x7e]+")
+MALFORMED_KEY_NOTE: Final = "it is not a valid key (printable characters only, no spaces); not used"
+
+
 def openrouter_api_key(settings: Settings) -> tuple[str, str]:
-    """The key and where it came from: the valve, else $OPENROUTER_API_KEY, else none."""
-    if settings.openrouter_api_key.strip():
-        return settings.openrouter_api_key.strip(), "this function's settings"
-    from_environment = os.environ.get(API_KEY_ENV, "").strip()
-    if from_environment:
-        return from_environment, f"${API_KEY_ENV}"
+    """The key and where it came from: the valve, else $OPENROUTER_API_KEY, else none. A key that
+    is malformed is not returned; its source then says so."""
+    for candidate, source in (
+        (settings.openrouter_api_key.strip(), "this function's settings"),
+        (os.environ.get(API_KEY_ENV, "").strip(), f"${API_KEY_ENV}"),
+    ):
+        if candidate:
+            if _USABLE_API_KEY.fullmatch(candidate):
+                return candidate, source
+            return "", f"{source}, but {MALFORMED_KEY_NOTE}"
     return "", ""
 
 
@@ -3621,12 +3631,16 @@ class BackgroundReconciler:
         self._thread: threading.Thread | None = None
         self._config: ReconcileConfig | None = None
         self._rejected_key = ""  # the fingerprint of a key OpenRouter rejected: not tried again
+        self._wake = threading.Event()  # set by a new completion: the next due time may be sooner
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def ensure_running(self, config: ReconcileConfig) -> None:
         with self._lock:
             self._config = config
-            if self._thread is not None or key_fingerprint(config.api_key) == self._rejected_key:
+            if self._thread is not None:
+                self._wake.set()
+                return
+            if key_fingerprint(config.api_key) == self._rejected_key:
                 return
             self._thread = threading.Thread(target=self._run, name="openrouter_usage_reconcile", daemon=True)
             self._thread.start()
@@ -3646,6 +3660,7 @@ class BackgroundReconciler:
                     reconciler = Reconciler(
                         self.ledger, account, lookups_per_second=config.lookups_per_second, holder=self.holder
                     )
+                self._wake.clear()
                 summary = reconciler.run_pass()
                 if summary.rejected:
                     log.warning(
@@ -3665,13 +3680,14 @@ class BackgroundReconciler:
             with self._lock:
                 self._thread = None
 
-    @staticmethod
-    def _sleep_until(moment: float) -> bool:
-        """Sleep until `moment`; False if this copy of the plugin was superseded meanwhile."""
+    def _sleep_until(self, moment: float) -> bool:
+        """Sleep until `moment`, or until a new completion asks (its row may be due sooner); False
+        if this copy of the plugin was superseded meanwhile."""
         while (remaining := moment - time.time()) > 0:
             if superseded():
                 return False
-            time.sleep(min(remaining, IDLE_CHECK_SECONDS))
+            if self._wake.wait(min(remaining, IDLE_CHECK_SECONDS)):
+                return True
         return True
 
 
@@ -4210,27 +4226,27 @@ def _key_day(conn: sa.Connection, key: str, value: str) -> KeyDay | None:
 
 
 def render_reconciliation_markdown(
-    view: ReconciliationView | None, key_source: str, *, enabled: bool, currency: DisplayCurrency = USD
+    view: ReconciliationView | None,
+    key_source: str,
+    *,
+    enabled: bool,
+    currency: DisplayCurrency = USD,
+    key_in_use: str = "",
 ) -> str:
-    """The panel's "Checked against OpenRouter's bill" section, money in `currency`."""
+    """The panel's "Checked against OpenRouter's bill" section, money in `currency`. `key_in_use`
+    is the fingerprint of the key set now: a rejection of another key is not shown."""
     money = currency.format
-    lines = ["", "**Checked against OpenRouter's bill**", ""]
-    if not key_source:
-        lines.append(
-            f"No OpenRouter API key (set one above, or `${API_KEY_ENV}`): answers are not checked against "
-            "OpenRouter's bill, and stopped answers stay without a cost."
-        )
-    elif not enabled:
-        lines.append(f"API key: set ({key_source}). Checking is switched off.")
-    else:
-        lines.append(f"API key: set ({key_source}).")
+    lines = ["", "**Checked against OpenRouter's bill**", "", key_line(key_source, enabled=enabled)]
     if view is None:
         return "\n".join(lines)
     state = view.state
-    if state.get("rejected"):
+    if state.get("rejected") and state.get("rejected_key") == key_in_use:
+        try:
+            when = f", {datetime.fromisoformat(str(state.get('rejected_at'))):%Y-%m-%d %H:%M} UTC"
+        except ValueError:
+            when = ""
         lines.append(
-            f"**The key was rejected** ({escape_markdown(str(state['rejected']), 20)}, "
-            f"{escape_markdown(str(state.get('rejected_at', ''))[:16], 20)} UTC): "
+            f"**The key was rejected** ({escape_markdown(str(state['rejected']), 20)}{when}): "
             "lookups stopped until the key changes."
         )
     lines.append(reconcile_summary_line(view, money))
@@ -4249,23 +4265,7 @@ def render_reconciliation_markdown(
             f"{escape_markdown(str(k), 40)}: {format_count(int(v))}" for k, v in sorted(errors.items())
         )
         lines.append(f"Lookup errors so far (each retried later): {counted}.")
-    if view.key_days:
-        lines += [
-            "",
-            (
-                "Spend on this key by UTC day (OpenRouter's figure, sampled while checking) against the "
-                "ledger's: the difference is background tasks (titles, tags, follow-ups) and other "
-                "clients of this key."
-            ),
-            "",
-            "| UTC day | OpenRouter | Ledger | Difference |",
-            "|---|--:|--:|--:|",
-        ]
-        lines += [
-            f"| {d.day} (to {d.sampled_at}) | {money(d.openrouter_pico)} | "
-            f"{money(d.ledger_pico)} | {money(d.openrouter_pico - d.ledger_pico)} |"
-            for d in view.key_days
-        ]
+    lines += key_day_lines(view.key_days, money)
     limit, remaining = (to_decimal(view.key_limit.get(name)) for name in ("limit", "remaining"))
     if limit is not None:
         reset = view.key_limit.get("reset")
@@ -4276,6 +4276,42 @@ def render_reconciliation_markdown(
             + "."
         )
     return "\n".join(lines)
+
+
+def key_line(key_source: str, *, enabled: bool) -> str:
+    """Which key is in use (never the key itself), or why none is."""
+    if not key_source:
+        return (
+            f"No OpenRouter API key (set one above, or `${API_KEY_ENV}`): answers are not checked against "
+            "OpenRouter's bill, and stopped answers stay without a cost."
+        )
+    if MALFORMED_KEY_NOTE in key_source:
+        return f"API key: {key_source}. Answers are not checked against OpenRouter's bill."
+    if not enabled:
+        return f"API key: set ({key_source}). Checking is switched off."
+    return f"API key: set ({key_source})."
+
+
+def key_day_lines(key_days: Sequence[KeyDay], money: Callable[[int], str]) -> list[str]:
+    """OpenRouter's spend on this key against the ledger's, per UTC day, as a table."""
+    if not key_days:
+        return []
+    return [
+        "",
+        (
+            "Spend on this key by UTC day (OpenRouter's figure, sampled while checking) against the "
+            "ledger's: the difference is background tasks (titles, tags, follow-ups) and other "
+            "clients of this key."
+        ),
+        "",
+        "| UTC day | OpenRouter | Ledger | Difference |",
+        "|---|--:|--:|--:|",
+        *(
+            f"| {d.day} (to {d.sampled_at}) | {money(d.openrouter_pico)} | "
+            f"{money(d.ledger_pico)} | {money(d.openrouter_pico - d.ledger_pico)} |"
+            for d in key_days
+        ),
+    ]
 
 
 def reconcile_summary_line(view: ReconciliationView, money: Callable[[int], str] = format_usd) -> str:
@@ -5184,9 +5220,12 @@ CLI_LEASE_WAIT_SECONDS: Final = 2 * LEASE_SECONDS
 def reconcile_command(ledger: Ledger, since_text: str, base_url: str, out: Any) -> int:
     """One reconciliation pass over the pending records since `since_text`, due or not (waiting
     for a server process that holds the lease); prints a summary."""
-    api_key = os.environ.get(API_KEY_ENV, "").strip()
+    api_key, source = openrouter_api_key(Settings())
     if not api_key:
-        sys.stderr.write(f"openrouter-usage: set ${API_KEY_ENV} to an OpenRouter API key (any key works)\n")
+        problem = f" (${API_KEY_ENV}: {MALFORMED_KEY_NOTE})" if source else ""
+        sys.stderr.write(
+            f"openrouter-usage: set ${API_KEY_ENV} to an OpenRouter API key (any key works){problem}\n"
+        )
         return 2
     since = datetime.fromisoformat(parse_since(since_text, ZoneInfo("UTC"))).replace(tzinfo=UTC)
     account = OpenRouterAccount(api_key, base_url)
@@ -5211,11 +5250,16 @@ def reconcile_summary_text(summary: ReconcileSummary) -> str:
     if summary.rejected:
         return f"OpenRouter rejected the key ({summary.rejected}); nothing was checked.\n"
     sign = "+" if summary.difference_pico >= 0 else "-"
+    difference = (
+        f" ({sign}{format_usd(abs(summary.difference_pico))}, OpenRouter's bill minus the ledger)"
+        if summary.differs
+        else ""
+    )
     lines = [
         f"Looked up {count_of(summary.looked_up, 'generation')} at OpenRouter.",
         (
-            f"matched: {format_count(summary.matched)} · differ: {format_count(summary.differs)} "
-            f"({sign}{format_usd(abs(summary.difference_pico))}, OpenRouter's bill minus the ledger) · "
+            f"matched: {format_count(summary.matched)} · "
+            f"differ: {format_count(summary.differs)}{difference} · "
             f"stopped answers priced: {format_count(summary.priced_stopped)} · not found: "
             f"{format_count(summary.not_found)} · failed: {format_count(summary.failed)} · "
             f"without a generation id: {format_count(summary.no_id)}"
@@ -5747,8 +5791,9 @@ def admin_report_markdown() -> str:
         return unavailable + waiting_note(ledger)
     wanted = resolve_zone(settings.report_timezone).key
     currency = parse_display_currency(settings.display_currency)
+    api_key, key_source = openrouter_api_key(settings)
     markdown = render_report_markdown(report, currency) + render_reconciliation_markdown(
-        view, openrouter_api_key(settings)[1], enabled=settings.reconcile, currency=currency
+        view, key_source, enabled=settings.reconcile, currency=currency, key_in_use=key_fingerprint(api_key)
     )
     if wanted != report.timezone and not report.health.recount:
         markdown += (

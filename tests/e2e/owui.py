@@ -919,6 +919,7 @@ class OpenWebUIClient:
             session_id=session_id,
             background_tasks=background_tasks,
             precreate=precreate,
+            extra=extra,
         )
         self.wait_for_chat_message_done(turn.chat_id, turn.message_id, timeout=timeout)
         return turn.chat_id, turn.message_id
@@ -937,6 +938,7 @@ class OpenWebUIClient:
         session_id: str | None = None,
         background_tasks: Mapping[str, bool] | None = None,
         precreate: bool = False,
+        extra: Mapping[str, Any] | None = None,
     ) -> BrowserTurn:
         """Send ``text`` the way the 0.12.4 web UI does; return the accepted turn without waiting.
 

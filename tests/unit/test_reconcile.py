@@ -276,11 +276,29 @@ def test_a_rejected_key_stops_every_lookup_and_the_panel_says_so(
     assert (summary.rejected, account.looked_up) == ("HTTP 401", [])
     ledger = plugin.ledger_for(database_url)
     report = plugin.build_usage_report(ledger, None, 5, now=START)
+    view = plugin.read_reconciliation_view(ledger, report)
     markdown = plugin.render_reconciliation_markdown(
-        plugin.read_reconciliation_view(ledger, report), "this function's settings", enabled=True
+        view, "this function's settings", enabled=True, key_in_use=account.fingerprint
     )
-    assert "**The key was rejected** (HTTP 401" in markdown
+    assert "**The key was rejected** (HTTP 401, 2026-11-29 12:00 UTC)" in markdown
     assert "3 waiting" in markdown
+    another_key = plugin.render_reconciliation_markdown(view, "this function's settings", enabled=True)
+    assert "rejected" not in another_key, "a rejection of the previous key is not shown for a new one"
+
+
+@pytest.mark.parametrize("pasted", ["sk-or-v1-abc\ndef", "sk-or-v1-abc\u00a0def", "sk-or-v1-ключ"])
+def test_a_malformed_key_is_never_used_and_the_panel_says_why(
+    plugin: types.ModuleType, monkeypatch: pytest.MonkeyPatch, pasted: str
+) -> None:
+    monkeypatch.delenv(plugin.API_KEY_ENV, raising=False)
+    settings = plugin.Settings(openrouter_api_key=pasted)
+    key, source = plugin.openrouter_api_key(settings)
+    assert (key, plugin.reconcile_config(settings)) == ("", None)
+    markdown = plugin.render_reconciliation_markdown(None, source, enabled=True)
+    assert "API key: this function's settings, but it is not a valid key" in markdown
+    assert pasted not in markdown
+    monkeypatch.setenv(plugin.API_KEY_ENV, pasted)
+    assert plugin.openrouter_api_key(plugin.Settings())[0] == ""
 
 
 def test_lookups_are_paced_to_the_rate(plugin: types.ModuleType, database_url: str, clock: FakeClock) -> None:

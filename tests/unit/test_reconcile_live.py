@@ -9,6 +9,7 @@ import json
 import time
 import types
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -295,3 +296,41 @@ def test_faults_from_a_real_server_back_off_are_counted_and_the_row_still_matche
     assert time.monotonic() - started >= 1.0, "the 429's Retry-After was honoured"
     (generation_id,) = json.loads(row["generation_ids"])
     assert sim.successful_lookups() == {generation_id: 1}
+
+
+async def test_a_new_completion_wakes_a_reconciler_sleeping_on_a_long_backoff(
+    fast: types.ModuleType, sim: OpenRouterSimulator, data_dir: Any
+) -> None:
+    valves = {"openrouter_api_key": KEY, "openrouter_api_base": sim.base_url}
+    driver = HookDriver(fast, valves=valves)
+    await streamed_turn(driver, sim, "first", message_id="m-first")
+    url = fast.resolve_database_url("")
+    await asyncio.to_thread(wait_until, lambda: rows(fast, url)[0]["reconcile_status"] == "matched")
+    with fast.ledger_for(url).writing() as conn:  # a row OpenRouter will not know for 15 minutes
+        conn.execute(
+            sa.update(fast.ledger_table).values(
+                reconcile_status="pending",
+                generation_ids='["gen-never-served"]',
+                billed_json=None,
+                reconcile_attempts=8,
+                reconcile_after=datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=900),
+            )
+        )
+    fast.reconciler_for(url).ensure_running(fast.reconcile_config(fast.Settings(**valves)))
+    await asyncio.sleep(0.5)  # the reconciler now sleeps until that row is due
+
+    await streamed_turn(driver, sim, "second", message_id="m-second")
+
+    second = await asyncio.to_thread(
+        wait_until,
+        lambda: next(
+            (
+                r
+                for r in rows(fast, url)
+                if r["message_id"] == "m-second" and r["reconcile_status"] == "matched"
+            ),
+            None,
+        ),
+        10.0,
+    )
+    assert second["billed_pico"] == second["spend_pico"]
