@@ -8,6 +8,8 @@ Three pieces, none of which needs pytest:
   and stops its whole process group.
 * :class:`OpenWebUIClient` speaks the HTTP API the web UI uses: sign-in, functions, valves,
   chat completions (API style and browser style) and saved chats.
+* :class:`UserEvents` holds a user's socket.io connection, as the web UI does, and collects the
+  ``events`` messages Open WebUI sends it (notifications are not saved anywhere else).
 
 Facts about Open WebUI 0.12.4 that this module relies on (read from its source):
 
@@ -23,6 +25,9 @@ Facts about Open WebUI 0.12.4 that this module relies on (read from its source):
   ``{"status", "task_ids", "chat_id"}`` and the completion runs as a background task.  The event
   emitter broadcasts to the ``user:<id>`` room and persists to the database whatever the session
   id is, so a made-up session id is enough (only ``__event_call__`` needs a live socket).
+* That broadcast is the socket.io message ``events`` (``{"chat_id", "message_id", "data":
+  event}``); every socket of the user is in the room once it connects at ``/ws/socket.io`` with
+  ``auth={"token": …}`` (``socket/main.py::connect``, again on ``user-join``).
 * The assistant message is saved with ``done: True`` *before* the outlet filters and the
   tag/follow-up generation run (``utils/middleware.py``), so "done" alone does not mean an
   outlet's status is saved yet: wait until the chat has no running task as well.
@@ -41,6 +46,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +66,7 @@ __all__ = [
     "OpenWebUIServer",
     "OpenWebUIStartError",
     "StreamResult",
+    "UserEvents",
     "cache_root",
     "ensure_openwebui",
     "eventually",
@@ -1038,3 +1045,126 @@ class OpenWebUIClient:
             raise OpenWebUIError(f"browser-style completion was not accepted as a task: {answer!r}")
         task_ids = [str(task_id) for task_id in answer.get("task_ids") or []]
         return BrowserTurn(str(answer["chat_id"]), assistant_id, task_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# A user's socket.io connection
+# --------------------------------------------------------------------------------------------
+
+# Run by Open WebUI's own interpreter, whose venv ships python-socketio. It connects as the web UI
+# does (path, websocket transport, the token as `auth`, then `user-join`) and writes one JSON line
+# per message: ["joined", ack] once, then ["events", payload] for each `events` message, until its
+# stdin closes. The token comes on stdin, never on the command line.
+_USER_EVENTS_CLIENT = """
+import asyncio, json, sys
+import socketio
+
+def say(kind, payload):
+    print(json.dumps([kind, payload]), flush=True)
+
+async def main(url):
+    token = sys.stdin.readline().strip()
+    sio = socketio.AsyncClient(reconnection=False)
+    sio.on("events", lambda payload: say("events", payload))
+    await sio.connect(url, socketio_path="/ws/socket.io", transports=["websocket"],
+                      auth={"token": token}, wait_timeout=30)
+    say("joined", await sio.call("user-join", {"auth": {"token": token}}, timeout=30))
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await sio.disconnect()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+class UserEvents:
+    """The ``events`` messages Open WebUI sends to one user's browser sessions, collected from a
+    socket.io connection of that user; a context manager.
+
+    Entering returns once the server has answered ``user-join`` (the session is in the user's
+    room); from then on :attr:`events` holds every message's payload,
+    ``{"chat_id", "message_id", "data": event}``, in the order it arrived.  The client runs in
+    Open WebUI's venv (``server.python``) as a child process, ended on exit.
+    """
+
+    def __init__(self, server: OpenWebUIServer, token: str, *, timeout: float = 30.0) -> None:
+        self.server = server
+        self.token = token
+        self.timeout = timeout
+        self.joined: dict[str, Any] = {}
+        self._events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._events)
+
+    def wait_for(self, matches: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        """The first collected event that ``matches``, waiting up to ``timeout`` for it."""
+        return eventually(lambda: next(filter(matches, self._live_events()), None), self.timeout, what)
+
+    def _live_events(self) -> list[dict[str, Any]]:
+        if self._proc is not None and self._proc.poll() is not None:
+            stderr = self._proc.stderr.read() if self._proc.stderr else ""
+            raise OpenWebUIError(f"the socket.io client exited ({self._proc.returncode}): {stderr[-2000:]}")
+        return self.events
+
+    def _joined(self) -> dict[str, Any]:
+        self._live_events()  # raises when the client is gone
+        return self.joined
+
+    def _read(self, stdout: Any) -> None:
+        for line in stdout:
+            kind, payload = json.loads(line)
+            with self._lock:
+                if kind == "joined":
+                    self.joined = dict(payload)
+                else:
+                    self._events.append(payload)
+
+    def __enter__(self) -> Self:
+        environment = {
+            k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+        }
+        self._proc = subprocess.Popen(
+            [str(self.server.python), "-c", _USER_EVENTS_CLIENT, self.server.url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(self.token + "\n")
+        self._proc.stdin.flush()
+        self._reader = threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True)
+        self._reader.start()
+        try:
+            eventually(self._joined, self.timeout, "the socket.io session to join the user's room")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """End the client: closing its stdin disconnects it; killed if it does not exit."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,18 +1,24 @@
 """Spend budgets in the real Open WebUI 0.12.4, against the OpenRouter simulator: a block at inlet
 (browser-like chat and API call, nothing sent upstream), a tool-calling turn stopped at the
-`request` hook, a group budget through a real Open WebUI group, an admin under `default`."""
+`request` hook, a group budget through a real Open WebUI group, an admin under `default`, the
+warning notification once (over the user's socket.io connection) and the usage line's budget."""
 
 from __future__ import annotations
 
 import json
+import types
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import pytest
 
 from scripts.build_manifest import PLUGIN, build_manifest
-from tests.e2e.owui import OpenWebUIClient, OpenWebUIHTTPError, OpenWebUIServer
+from tests.e2e.owui import OpenWebUIClient, OpenWebUIHTTPError, OpenWebUIServer, UserEvents
+from tests.e2e.plugin_under_test import generation_for
+from tests.factories import load_plugin_module
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +37,12 @@ class Tools:
 
 
 @pytest.fixture(scope="module")
+def plugin(openwebui: OpenWebUIServer) -> types.ModuleType:
+    """The plugin's own formatting helpers, for computing what the user should see."""
+    return load_plugin_module()
+
+
+@pytest.fixture(scope="module")
 def installed(admin: OpenWebUIClient, simulator: Any) -> Iterator[None]:
     (item,) = build_manifest(PLUGIN.read_text(encoding="utf-8"))
     admin.create_function(item["id"], item["name"], item["content"], {"description": "budgets"})
@@ -39,7 +51,7 @@ def installed(admin: OpenWebUIClient, simulator: Any) -> Iterator[None]:
     admin.delete_function(FUNCTION_ID)
 
 
-def set_budgets(admin: OpenWebUIClient, budgets: str) -> None:
+def set_budgets(admin: OpenWebUIClient, budgets: str, **valves: Any) -> None:
     # Reservation 0: a user without history reserves one pico-dollar, so the first call of a fresh
     # user is admitted and the limit is reached by what it cost.
     admin.update_valves(
@@ -48,6 +60,7 @@ def set_budgets(admin: OpenWebUIClient, budgets: str) -> None:
             "openrouter_url_pattern": "openrouter.ai,127.0.0.1",
             "budgets": budgets,
             "budget_reservation_usd": "0",
+            **valves,
         },
     )
 
@@ -139,3 +152,68 @@ def test_a_tool_calling_turn_is_stopped_at_the_request_hook_mid_turn(
     assert upstream_calls(simulator, marker) == 1
     assert "would be exceeded by this request" in error_of(message)
     admin.request("DELETE", f"/api/v1/tools/id/{tool_id}/delete")
+
+
+def outlet_ran(message_id: str) -> Callable[[dict[str, Any]], bool]:
+    """Open WebUI sends `chat:outlet` after the outlet filters, on the same connection: once it has
+    arrived, every event the plugin's outlet sent for that message has too."""
+    return lambda event: event.get("message_id") == message_id and event["data"].get("type") == "chat:outlet"
+
+
+def two_figures(amount: Decimal) -> Decimal:
+    return amount.quantize(Decimal(1).scaleb(amount.adjusted() - 1), rounding=ROUND_HALF_EVEN)
+
+
+def test_the_warning_notification_arrives_once_and_the_line_shows_the_budget(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None, plugin: Any
+) -> None:
+    # The limit is ten first turns at the simulator's prices (another ordinary user's turn of the
+    # same length, under no rule; an admin's costs more, Open WebUI sending admins more built-in
+    # tool definitions) and the warning line 15%: turn 1 stays under it (about 10%), turn 2
+    # crosses it (about 20%).
+    warn_percent = 15
+    set_budgets(admin, "")
+    calibration = f"turn 1 {uuid.uuid4().hex[:8]}"
+    chat(new_user(admin, openwebui), calibration)
+    limit = two_figures(10 * generation_for(simulator, calibration).spend)
+    limit_pico = int(limit * 10**12)
+    user = new_user(admin, openwebui)
+    set_budgets(admin, f"user {user.user['email']}: ${limit:f} per day", budget_warn_percent=warn_percent)
+    first_day = datetime.now(UTC).date()
+    turns: list[tuple[str, str, str]] = []  # (chat id, message id, marker)
+    with UserEvents(openwebui, str(user.token)) as browser:
+        assert browser.joined["id"] == user.user["id"]
+        chat_id: str | None = None
+        for turn in range(1, 5):
+            marker = f"turn {turn} {uuid.uuid4().hex[:8]}"
+            # Turns 1-3 in one chat, turn 4 in a new one: once per window, not once per chat.
+            chat_id, message_id = user.browser_chat(MODEL, marker, chat_id if turn < 4 else None)
+            browser.wait_for(outlet_ran(message_id), f"turn {turn}'s outlet")
+            turns.append((chat_id, message_id, marker))
+        events = browser.events
+    # The day window ends tomorrow (two candidates if the turns straddled midnight UTC).
+    resets = {day + timedelta(days=1) for day in (first_day, datetime.now(UTC).date())}
+    spends = [int(generation_for(simulator, marker).spend * 10**12) for _, _, marker in turns]
+    percents = [sum(spends[: turn + 1]) * 100 // limit_pico for turn in range(len(spends))]
+    assert percents[0] < warn_percent <= percents[1], (percents, spends, limit)
+
+    warnings = [
+        event
+        for event in events
+        if event["data"].get("type") == "notification" and event["data"]["data"].get("type") == "warning"
+    ]
+    assert [event["message_id"] for event in warnings] == [turns[1][1]], warnings  # once, after turn 2
+    spent = plugin.format_usd(sum(spends[:2]))
+    assert warnings[0]["data"]["data"]["content"] in {
+        f"You have used {percents[1]}% of your budget ({spent} of {plugin.format_usd(limit_pico)} per day). "
+        f"It resets on {day.day} {day:%B %Y} at 00:00 UTC."
+        for day in resets
+    }
+    for (chat_id, message_id, _), percent in zip(turns, percents, strict=True):
+        message = user.get_message(chat_id, message_id)
+        assert message is not None
+        (line,) = [
+            s["description"] for s in message.get("statusHistory") or [] if "$" in s.get("description", "")
+        ]
+        budget = f" · budget {percent}% of {plugin.compact_usd(limit_pico)}/day"
+        assert line.endswith(budget) if percent >= warn_percent else "budget" not in line, line
