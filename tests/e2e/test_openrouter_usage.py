@@ -13,6 +13,7 @@ import time
 import types
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -301,7 +302,15 @@ def test_the_admin_panel_report_matches_the_ledger(
         f"{sum(r['total_tokens'] for r in rows):,} | "
         f"{sum(1 for r in rows if r['status'] != 'ok'):,} |"
     )
-    assert "Bob Builder" in report and "openrouter_usage.sqlite3" in report
+    spend_by_user: dict[str, Decimal] = {}
+    names: dict[str, str] = {}
+    for row in rows:
+        spend_by_user[row["user_id"]] = spend_by_user.get(row["user_id"], Decimal(0)) + usd(row["spend_usd"])
+        names[row["user_id"]] = row["user_name"] or names.get(row["user_id"], row["user_id"])
+    top_spender = max(spend_by_user, key=lambda user_id: spend_by_user[user_id])
+    top_spend = plugin.format_usd(int(spend_by_user[top_spender] * 10**12))
+    assert f"| {plugin.escape_markdown(names[top_spender])} | {top_spend} |" in report
+    assert "openrouter_usage.sqlite3" in report
     # Read-only: no control is drawn, and what the Default button leaves ("") is never stored.
     assert spec["properties"]["usage_report"]["input"]["type"] == plugin.READ_ONLY_INPUT
     admin.update_valves(FUNCTION_ID, {"usage_report": ""}, merge=True)
