@@ -4233,49 +4233,53 @@ def render_reconciliation_markdown(
     currency: DisplayCurrency = USD,
     key_in_use: str = "",
 ) -> str:
-    """The panel's "Checked against OpenRouter's bill" section, money in `currency`. `key_in_use`
-    is the fingerprint of the key set now: a rejection of another key is not shown."""
+    """The panel's "Checked against OpenRouter's bill" section, money in `currency`, as Markdown
+    paragraphs. Without a usable key (or with checking off) it is the one line saying so, and the
+    stopped answers still without a cost. `key_in_use` is the fingerprint of the key set now: a
+    rejection of another key is not shown."""
     money = currency.format
-    lines = ["", "**Checked against OpenRouter's bill**", "", key_line(key_source, enabled=enabled)]
-    if view is None:
-        return "\n".join(lines)
-    state = view.state
-    if state.get("rejected") and state.get("rejected_key") == key_in_use:
+    checking = bool(key_source) and enabled and MALFORMED_KEY_NOTE not in key_source
+    paragraphs = ["**Checked against OpenRouter's bill**", key_line(key_source, enabled=enabled)]
+    state = view.state if view is not None else {}
+    if checking and state.get("rejected") and state.get("rejected_key") == key_in_use:
         try:
             when = f", {datetime.fromisoformat(str(state.get('rejected_at'))):%Y-%m-%d %H:%M} UTC"
         except ValueError:
             when = ""
-        lines.append(
+        paragraphs.append(
             f"**The key was rejected** ({escape_markdown(str(state['rejected']), 20)}{when}): "
             "lookups stopped until the key changes."
         )
-    lines.append(reconcile_summary_line(view, money))
-    if view.unpriced_stopped:
-        lines.append(
+    if view is not None and checking:
+        paragraphs.append(reconcile_summary_line(view, money))
+    if view is not None and view.unpriced_stopped:
+        paragraphs.append(
             f"{count_of(view.unpriced_stopped, 'stopped answer')} without a cost yet: "
             + (
                 "they are priced once OpenRouter has their record."
-                if key_source and enabled
+                if checking
                 else "set an OpenRouter API key above and they are priced from OpenRouter's record."
             )
         )
+    if view is None or not checking:
+        return "\n\n" + "\n\n".join(paragraphs)
     errors = state.get("errors") or {}
     if errors:
         counted = ", ".join(
             f"{escape_markdown(str(k), 40)}: {format_count(int(v))}" for k, v in sorted(errors.items())
         )
-        lines.append(f"Lookup errors so far (each retried later): {counted}.")
-    lines += key_day_lines(view.key_days, money)
+        paragraphs.append(f"Lookup errors so far (each retried later): {counted}.")
+    paragraphs += key_day_paragraphs(view.key_days, money)
     limit, remaining = (to_decimal(view.key_limit.get(name)) for name in ("limit", "remaining"))
     if limit is not None:
         reset = view.key_limit.get("reset")
-        lines.append(
+        paragraphs.append(
             f"Key limit (admins only): {money(usd_to_pico(remaining or Decimal(0)))} remaining of "
             f"{money(usd_to_pico(limit))}"
             + (f", resets {escape_markdown(str(reset), 30)}" if reset else "")
             + "."
         )
-    return "\n".join(lines)
+    return "\n\n" + "\n\n".join(paragraphs)
 
 
 def key_line(key_source: str, *, enabled: bool) -> str:
@@ -4292,25 +4296,22 @@ def key_line(key_source: str, *, enabled: bool) -> str:
     return f"API key: set ({key_source})."
 
 
-def key_day_lines(key_days: Sequence[KeyDay], money: Callable[[int], str]) -> list[str]:
-    """OpenRouter's spend on this key against the ledger's, per UTC day, as a table."""
+def key_day_paragraphs(key_days: Sequence[KeyDay], money: Callable[[int], str]) -> list[str]:
+    """OpenRouter's spend on this key against the ledger's, per UTC day: a sentence and a table."""
     if not key_days:
         return []
+    rows = [
+        f"| {d.day} (to {d.sampled_at}) | {money(d.openrouter_pico)} | "
+        f"{money(d.ledger_pico)} | {money(d.openrouter_pico - d.ledger_pico)} |"
+        for d in key_days
+    ]
     return [
-        "",
         (
             "Spend on this key by UTC day (OpenRouter's figure, sampled while checking) against the "
-            "ledger's: the difference is background tasks (titles, tags, follow-ups) and other "
-            "clients of this key."
+            "ledger's: the difference is background tasks (titles, tags, follow-ups) and other clients "
+            "of this key."
         ),
-        "",
-        "| UTC day | OpenRouter | Ledger | Difference |",
-        "|---|--:|--:|--:|",
-        *(
-            f"| {d.day} (to {d.sampled_at}) | {money(d.openrouter_pico)} | "
-            f"{money(d.ledger_pico)} | {money(d.openrouter_pico - d.ledger_pico)} |"
-            for d in key_days
-        ),
+        "\n".join(["| UTC day | OpenRouter | Ledger | Difference |", "|---|--:|--:|--:|", *rows]),
     ]
 
 
