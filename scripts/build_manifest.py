@@ -1,7 +1,7 @@
 """Write manifest.json (what Admin Panel → Functions → Import reads) from the plugin source.
 
-    python scripts/build_manifest.py          # rewrite manifest.json
-    python scripts/build_manifest.py --check  # exit 1 when manifest.json has drifted
+python scripts/build_manifest.py          # rewrite manifest.json
+python scripts/build_manifest.py --check  # exit 1 when manifest.json has drifted
 """
 
 from __future__ import annotations

@@ -130,7 +130,11 @@ def secret_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def install_function(admin: OpenWebUIClient, url_fragment: str) -> None:
+def install_function(
+    admin: OpenWebUIClient, url_fragment: str, lookups: tuple[str, str] | None = None
+) -> None:
+    """Install the function, active and global, its URL pattern matching the upstream; with
+    `lookups` (an API key and base URL) also check each answer against the upstream's bill."""
     source = PLUGIN_PATH.read_text(encoding="utf-8")
     front = parse_frontmatter(source)
     meta = {"description": front.get("description", "OpenRouter usage and cost per completion")}
@@ -145,6 +149,14 @@ def install_function(admin: OpenWebUIClient, url_fragment: str) -> None:
     if wanted != pattern or "openrouter_url_pattern" not in valves:
         admin.update_valves(FUNCTION_ID, {"openrouter_url_pattern": wanted}, merge=True)
         log.info("valve openrouter_url_pattern = %r", wanted)
+    if lookups is not None:
+        api_key, base_url = lookups
+        admin.update_valves(
+            FUNCTION_ID, {"openrouter_api_key": api_key, "openrouter_api_base": base_url}, merge=True
+        )
+        log.info(
+            "valves openrouter_api_key (set) and openrouter_api_base = %s: answers are reconciled", base_url
+        )
 
 
 def ensure_user(admin: OpenWebUIClient, account: Account) -> None:
@@ -242,7 +254,7 @@ def running_demo(  # noqa: PLR0913 - every knob of the demo, each with the defau
         with client:
             # Connection settings persist in the data dir: point them at this run's upstream.
             client.set_openai_connection(base_url, api_key)
-            install_function(client, url_fragment)
+            install_function(client, url_fragment, (api_key, base_url))
             ensure_user(client, user)
             share_models(client)
         yield Demo(server=server, admin=admin, user=user, simulated=sim is not None)

@@ -65,6 +65,7 @@ def take_pictures(page: OpenWebUIPage, demo: Demo, admin: OpenWebUIClient) -> No
     snap(page, "chat-phone.png")
 
     page.viewport(*DESKTOP)
+    wait_until_checked(admin)
     panel = page.open_function_valves(FUNCTION_ID)
     report = panel.find_element(By.TAG_NAME, "table").find_element(
         By.XPATH, "./ancestor::div[contains(@class, 'py-0.5')][1]"
@@ -96,6 +97,22 @@ def take_pictures(page: OpenWebUIPage, demo: Demo, admin: OpenWebUIClient) -> No
             # Open WebUI saves user valves by itself half a second after a change, with a toast.
             page.wait_for(lambda: page.find("[data-sonner-toast]"), "the user valves to be saved")
     snap(page, "user-readout.png")
+
+
+def wait_until_checked(admin: OpenWebUIClient, seconds: float = 60.0) -> None:
+    """Wait until every answer is checked against the upstream's bill (the first lookup waits a
+    few seconds after a completion), so the report shows reconciliation done."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        report = str(
+            ((admin.get_valves_spec(FUNCTION_ID) or {}).get("properties") or {})
+            .get("usage_report", {})
+            .get("description", "")
+        )
+        if "checked (100.0%)" in report:
+            return
+        time.sleep(1.0)
+    log.warning("the answers were not all checked against the bill within %.0f s", seconds)
 
 
 def rename_chat(client: OpenWebUIClient, chat_id: str, title: str) -> None:
