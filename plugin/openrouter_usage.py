@@ -4877,7 +4877,7 @@ class OpenRouterClient:
         }
 
 
-# ══ Admin CLI: `openrouter-usage report | export | spool | budgets | sync` (the panel's code) ═════
+# ══ Admin CLI: `openrouter-usage report | export | spool | reconcile | budgets | sync` ════════════
 
 EXPORT_FIELDS: Final = (
     "id",
