@@ -60,6 +60,7 @@ import sqlite3
 import sys
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -148,9 +149,12 @@ _CONTROL_FIELD_TYPES: tuple[type, ...] = (bool, int, float, str)
 def _model_lines(name: str, model: Any) -> list[str]:
     lines = [f"    class {name}(BaseModel):"]
     for field_name, field in model.model_fields.items():
-        if field.annotation not in _CONTROL_FIELD_TYPES:
+        annotation = field.annotation
+        if typing.get_origin(annotation) is typing.Literal:  # validated like a str of its values
+            annotation = type(typing.get_args(annotation)[0])
+        if annotation not in _CONTROL_FIELD_TYPES:
             raise RuntimeError(f"the interface control cannot copy {name}.{field_name}: {field.annotation!r}")
-        lines.append(f"        {field_name}: {field.annotation.__name__} = {field.default!r}")
+        lines.append(f"        {field_name}: {annotation.__name__} = {field.default!r}")
     return [*lines, ""] if len(lines) > 1 else [*lines, "        pass", ""]
 
 

@@ -433,6 +433,7 @@ class CaptureState:
         "seen_ids",
         "served_model",
         "started_at",
+        "stop_watch",
         "user_id",
         "watching_for_stop",
     )
@@ -459,6 +460,9 @@ class CaptureState:
         self.requested_model = ""
         self.openrouter_user = ""
         self.watching_for_stop = False
+        # The task running `stream` and the callback watching it end: removed when outlet starts,
+        # so a long-lived task never collects the callbacks of finished requests.
+        self.stop_watch: tuple[asyncio.Task[Any], Callable[[asyncio.Task[Any]], None]] | None = None
         self.outlet_started = False
         self.budget: BudgetTicket | None = None  # the turn's standing with its budget, if checked
 
@@ -3795,6 +3799,7 @@ class DisplayCurrency:
 USD: Final = DisplayCurrency()
 
 
+@functools.lru_cache(maxsize=8)  # outlet reads the valve for every completion
 def parse_display_currency(text: str) -> DisplayCurrency:
     """`USD`, `EUR 0.92` or `EUR 0.92 2026-11-29` (code, rate per USD, optional date). Never raises:
     anything else is USD with the problem named, so a bad value breaks neither a chat nor a save."""
@@ -5963,7 +5968,7 @@ async def record_completion(  # noqa: PLR0913 - the outlet hook's inputs, passed
     """outlet's work: hand the completion to the writer, which builds the record, commits it
     (durably) and renders the usage line off the event loop; then show the line."""
     state = capture_state(metadata)
-    state.outlet_started = True  # from here on, a stop does not make this a stopped generation
+    stop_watching(state)  # from here on, a stop does not make this a stopped generation
     if not (valves.record_all_models or is_openrouter_completion(state, body)):
         log.debug("openrouter_usage: completion not from OpenRouter; not recorded")
         await release_budget_reservation(metadata, valves.database_url)
@@ -6064,7 +6069,18 @@ def watch_for_stop(state: CaptureState, valves: Settings) -> None:
     except RuntimeError:  # not inside an event loop (called directly, as some tests do)
         return
     if task is not None:
-        task.add_done_callback(functools.partial(_stream_task_done, state, valves))
+        callback = functools.partial(_stream_task_done, state, valves)
+        task.add_done_callback(callback)
+        state.stop_watch = (task, callback)
+
+
+def stop_watching(state: CaptureState) -> None:
+    """outlet started: this is not a stopped generation, and the task need not hold the state."""
+    state.outlet_started = True
+    if state.stop_watch is not None:
+        task, callback = state.stop_watch
+        state.stop_watch = None
+        task.remove_done_callback(callback)
 
 
 def _stream_task_done(state: CaptureState, valves: Settings, task: asyncio.Task[Any]) -> None:
