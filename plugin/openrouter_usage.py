@@ -3685,13 +3685,15 @@ class BackgroundReconciler:
                 self._thread = None
 
     def _sleep_until(self, moment: float) -> bool:
-        """Sleep until `moment`, or until a new completion asks (its row may be due sooner); False
-        if this copy of the plugin was superseded meanwhile."""
+        """Sleep until `moment`, or, once a new completion asks, until its row is due (at most
+        FIRST_LOOKUP_DELAY_SECONDS later): no database work per completion, however many arrive.
+        False if this copy of the plugin was superseded meanwhile."""
         while (remaining := moment - time.time()) > 0:
             if superseded():
                 return False
             if self._wake.wait(min(remaining, IDLE_CHECK_SECONDS)):
-                return True
+                self._wake.clear()
+                moment = min(moment, time.time() + FIRST_LOOKUP_DELAY_SECONDS)
         return True
 
 
