@@ -125,7 +125,7 @@ class Prepared:
     body: dict[str, Any]
     metadata: dict[str, Any]
     outlet: dict[str, Any]
-    user: dict[str, Any]
+    outlet_extra: dict[str, Any]  # the dunders outlet names, as Open WebUI picks them
 
 
 class CompletionRunner:
@@ -167,14 +167,30 @@ class CompletionRunner:
         self.counter += 1
         message_id = f"msg-{self.label}-{self.counter}"
         chat_id = f"chat-{self.counter % 50}"
+        metadata = {"chat_id": chat_id, "message_id": message_id, "session_id": "s-1"}
         return Prepared(
             body=dict(self.stream.request),
-            metadata={"chat_id": chat_id, "message_id": message_id, "session_id": "s-1"},
+            metadata=metadata,
             outlet=outlet_body(
                 self.stream.request, self.answer, self.usage, message_id=message_id, chat_id=chat_id
             ),
-            user=dict(self.user, valves=self.plugin.Filter.UserValves()),
+            outlet_extra=self.outlet_extra(metadata),
         )
+
+    def outlet_extra(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """What Open WebUI offers outlet, narrowed to the parameters it names (utils/filter.py::
+        get_filter_params); 1.0.0 takes `__user__`, the current plugin `__request__`."""
+        from tests.factories import FUNCTION_ID, webui_request
+
+        offered = {
+            "__id__": FUNCTION_ID,
+            "__user__": dict(self.user, valves=self.plugin.Filter.UserValves()),
+            "__request__": webui_request(self.user),
+            "__metadata__": metadata,
+            "__event_emitter__": self.emitter,
+        }
+        accepted = inspect.signature(self.hook.outlet).parameters
+        return {key: value for key, value in offered.items() if key in accepted}
 
     async def completion(self, prepared: Prepared | None = None) -> Sample:
         """One request: inlet, then the chunks (parsed fresh, as Open WebUI hands them over: a
@@ -196,13 +212,7 @@ class CompletionRunner:
                 hook.stream(event=chunk, __metadata__=metadata)
         after_stream = time.thread_time_ns()
         lines = self.emitter.lines
-        await call_hook(
-            hook.outlet,
-            body=request.outlet,
-            __user__=request.user,
-            __metadata__=metadata,
-            __event_emitter__=self.emitter,
-        )
+        await call_hook(hook.outlet, body=request.outlet, **request.outlet_extra)
         finished = time.thread_time_ns()
         if self.emitter.lines == lines:
             raise RuntimeError(

@@ -13,11 +13,14 @@ required_open_webui_version: 0.10.0
 #   httpx and SQLAlchemy, all shipped with Open WebUI. One Filter instance serves every user and
 #   request, so per-request state lives in __metadata__ (one dict shared by inlet, stream, outlet).
 # * Hooks: only parameters named in a signature are passed; coroutine functions are awaited and
-#   plain functions called directly (`stream` is plain here). `stream` sees each upstream SSE chunk
-#   as a dict, for every model call of a turn (tool rounds included), never for non-streaming
-#   responses. `outlet` runs server-side after every completion (0.9), API calls included (0.10);
-#   the legacy POST /api/chat/completed runs it again for the same message. No outlet runs for a
-#   stopped generation: the task that runs `stream` is cancelled (its done-callbacks still run).
+#   plain functions called directly (`stream` is plain here). Naming `__user__` costs a read of
+#   the user's settings from Open WebUI's database before the call; `__request__.state.user` is
+#   the same user, loaded once by its auth for the request, so the hooks take that. `stream` sees
+#   each upstream SSE chunk as a dict, for every model call of a turn (tool rounds included), never
+#   for non-streaming responses. `outlet` runs server-side after every completion (0.9), API calls
+#   included (0.10); the legacy POST /api/chat/completed runs it again for the same message. No
+#   outlet runs for a stopped generation: the task that runs `stream` is cancelled (its
+#   done-callbacks still run).
 #   __metadata__ carries user_id, chat_id and message_id from inlet on. A `user` body field set in
 #   inlet reaches the OpenAI-compatible connection. Title, tag and follow-up generations never
 #   reach a function filter. A streamed `error` is shown to the user only when its chunk has no
@@ -39,7 +42,9 @@ required_open_webui_version: 0.10.0
 #   with the model's urlIdx (which connection served the request); the module name Open WebUI gives
 #   this source, `function_<id>_<hex>`, and `sys.modules["function_<id>"]`, its newest copy; the
 #   function's saved valves, through open_webui.internal.db.get_db (a synchronous session),
-#   open_webui.models.functions.Function and open_webui.utils.valves.decrypt_valves.
+#   open_webui.models.functions.Function and open_webui.utils.valves.decrypt_valves; the request's
+#   user (`request.state.user`: id, name, email, role, and `settings.functions.valves.<id>`, the
+#   user's valves, decrypted the same way).
 
 from __future__ import annotations
 
@@ -160,6 +165,45 @@ def valves_in_open_webui_store(function_id: str) -> dict[str, Any] | None:
         log.warning("openrouter_usage: saved settings unreadable in Open WebUI (%s)", short_error(exc))
         return None
     return valves if isinstance(valves, dict) else None
+
+
+def request_user(request: Any, metadata: Any, function_id: str | None = None) -> dict[str, Any] | None:
+    """The user a hook runs for, shaped as Open WebUI's `__user__` (id, name, email, role), from
+    the request: Open WebUI's auth puts the user it loaded for the request on `request.state.user`.
+    A hook that names `__user__` makes Open WebUI read that user's settings from its database
+    again before every call; the hooks take `__request__` instead, which costs nothing.
+
+    With `function_id`, "valves" holds the user's saved settings for that function, read from the
+    same user's settings as Open WebUI reads them (decrypted when valve encryption is on). A user
+    other than `__metadata__`'s user_id is not trusted: then only that id is known. None when the
+    request carries no user and `__metadata__` names none."""
+    user = getattr(getattr(request, "state", None), "user", None)
+    metadata_user_id = metadata.get("user_id") if isinstance(metadata, Mapping) else None
+    user_id = getattr(user, "id", None)
+    if not isinstance(user_id, str) or (metadata_user_id and metadata_user_id != user_id):
+        return {"id": metadata_user_id} if isinstance(metadata_user_id, str) and metadata_user_id else None
+    found = {key: getattr(user, key, None) for key in ("id", "name", "email", "role")}
+    if function_id is not None:
+        found["valves"] = saved_user_valves(getattr(user, "settings", None), function_id)
+    return found
+
+
+def saved_user_valves(settings: Any, function_id: str) -> dict[str, Any]:
+    """A user's saved valves for a function, from their settings (`functions.valves.<id>`, a dict,
+    or a string when Open WebUI encrypts valves); {} when absent or unreadable."""
+    if not isinstance(settings, Mapping):
+        dump = getattr(settings, "model_dump", None)
+        settings = dump() if callable(dump) else {}
+    functions = settings.get("functions")
+    stored = functions.get("valves", {}).get(function_id) if isinstance(functions, Mapping) else None
+    if isinstance(stored, str):
+        decrypt = getattr(sys.modules.get("open_webui.utils.valves"), "decrypt_valves", None)
+        try:
+            stored = decrypt(stored) if decrypt is not None else None
+        except Exception as exc:
+            log.warning("openrouter_usage: a user's settings are unreadable (%s)", short_error(exc))
+            stored = None
+    return dict(stored) if isinstance(stored, Mapping) else {}
 
 
 _BASE_URLS_TTL: Final = 30.0
@@ -5987,7 +6031,8 @@ async def record_completion(  # noqa: PLR0913 - the outlet hook's inputs, passed
     show_line = (
         emitter is not None
         and valves.show_usage_line
-        and getattr(user_valves, "show_usage_line", True) is not False
+        and (user_valves.get("show_usage_line", True) if isinstance(user_valves, Mapping) else True)
+        is not False
     )
     zone = resolve_zone(valves.report_timezone)
     parts = valves.line_parts() if show_line else None
@@ -6525,16 +6570,18 @@ class Filter:
         self._valves = valves
         self.stream = self.observe_stream if valves.capture_stream else None
 
+    # The hooks take `__request__`, not `__user__`: see request_user.
     async def inlet(
         self,
         body: dict[str, Any],
-        __user__: dict[str, Any] | None = None,
+        __request__: Any = None,
         __metadata__: dict[str, Any] | None = None,
         __model__: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         try:
             await start_capture(body, __metadata__, __model__, self.valves)
-            await enforce_budget(body, __user__, __metadata__, self.valves, model_call=False)
+            user = request_user(__request__, __metadata__)
+            await enforce_budget(body, user, __metadata__, self.valves, model_call=False)
         except BudgetBlocked:
             raise  # the one exception that leaves a hook: a deliberate, clearly worded block
         except Exception:
@@ -6544,12 +6591,13 @@ class Filter:
     async def request(
         self,
         body: dict[str, Any],
-        __user__: dict[str, Any] | None = None,
+        __request__: Any = None,
         __metadata__: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Before every model call, tool rounds included (Open WebUI >= 0.11.2): the budget check."""
         try:
-            await enforce_budget(body, __user__, __metadata__, self.valves, model_call=True)
+            user = request_user(__request__, __metadata__)
+            await enforce_budget(body, user, __metadata__, self.valves, model_call=True)
         except BudgetBlocked:
             raise
         except Exception:
@@ -6579,15 +6627,18 @@ class Filter:
     async def outlet(
         self,
         body: dict[str, Any],
-        __user__: dict[str, Any] | None = None,
+        __request__: Any = None,
         __metadata__: dict[str, Any] | None = None,
         __event_emitter__: EventEmitter | None = None,
+        __id__: str | None = None,
     ) -> dict[str, Any]:
         try:
             valves = self.valves
+            # The user's own settings matter only where a usage line can be shown.
+            settings_of = (__id__ or open_webui_function_id()) if __event_emitter__ else None
             await record_completion(
                 body,
-                __user__,
+                request_user(__request__, __metadata__, settings_of),
                 __metadata__,
                 __event_emitter__,
                 valves,

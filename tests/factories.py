@@ -54,8 +54,26 @@ class EmitterRecorder:
         return [e["data"] for e in self.events if e.get("type") == "notification"]
 
 
+FUNCTION_ID = "openrouter_usage"  # the id HookDriver's hooks run under (`__id__`)
+
+
+def webui_request(user: dict[str, Any] | None, user_valves: dict[str, Any] | None = None) -> Any:
+    """What a hook's `__request__` carries of the user: Open WebUI's auth sets `request.state.user`
+    (a UserModel: id, name, email, role, settings; the user's valves for a function in
+    `settings["functions"]["valves"][<function id>]`)."""
+    state = types.SimpleNamespace()
+    if user:
+        settings = {"functions": {"valves": {FUNCTION_ID: dict(user_valves or {})}}}
+        state.user = types.SimpleNamespace(
+            **{key: user.get(key) for key in ("id", "name", "email", "role")}, settings=settings
+        )
+    return types.SimpleNamespace(state=state)
+
+
 class HookDriver:
-    """Calls the filter's hooks the way Open WebUI 0.12.4 does for one request."""
+    """Calls the filter's hooks the way Open WebUI 0.12.4 does for one request. As Open WebUI, it
+    offers every hook both `__user__` and `__request__` (built from `__user__` and the driver's
+    user valves when the caller gives none)."""
 
     def __init__(
         self,
@@ -81,10 +99,18 @@ class HookDriver:
         self.filter.valves = self.filter.Valves(**self.valves)
         signature = inspect.signature(handler)
         params: dict[str, Any] = {"event": payload} if hook == "stream" else {"body": payload}
-        params |= {k: v for k, v in extra.items() if k in signature.parameters}
+        params |= {k: v for k, v in self.offered(extra).items() if k in signature.parameters}
         if "__user__" in params and params["__user__"] and hasattr(self.filter, "UserValves"):
             params["__user__"] = dict(params["__user__"], valves=self.filter.UserValves(**self.user_valves))
         return params
+
+    def offered(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The extra parameters Open WebUI offers a hook: `__request__` (with the user) and `__id__`
+        always, whatever the caller left out."""
+        offered = {"__id__": FUNCTION_ID, **extra}
+        if offered.get("__request__") is None:
+            offered["__request__"] = webui_request(extra.get("__user__"), self.user_valves)
+        return offered
 
     async def call(self, hook: str, payload: Any, **extra: Any) -> Any:
         """As utils/filter.py::process_filter_function: look the hook up first (a filter whose hook
@@ -107,11 +133,11 @@ class HookDriver:
         emitter: EmitterRecorder | None,
     ) -> dict[str, Any]:
         common = {
-            "__id__": "openrouter_usage",
+            "__id__": FUNCTION_ID,
             "__user__": self.user,
             "__metadata__": metadata,
             "__model__": self.model,
-            "__request__": None,
+            "__request__": webui_request(self.user, self.user_valves),
             "__event_emitter__": emitter,
             "__event_call__": None,
             "__chat_id__": metadata.get("chat_id"),

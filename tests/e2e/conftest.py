@@ -68,8 +68,13 @@ def openwebui(
         openai_api_key="sk-or-v1-e2e-simulated",
         admin_email=ADMIN_EMAIL,
         admin_password=ADMIN_PASSWORD,
-        # Models are private to admins by default; a deployment shares them with its users.
-        extra_env={"BYPASS_MODEL_ACCESS_CONTROL": "true"},
+        extra_env={
+            # Models are private to admins by default; a deployment shares them with its users.
+            "BYPASS_MODEL_ACCESS_CONTROL": "true",
+            # Valves saved encrypted, so the valves the plugin reads itself (the function's for the
+            # panel, a user's in the hooks) take the harder path (docs/contract.md, row 34).
+            "ENABLE_VALVE_ENCRYPTION": "true",
+        },
     )
     try:
         server.start()

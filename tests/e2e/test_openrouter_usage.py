@@ -195,6 +195,29 @@ def test_two_users_at_once_each_get_their_own_rows_and_figures(
     bob.close()
 
 
+def test_a_user_who_turns_the_line_off_sees_none_and_is_still_recorded(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, installed: None
+) -> None:
+    """The hooks read the user and their valves from the request Open WebUI authenticated, not
+    from `__user__` (docs/contract.md, row 34): a setting saved in the user's panel still rules."""
+    email = f"carol-{uuid.uuid4().hex[:6]}@example.com"
+    admin.add_user("Carol Cook", email, "carol-password-e2e")
+    carol = OpenWebUIClient.login(openwebui.url, email, "carol-password-e2e")
+    carol.update_user_valves(FUNCTION_ID, {"show_usage_line": False})
+    hidden_chat, hidden_id = carol.browser_chat(MODEL, f"quiet-{uuid.uuid4().hex[:8]}")
+    carol.update_user_valves(FUNCTION_ID, {"show_usage_line": True})
+    shown_chat, shown_id = carol.browser_chat(MODEL, f"loud-{uuid.uuid4().hex[:8]}")
+    rows = rows_by_message(export(openwebui))
+    for message_id in (hidden_id, shown_id):
+        assert rows[message_id]["user_id"] == carol.user["id"]
+        assert rows[message_id]["user_name"] == "Carol Cook"
+    hidden, shown = carol.get_message(hidden_chat, hidden_id), carol.get_message(shown_chat, shown_id)
+    assert hidden is not None and shown is not None
+    assert [line for line in usage_lines(hidden) if "$" in line] == []
+    assert len([line for line in usage_lines(shown) if "$" in line]) == 1
+    carol.close()
+
+
 def test_the_legacy_completed_endpoint_does_not_double_count(
     admin: OpenWebUIClient, openwebui: OpenWebUIServer, installed: None
 ) -> None:

@@ -429,7 +429,7 @@ class FuzzDriver(HookDriver):
     def _params(self, hook: str, payload: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         self.filter.valves = self.filter.Valves(**self.valves)
         params: dict[str, Any] = {"event": payload} if hook == "stream" else {"body": payload}
-        params |= {k: v for k, v in extra.items() if k in self._accepted[hook]}
+        params |= {k: v for k, v in self.offered(extra).items() if k in self._accepted[hook]}
         if params.get("__user__"):
             params["__user__"] = dict(params["__user__"], valves=self.filter.UserValves(**self.user_valves))
         return params
@@ -467,11 +467,9 @@ class FuzzRun:
         emitter = make_emitter(case["emitter"])
         ids = metadata if isinstance(metadata, dict) else {}
         common = {
-            "__id__": "openrouter_usage",
             "__user__": case["user"],
             "__metadata__": metadata,
             "__model__": {"id": "openai/gpt-4o-mini", "urlIdx": 0},
-            "__request__": None,
             "__event_emitter__": emitter,
             "__event_call__": None,
             "__chat_id__": ids.get("chat_id"),

@@ -4,6 +4,7 @@ checked against the ledger on both engines."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 import threading
 import types
@@ -13,9 +14,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
 
 from openrouter_sim import OpenRouterSimulator
 from tests.factories import (
+    FUNCTION_ID,
     EmitterRecorder,
     HookDriver,
     answer_text,
@@ -25,6 +28,7 @@ from tests.factories import (
     stream_events,
     streamed_turn,
     usage_from_events,
+    webui_request,
 )
 
 PICO = Decimal("1e-12")
@@ -320,6 +324,62 @@ async def test_the_usage_line_shows_the_chat_total_of_both_turns(
     )
     total = spend_of(sim, first[0]["id"], second[0]["id"])
     assert f"chat {plugin.format_usd(total)}" in emitter.statuses[-1]
+
+
+def test_no_hook_names___user___so_open_webui_reads_no_user_settings_before_it(
+    plugin: types.ModuleType,
+) -> None:
+    """Open WebUI reads the user's settings from its database before every call of a hook that names
+    `__user__` (utils/filter.py::apply_user_valves); the hooks take the user from `__request__`."""
+    hooks = plugin.Filter()
+    for name in ("inlet", "request", "observe_stream", "outlet"):
+        parameters = inspect.signature(getattr(hooks, name)).parameters
+        assert "__user__" not in parameters, name
+    assert "__request__" in inspect.signature(hooks.outlet).parameters
+
+
+def test_the_user_is_the_one_open_webui_authenticated_for_the_request(plugin: types.ModuleType) -> None:
+    ada = {"id": "u-1", "name": "Ada", "email": "ada@example.com", "role": "admin"}
+    request = webui_request(ada, {"show_usage_line": False})
+    assert plugin.request_user(request, {"user_id": "u-1"}) == ada
+    assert plugin.request_user(request, {}, FUNCTION_ID) == {**ada, "valves": {"show_usage_line": False}}
+    assert plugin.request_user(request, None, "another_function")["valves"] == {}
+    # A request user other than the one the metadata names is not trusted: only the id is known.
+    assert plugin.request_user(request, {"user_id": "u-2"}, FUNCTION_ID) == {"id": "u-2"}
+    assert plugin.request_user(webui_request(None), {"user_id": "u-2"}) == {"id": "u-2"}
+    assert plugin.request_user(None, None) is None
+    assert plugin.request_user(webui_request({"id": 42, "name": "x"}), {"user_id": 7}) is None
+
+
+def test_a_users_saved_valves_are_read_as_open_webui_stores_them(
+    plugin: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a dict, or encrypted to a string when ENABLE_VALVE_ENCRYPTION is on (decrypted with Open
+    WebUI's own decrypt_valves); settings may be its UserSettings model (extra keys kept)."""
+    valves_module = types.ModuleType("open_webui.utils.valves")
+    valves_module.decrypt_valves = lambda text: {"show_usage_line": text == "sealed:on"}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "open_webui.utils.valves", valves_module)
+    settings = {"functions": {"valves": {"f": "sealed:off"}}}
+    assert plugin.saved_user_valves(settings, "f") == {"show_usage_line": False}
+
+    class UserSettings(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        ui: dict[str, Any] | None = {}
+
+    as_model = UserSettings.model_validate(
+        {"ui": {}, "functions": {"valves": {"f": {"show_usage_line": False}}}}
+    )
+    assert plugin.saved_user_valves(as_model, "f") == {"show_usage_line": False}
+    assert plugin.saved_user_valves(None, "f") == {}
+    assert plugin.saved_user_valves({"functions": "not a mapping"}, "f") == {}
+
+    def unreadable(text: str) -> dict[str, Any]:
+        raise ValueError(text)
+
+    valves_module.decrypt_valves = unreadable  # type: ignore[attr-defined]
+    assert plugin.saved_user_valves(settings, "f") == {}
+    monkeypatch.delitem(sys.modules, "open_webui.utils.valves")
+    assert plugin.saved_user_valves(settings, "f") == {}  # encrypted, and no way to decrypt: defaults
 
 
 async def test_a_user_can_hide_the_line_and_admins_choose_its_parts(
