@@ -2440,19 +2440,17 @@ _RECENT_SPENDS: Final = (
     )
     .order_by(ledger_table.c.created_at.desc())
     .limit(ESTIMATE_SAMPLE)
-    .subquery("recent")
+    .cte("recent")
 )
-_RANKED_SPENDS: Final = sa.select(
-    _RECENT_SPENDS.c.spend_pico,
-    sa.func.row_number().over(order_by=_RECENT_SPENDS.c.spend_pico).label("spend_rank"),
-    sa.func.count().over().label("sample"),
-).subquery("ranked")
-# The nearest-rank p95 in SQL: the rank r = ceil(0.95 n), i.e. 100 (r - 1) < 95 n <= 100 r, in
-# products only: no float rounding, no ceil() (absent from SQLite builds without math functions),
-# and no division whose rounding depends on how the driver types its parameters. NULL: no history.
-_SELECT_ESTIMATE: Final = sa.select(_RANKED_SPENDS.c.spend_pico).where(
-    _RANKED_SPENDS.c.spend_rank * 100 >= _RANKED_SPENDS.c.sample * 95,
-    _RANKED_SPENDS.c.spend_rank * 100 < _RANKED_SPENDS.c.sample * 95 + 100,
+# The nearest-rank p95 of n spends: rank ceil(0.95 n) from the cheapest, which is floor(0.05 n)
+# places after the dearest. Dearest first with LIMIT 1 OFFSET, the database keeps only the top 5%
+# while it sorts, where ranking every row needs a full sort; the offset is integer arithmetic on
+# both engines (no float rounding). NULL: no history.
+_SELECT_ESTIMATE: Final = (
+    sa.select(_RECENT_SPENDS.c.spend_pico)
+    .order_by(_RECENT_SPENDS.c.spend_pico.desc())
+    .limit(1)
+    .offset(sa.select(sa.func.count() * 5 // 100).select_from(_RECENT_SPENDS).scalar_subquery())
 )
 _SELECT_WINDOW_ROLLUP_SPEND: Final = sa.select(
     sa.func.coalesce(sa.func.sum(rollup_user_day_table.c.spend_pico), 0)

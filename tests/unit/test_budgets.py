@@ -331,13 +331,16 @@ def test_the_estimate_is_the_nearest_rank_p95_of_the_latest_completions_computed
     plugin: types.ModuleType, database_url: str
 ) -> None:
     """The admission statement's p95 is rank ceil(0.95 n) of the user's sorted spends on the model
-    (n = 1, 2, 20, 21, ties), over the latest ESTIMATE_SAMPLE completions only; None without any."""
+    (n = 1, 2, 19, 20, 21, 39, ties), over the latest ESTIMATE_SAMPLE completions only; None
+    without any."""
     rng = random.Random(7)
     cases = {  # user: (spends, expected p95)
         "one": ([7], 7),
         "two": ([9, 3], 9),
+        "nineteen": (rng.sample(range(1, 20), 19), 19),  # 0.05 n = 0.95 is rounded down, not to 1
         "twenty": (rng.sample(range(1, 21), 20), 19),
         "twenty-one": (rng.sample(range(1, 22), 21), 20),
+        "thirty-nine": (rng.sample(range(1, 40), 39), 38),  # 0.05 n = 1.95
         "ties": ([4] * 18 + [9] * 3, 9),
         "ties-below": ([100] + [2] * 20, 2),
         # Over all 1,060 the p95 would be 50; over the latest 1,000 it is 1.
