@@ -10,7 +10,10 @@ $1000000 per month`, so every call is admitted and upserts its reservation (the 
 Each timed turn: `enforce_budget` as inlet calls it (a fresh turn), then as the request hook
 calls it before a tool round (a second model call: a fresh admission), each timed on its own,
 then the reservation is released (outlet's work, not timed). Users and models rotate over the
-fixture's. Percentiles over all timed calls after a warm-up.
+fixture's. Percentiles over all timed calls after a warm-up. Beside each hook's figure, the time
+inside `Ledger.admit` during the same calls (the admission transaction, on the thread), and a
+floor: the same turns again with `Ledger.admit` answering at once, i.e. the thread hop, the rule's
+resolution and the ticket.
 """
 
 from __future__ import annotations
@@ -59,12 +62,31 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
+def time_admissions(ledger: Any) -> list[float]:
+    """Wraps this Ledger's admit so each call's duration (ms) is appended to the list returned."""
+    admit = ledger.admit
+    durations: list[float] = []
+
+    def timed_admit(request: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return admit(request)
+        finally:
+            durations.append((time.perf_counter() - started) * 1000)
+
+    vars(ledger)["admit"] = timed_admit
+    return durations
+
+
 async def measure(
     plugin: types.ModuleType, url: str, models: list[str], turns: int
 ) -> dict[str, list[float]]:
     valves = plugin.Filter.Valves(database_url=url, budgets="default: $1000000 per month")
     ledger = plugin.ledger_for(url)
-    times: dict[str, list[float]] = {"inlet": [], "request": []}
+    admissions = time_admissions(ledger)
+    times: dict[str, list[float]] = {
+        hook: [] for hook in ("inlet", "request", "inlet_admit", "request_admit")
+    }
     for turn in range(WARM_UP + turns):
         user = {"id": user_id(turn % USERS), "email": "", "role": "user"}
         body = {"model": models[(turn * 7) % len(models)], "messages": []}
@@ -78,12 +100,16 @@ async def measure(
         await plugin.enforce_budget(body, user, metadata, valves, model_call=True)  # a tool round
         request_ms = (time.perf_counter() - started) * 1000
         assert metadata[plugin.STATE_KEY].budget.reserved  # noqa: S101 - the admission ran and admitted
+        assert len(admissions) == 2  # noqa: S101 - one admission per timed call, none in between
         await asyncio.to_thread(
             ledger.release_reservations, [metadata[plugin.STATE_KEY].budget.reservation_id]
         )
         if turn >= WARM_UP:
             times["inlet"].append(inlet_ms)
             times["request"].append(request_ms)
+            times["inlet_admit"].append(admissions[0])
+            times["request_admit"].append(admissions[1])
+        admissions.clear()
     return times
 
 
@@ -104,6 +130,9 @@ def run(quick: bool) -> BenchResult:
             vars(plugin)["datetime"] = _FixtureClock  # the module global the plugin reads
             progress(f"timing {turns} inlet and request budget checks at {rows:,} rows")
             times = asyncio.run(measure(plugin, url, models, turns))
+            progress(f"timing {turns} more with an admission that answers at once (the floor)")
+            vars(plugin.ledger_for(url))["admit"] = lambda _request: plugin.BudgetAdmission(True, 0, 0, 1)
+            floor = asyncio.run(measure(plugin, url, models, turns))
         finally:
             close_plugin(plugin)
     label = f"{rows:,}"
@@ -119,6 +148,27 @@ def run(quick: bool) -> BenchResult:
                 f"<= {TARGET_MS:.0f} ms",
                 at_most(p99, TARGET_MS),
                 f"p50 {percentile(times[hook], 0.5):.3f} ms; " + spread(times[hook], unit="ms") + quick_note,
+            )
+        )
+    for hook in ("inlet", "request"):
+        inside = times[f"{hook}_admit"]
+        result.add(
+            Figure(
+                f"{NAME}.{hook}_admission_p99_ms",
+                f"of which the admission transaction (Ledger.admit, on the thread), {hook}, p99",
+                percentile(inside, 0.99),
+                "ms",
+                detail=f"p50 {percentile(inside, 0.5):.3f} ms; " + spread(inside, unit="ms"),
+            )
+        )
+    for hook in ("inlet", "request"):
+        result.add(
+            Figure(
+                f"{NAME}.{hook}_floor_p99_ms",
+                f"floor: {hook} with an admission that answers at once (thread hop, rule), p99",
+                percentile(floor[hook], 0.99),
+                "ms",
+                detail=f"p50 {percentile(floor[hook], 0.5):.3f} ms; " + spread(floor[hook], unit="ms"),
             )
         )
     result.note(

@@ -2467,11 +2467,15 @@ _SELECT_HELD: Final = sa.select(sa.func.coalesce(sa.func.sum(reservations_table.
     reservations_table.c.reservation_id != sa.bindparam("reservation_id"),
     reservations_table.c.expires_at > sa.bindparam("now"),
 )
+_SELECT_EXPIRED: Final = sa.select(sa.func.count()).where(
+    reservations_table.c.user_id == sa.bindparam("user_id"),
+    reservations_table.c.expires_at <= sa.bindparam("now"),
+)
 _DELETE_EXPIRED: Final = reservations_table.delete().where(
     reservations_table.c.user_id == sa.bindparam("user_id"),
     reservations_table.c.expires_at <= sa.bindparam("now"),
 )
-_SELECT_RECENT_SPENDS: Final = (
+_RECENT_SPENDS: Final = (
     sa.select(ledger_table.c.spend_pico)
     .where(
         ledger_table.c.user_id == sa.bindparam("user_id"),
@@ -2480,26 +2484,49 @@ _SELECT_RECENT_SPENDS: Final = (
     )
     .order_by(ledger_table.c.created_at.desc())
     .limit(ESTIMATE_SAMPLE)
+    .cte("recent")
 )
+# The nearest-rank p95 of n spends: rank ceil(0.95 n) from the cheapest, which is floor(0.05 n)
+# places after the dearest. Dearest first with LIMIT 1 OFFSET, the database keeps only the top 5%
+# while it sorts, where ranking every row needs a full sort; the offset is integer arithmetic on
+# both engines (no float rounding). NULL: no history.
+_SELECT_ESTIMATE: Final = (
+    sa.select(_RECENT_SPENDS.c.spend_pico)
+    .order_by(_RECENT_SPENDS.c.spend_pico.desc())
+    .limit(1)
+    .offset(sa.select(sa.func.count() * 5 // 100).select_from(_RECENT_SPENDS).scalar_subquery())
+)
+# The window's days are read from rollup_day (a row for each day with a completion in the zone)
+# rather than bound one by one: still one key lookup per day whatever the number of users, but two
+# bound days, not up to 31 expanded at every execution. A day range straight on rollup_user_day
+# would read every user's row of every day.
 _SELECT_WINDOW_ROLLUP_SPEND: Final = sa.select(
     sa.func.coalesce(sa.func.sum(rollup_user_day_table.c.spend_pico), 0)
 ).where(
     rollup_user_day_table.c.zone == sa.bindparam("zone"),
-    # Days listed, not a range: one key lookup per day, whatever the number of users.
-    rollup_user_day_table.c.day.in_(sa.bindparam("days", expanding=True)),
     rollup_user_day_table.c.user_id == sa.bindparam("user_id"),
+    rollup_user_day_table.c.day.in_(
+        sa.select(rollup_day_table.c.day).where(
+            rollup_day_table.c.zone == sa.bindparam("zone"),
+            rollup_day_table.c.day >= sa.bindparam("first_day"),
+            rollup_day_table.c.day <= sa.bindparam("last_day"),
+        )
+    ),
 )
 _SELECT_WINDOW_ROW_SPEND: Final = sa.select(
     sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)
 ).where(ledger_table.c.user_id == sa.bindparam("user_id"), ledger_table.c.created_at >= sa.bindparam("since"))
 
 
-# One round trip for what admission reads besides the estimate: the zone the rollups are kept in,
-# the spend in the window by those rollups (used when the zones agree), and what is held.
+# One round trip for everything admission reads: the zone the rollups are kept in, the spend in
+# the window by those rollups (used when the zones agree), what is held, how many of the user's
+# reservations lapsed (deleted only when there are some), and the estimate.
 _SELECT_ADMISSION_FIGURES: Final = sa.select(
     sa.select(meta_table.c.value).where(meta_table.c.key == ROLLUP_ZONE_KEY).scalar_subquery(),
     _SELECT_WINDOW_ROLLUP_SPEND.scalar_subquery(),
     _SELECT_HELD.scalar_subquery(),
+    _SELECT_EXPIRED.scalar_subquery(),
+    _SELECT_ESTIMATE.scalar_subquery(),
 )
 
 
@@ -2534,51 +2561,45 @@ def window_spend_pico(conn: sa.Connection, state: RollupState, user_id: str, win
     """The user's spend in the window: from the daily rollups when they are kept in the window's
     zone, else from the ledger rows since the window's first moment."""
     if state.zone == window.zone.key:
-        by_day = {"zone": state.zone, "days": window.days, "user_id": user_id}
+        by_day = {
+            "zone": state.zone,
+            "first_day": window.first_day.isoformat(),
+            "last_day": window.today.isoformat(),
+            "user_id": user_id,
+        }
         return int(conn.execute(_SELECT_WINDOW_ROLLUP_SPEND, by_day).scalar_one())
     by_row = {"user_id": user_id, "since": window.starts_at}
     return int(conn.execute(_SELECT_WINDOW_ROW_SPEND, by_row).scalar_one())
 
 
-def reservation_estimate(conn: sa.Connection, user_id: str, model: str, now: datetime, default: int) -> int:
-    """The user's 95th-percentile spend on `model` over the last ESTIMATE_DAYS (nearest rank, over
-    the latest ESTIMATE_SAMPLE completions), or `default` without history."""
-    since = _naive_utc(now) - timedelta(days=ESTIMATE_DAYS)
-    spends = sorted(
-        int(value)
-        for value in conn.execute(
-            _SELECT_RECENT_SPENDS, {"user_id": user_id, "model": model, "since": since}
-        ).scalars()
-    )
-    if not spends:
-        return default
-    return spends[math.ceil(0.95 * len(spends)) - 1]
-
-
 def admit_in_transaction(conn: sa.Connection, request: AdmissionRequest) -> BudgetAdmission:
-    """The admission rule, inside the caller's exclusive transaction (see Ledger.admit)."""
+    """The admission rule, inside the caller's exclusive transaction (see Ledger.admit). The
+    estimate is the user's 95th-percentile spend on the model over the last ESTIMATE_DAYS (nearest
+    rank, over the latest ESTIMATE_SAMPLE completions), or the default without history."""
     now = _naive_utc(request.now)
-    conn.execute(_DELETE_EXPIRED, {"user_id": request.user_id, "now": now})
     window = request.window
-    kept_zone, rollup_spent, held = conn.execute(
+    kept_zone, rollup_spent, held, expired, estimate = conn.execute(
         _SELECT_ADMISSION_FIGURES,
         {
             "zone": window.zone.key,
-            "days": window.days,
+            "first_day": window.first_day.isoformat(),
+            "last_day": window.today.isoformat(),
             "user_id": request.user_id,
             "reservation_id": request.reservation_id,
             "now": now,
+            "model": request.model,
+            "since": now - timedelta(days=ESTIMATE_DAYS),
         },
     ).one()
+    if expired:
+        conn.execute(_DELETE_EXPIRED, {"user_id": request.user_id, "now": now})
     spent = (
         int(rollup_spent)
         if kept_zone == window.zone.key
         else window_spend_pico(conn, RollupState(kept_zone), request.user_id, window)
     )
     held = int(held)
-    estimate = reservation_estimate(
-        conn, request.user_id, request.model, request.now, request.default_estimate_pico
-    )
+    estimate = request.default_estimate_pico if estimate is None else int(estimate)
     # At least one pico: a budget that is exactly used up admits nothing, even a free model.
     amount = max(1, request.turn_spent_pico + (request.unpriced_calls + 1) * estimate)
     admitted = spent + held + amount <= request.limit_pico

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import random
 import sys
 import threading
 import time
@@ -323,6 +325,77 @@ async def test_the_reservation_is_the_users_p95_for_the_model(
     drv = driver(plugin, url, "default: $1000 per month")
     await inlet(drv, {"message_id": "m"})
     assert reservations(plugin, url) == {"m": plugin.usd_to_pico(plugin.Decimal("0.19"))}  # nearest rank
+
+
+def test_the_estimate_is_the_nearest_rank_p95_of_the_latest_completions_computed_in_sql(
+    plugin: types.ModuleType, database_url: str
+) -> None:
+    """The admission statement's p95 is rank ceil(0.95 n) of the user's sorted spends on the model
+    (n = 1, 2, 19, 20, 21, 39, ties), over the latest ESTIMATE_SAMPLE completions only; None
+    without any."""
+    rng = random.Random(7)
+    cases = {  # user: (spends, expected p95)
+        "one": ([7], 7),
+        "two": ([9, 3], 9),
+        "nineteen": (rng.sample(range(1, 20), 19), 19),  # 0.05 n = 0.95 is rounded down, not to 1
+        "twenty": (rng.sample(range(1, 21), 20), 19),
+        "twenty-one": (rng.sample(range(1, 22), 21), 20),
+        "thirty-nine": (rng.sample(range(1, 40), 39), 38),  # 0.05 n = 1.95
+        "ties": ([4] * 18 + [9] * 3, 9),
+        "ties-below": ([100] + [2] * 20, 2),
+        # Over all 1,060 the p95 would be 50; over the latest 1,000 it is 1.
+        "sample": ([1] * plugin.ESTIMATE_SAMPLE + [50] * 60, 1),
+    }
+    now = datetime.now(UTC)
+    records = [
+        make_record(
+            plugin,
+            index * 2_000 + order,
+            user_id=user,
+            model=MODEL,
+            usage=plugin.Usage(cost_pico=pico),
+            status="ok",
+            error="",
+            created_at=now - timedelta(seconds=order),  # listed from the latest
+        )
+        for index, (user, (spends, _)) in enumerate(cases.items())
+        for order, pico in enumerate(spends)
+    ]
+    assert set(write(plugin, database_url, records)) == {"recorded"}
+    since = plugin._naive_utc(now) - timedelta(days=plugin.ESTIMATE_DAYS)
+    with plugin.ledger_for(database_url).engine.connect() as conn:
+
+        def estimate(user: str) -> int | None:
+            parameters = {"user_id": user, "model": MODEL, "since": since}
+            value = conn.execute(plugin._SELECT_ESTIMATE, parameters).scalar_one_or_none()
+            return None if value is None else int(value)
+
+        for user, (spends, expected) in cases.items():
+            sample = sorted(spends[: plugin.ESTIMATE_SAMPLE])
+            assert sample[math.ceil(len(sample) * 95 / 100) - 1] == expected  # the definition
+            assert estimate(user) == expected, user
+        assert estimate("nobody") is None
+
+
+def test_lapsed_reservations_are_not_counted_and_go_at_the_users_next_admission(
+    plugin: types.ModuleType, database_url: str
+) -> None:
+    ledger = plugin.ledger_for(database_url)
+    now = datetime.now(UTC)
+    window = plugin.budget_window("day", now, ZoneInfo("UTC"))
+    lapsed = now - timedelta(seconds=plugin.RESERVATION_TTL_SECONDS + 1)
+
+    def ask(key: str, user: str, at: datetime) -> Any:
+        return ledger.admit(plugin.AdmissionRequest(key, user, MODEL, USD, window, 10**11, at))
+
+    assert ask("lapsed", "u", lapsed).admitted
+    assert ask("lapsed-of-v", "v", lapsed).admitted
+    assert ask("live", "u", now - timedelta(minutes=1)).admitted
+    assert ask("live", "u", now - timedelta(minutes=1)).held_pico == 10**11  # "lapsed" still holds then
+    admission = ask("new", "u", now)
+    assert admission.admitted and admission.held_pico == 10**11  # "live" only
+    # The user's lapsed reservation is gone; another user's waits for that user's next admission.
+    assert reservations(plugin, database_url) == {"lapsed-of-v": 10**11, "live": 10**11, "new": 10**11}
 
 
 async def test_a_tool_round_is_stopped_at_the_request_hook_once_the_turn_reached_the_limit(
