@@ -6,17 +6,19 @@ Targets (server CPU per 400-chunk streamed API completion, measured interleaved 
 * this function with the `capture_stream` valve off / a filter with only inlet and outlet: at
   most 1.05 (reported as "not available yet" while the plugin has no such valve).
 
-A diagnostic control splits the second figure: a filter with this function's interface and none of
-its work (see `interface_control_source`). "control / inlet-outlet-only filter" is what Open WebUI
-itself charges for that interface (it reads the valves and user valves from its database before the
-hooks); "this function, capture_stream off / control" is the plugin's own inlet and outlet work.
+Two diagnostic controls split the figures: a filter with this function's interface and none of its
+work (see `interface_control_source`), without and with a no-op `stream` hook. "control /
+inlet-outlet-only filter" and "stream control / stream no-op filter" are what Open WebUI itself
+charges for that interface (it reads a filter's valves from its database before inlet, before
+outlet, and, with a stream hook, once more for the stream); "this function, capture_stream off /
+control" and "this function / stream control" are the plugin's own work.
 
 Method: the pinned real Open WebUI (tests/e2e/owui.py: the cached 0.12.4 venv, `open-webui serve`
 on loopback with a private DATA_DIR) serves the models of the project's OpenRouter simulator, which
-runs in this process on loopback and paces its stream events (CHUNK_DELAY_S). Four functions are
+runs in this process on loopback and paces its stream events (CHUNK_DELAY_S). Five functions are
 installed through `POST /api/v1/functions/create`, as the admin panel installs them: a filter with
 only inlet and outlet, a filter whose `stream` only returns the event (plus the same inlet and
-outlet), the interface control (with the valves the fifth configuration saves), and this function
+outlet), the two interface controls (with the valves the phases they pair with save), and this function
 (plugin/openrouter_usage.py's text as `build_manifest` packs it; default valves except
 `database_url`, a SQLite file in the benchmark's temp dir). Each is made global once; a phase
 switches on exactly one of them (`/toggle`, checked against the function list), or none.
@@ -98,6 +100,7 @@ CHUNK_DELAY_S = 0.004
 MODEL = "openai/gpt-4o-mini"
 PLUGIN_ID = "openrouter_usage"  # the id manifest.json gives it
 CONTROL_ID = "bench_interface"  # the interface control (interface_control_source)
+STREAM_CONTROL_ID = "bench_interface_stream"  # the same with a no-op stream hook
 LEDGER_TABLE = "openrouter_usage_ledger"
 PLUGIN_PATH = REPO / "plugin" / "openrouter_usage.py"
 SETTLE_SECONDS = 0.2  # after a batch, before the CPU reading: the server finishes its last responses
@@ -165,17 +168,18 @@ def _hook_lines(name: str, hook: Callable[..., Any], body: list[str]) -> list[st
     return [f"    {kind} {name}({parameters}) -> dict:", *(f"        {line}" for line in body), ""]
 
 
-def interface_control_source(plugin_source: str) -> str:
+def interface_control_source(plugin_source: str, *, with_stream: bool = False) -> str:
     """A filter with this function's interface and none of its work: the same Valves and UserValves
-    fields, an inlet and an outlet taking the same parameters (no stream hook: this function has
-    none with capture_stream off), an inlet that asks the upstream for usage as this function's
-    does, and an outlet that returns the body."""
+    fields, an inlet and an outlet taking the same parameters, an inlet that asks the upstream for
+    usage as this function's does, and an outlet that returns the body. No stream hook (this
+    function has none with capture_stream off), or `with_stream`: a `stream` taking the capture
+    hook's parameters and returning the event."""
     plugin = load_source(plugin_source)
     try:
         hooks = plugin.Filter
         lines = [
             '"""',
-            "title: Bench interface control",
+            f"title: Bench interface control{' with a stream hook' if with_stream else ''}",
             "description: This function's valves and hook parameters, without its work.",
             '"""',
             "",
@@ -200,6 +204,8 @@ def interface_control_source(plugin_source: str) -> str:
                 "return body",
             ],
         )
+        if with_stream:
+            lines += _hook_lines("stream", hooks.observe_stream, ["return event"])
         lines += _hook_lines("outlet", hooks.outlet, ["return body"])
         return "\n".join(lines)
     finally:
@@ -234,11 +240,25 @@ CONFIGS = (
     Config(
         "interface", "interface control (this function's interface, no work)", CONTROL_ID, asks_usage=True
     ),
+    Config(
+        "interface_stream",
+        "stream interface control (the same with a no-op stream hook)",
+        STREAM_CONTROL_ID,
+        asks_usage=True,
+    ),
 )
 BY_KEY = {config.key: config for config in CONFIGS}
 # The phases of a round: each target pair side by side. Round i runs this order rotated by i // 2,
 # reversed when i is odd, so every configuration takes every place and each pair runs in both orders.
-PHASE_ORDER = ("no_filter", "interface", "inlet_outlet", "plugin_no_capture", "stream_noop", "plugin")
+PHASE_ORDER = (
+    "no_filter",
+    "interface",
+    "inlet_outlet",
+    "plugin_no_capture",
+    "stream_noop",
+    "interface_stream",
+    "plugin",
+)
 
 
 def round_order(index: int) -> list[Config]:
@@ -428,6 +448,12 @@ class Bench:
             ("bench_inlet_outlet", "Bench inlet/outlet pass-through", INLET_OUTLET_SOURCE, {}),
             ("bench_stream_noop", "Bench stream no-op", STREAM_NOOP_SOURCE, {}),
             (CONTROL_ID, "Bench interface control", interface_control_source(plugin_source), {}),
+            (
+                STREAM_CONTROL_ID,
+                "Bench interface control with a stream hook",
+                interface_control_source(plugin_source, with_stream=True),
+                {},
+            ),
             (item["id"], item["name"], item["content"], item["meta"]),
         )
         for function_id, name, content, meta in functions:
@@ -437,11 +463,12 @@ class Bench:
             state = self.admin.post(f"/api/v1/functions/id/{function_id}/toggle/global")
             if not state.get("is_global") or state.get("is_active"):
                 raise RuntimeError(f"{function_id} is not global and inactive after install: {state}")
-        # The control's valves are saved once, as the capture_stream-off phases save this function's.
-        wanted = {"database_url": sqlite_url(self.ledger), **(BY_KEY["plugin_no_capture"].valves or {})}
-        stored = self.admin.update_valves(CONTROL_ID, wanted)
-        if stored.get("database_url") != wanted["database_url"]:
-            raise RuntimeError(f"{CONTROL_ID} did not keep its database_url valve: {stored}")
+        # The controls' valves are saved once, as the phases they pair with save this function's.
+        for control_id, twin in ((CONTROL_ID, "plugin_no_capture"), (STREAM_CONTROL_ID, "plugin")):
+            wanted = {"database_url": sqlite_url(self.ledger), **(BY_KEY[twin].valves or {})}
+            stored = self.admin.update_valves(control_id, wanted)
+            if stored.get("database_url") != wanted["database_url"]:
+                raise RuntimeError(f"{control_id} did not keep its database_url valve: {stored}")
 
     def set_valves(self, config: Config) -> None:
         wanted = {"database_url": sqlite_url(self.ledger), **(config.valves or {})}
@@ -676,8 +703,21 @@ def _report(
     result.add(
         Figure(f"{NAME}.plugin_no_capture_over_inlet_outlet", label, value, "ratio", target, passed, detail)
     )
-    # The diagnostic split of that figure: Open WebUI's price for the interface, then the plugin's work.
+    # The diagnostic split of each target figure: Open WebUI's price for the interface, then the
+    # plugin's own work.
     for key, a, b, label in (
+        (
+            "interface_stream_over_stream_noop",
+            "interface_stream",
+            "stream_noop",
+            "  stream control: this function's interface, no-op stream / stream no-op (Open WebUI's price)",
+        ),
+        (
+            "plugin_over_interface_stream",
+            "plugin",
+            "interface_stream",
+            "  this function / stream control (the plugin's own work, stream capture included)",
+        ),
         (
             "interface_over_inlet_outlet",
             "interface",
