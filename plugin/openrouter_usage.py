@@ -619,19 +619,23 @@ class BudgetRules:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BudgetWindow:
-    """The calendar window a budget counts in: local days `first_day` to `today`; the next one
+    """The calendar window a budget counts in: local days `first_day` to `last_day`, all of them
+    (spend is read by date range, so every reading of a window counts the same days); the next one
     starts at local midnight of `resets_on`."""
 
     first_day: date
-    today: date
     resets_on: date
     zone: ZoneInfo
+
+    @property
+    def last_day(self) -> date:
+        return self.resets_on - timedelta(days=1)
 
     @property
     def days(self) -> list[str]:
         return [
             (self.first_day + timedelta(days=n)).isoformat()
-            for n in range((self.today - self.first_day).days + 1)
+            for n in range((self.last_day - self.first_day).days + 1)
         ]
 
     @property
@@ -656,7 +660,7 @@ def budget_window(period: BudgetPeriod, now: datetime, zone: ZoneInfo) -> Budget
     else:
         first = today.replace(day=1)
         resets = (first + timedelta(days=32)).replace(day=1)
-    return BudgetWindow(first, today, resets, zone)
+    return BudgetWindow(first, resets, zone)
 
 
 # ══ Parsing ═══════════════════════════════════════════════════════════════════════════════════════
@@ -2564,7 +2568,7 @@ def window_spend_pico(conn: sa.Connection, state: RollupState, user_id: str, win
         by_day = {
             "zone": state.zone,
             "first_day": window.first_day.isoformat(),
-            "last_day": window.today.isoformat(),
+            "last_day": window.last_day.isoformat(),
             "user_id": user_id,
         }
         return int(conn.execute(_SELECT_WINDOW_ROLLUP_SPEND, by_day).scalar_one())
@@ -2583,7 +2587,7 @@ def admit_in_transaction(conn: sa.Connection, request: AdmissionRequest) -> Budg
         {
             "zone": window.zone.key,
             "first_day": window.first_day.isoformat(),
-            "last_day": window.today.isoformat(),
+            "last_day": window.last_day.isoformat(),
             "user_id": request.user_id,
             "reservation_id": request.reservation_id,
             "now": now,

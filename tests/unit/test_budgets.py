@@ -12,7 +12,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -197,7 +197,8 @@ def test_windows_are_calendar_ranges_in_the_report_zone(
 ) -> None:
     window = plugin.budget_window(period, datetime.fromisoformat(now), ZoneInfo(zone))
     assert (window.first_day.isoformat(), window.resets_on.isoformat()) == (first, resets)
-    assert window.days[0] == first and window.days[-1] == window.today.isoformat()
+    last = (date.fromisoformat(resets) - timedelta(days=1)).isoformat()
+    assert window.days[0] == first and window.days[-1] == last == window.last_day.isoformat()
 
 
 def test_a_window_across_a_daylight_saving_change_starts_at_local_midnight(plugin: types.ModuleType) -> None:
@@ -205,7 +206,7 @@ def test_a_window_across_a_daylight_saving_change_starts_at_local_midnight(plugi
     # 25 October 2026: clocks go back (UTC+2 → UTC+1); the month began under summer time.
     window = plugin.budget_window("month", datetime(2026, 10, 26, 12, tzinfo=UTC), paris)
     assert window.starts_at == datetime(2026, 9, 30, 22, 0, tzinfo=UTC).replace(tzinfo=None)  # 00:00 at UTC+2
-    assert len(window.days) == 26
+    assert len(window.days) == 31  # all of October, the day it is read on or not
     day = plugin.budget_window("day", datetime(2026, 3, 29, 12, tzinfo=UTC), paris)  # 23-hour day
     assert day.starts_at == datetime(2026, 3, 28, 23, 0, tzinfo=UTC).replace(tzinfo=None)
     assert day.resets_text == "30 March 2026 at 00:00 Europe/Paris"
