@@ -307,6 +307,7 @@ class OpenWebUIPage:
 
     def open_user_valves(self, function_id: str) -> WebElement:
         """Chat Controls -> Valves -> Functions -> the function: return its user valves panel."""
+        self.wait_for_toasts_to_go()  # a toast (e.g. the sign-in's) covers the navbar's right end
         if self._valves_selects() is None:
             self.wait_for(lambda: self.find('button[aria-label="Controls"]'), "the Controls button").click()
             section = self.wait_for(
