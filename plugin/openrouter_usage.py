@@ -190,11 +190,11 @@ def request_user(request: Any, metadata: Any, function_id: str | None = None) ->
 
 def saved_user_valves(settings: Any, function_id: str) -> dict[str, Any]:
     """A user's saved valves for a function, from their settings (`functions.valves.<id>`, a dict,
-    or a string when Open WebUI encrypts valves); {} when absent or unreadable."""
-    if not isinstance(settings, Mapping):
-        dump = getattr(settings, "model_dump", None)
-        settings = dump() if callable(dump) else {}
-    functions = settings.get("functions")
+    or a string when Open WebUI encrypts valves); {} when absent or unreadable. `settings` is a
+    dict or Open WebUI's UserSettings model, which keeps `functions` as an extra attribute."""
+    functions = (
+        settings.get("functions") if isinstance(settings, Mapping) else getattr(settings, "functions", None)
+    )
     stored = functions.get("valves", {}).get(function_id) if isinstance(functions, Mapping) else None
     if isinstance(stored, str):
         decrypt = getattr(sys.modules.get("open_webui.utils.valves"), "decrypt_valves", None)
