@@ -3,11 +3,13 @@
 the other requests' reservations, the reservation upsert, in one exclusive transaction on a thread)
 as the hook runs it, event loop to event loop. Target: p99 <= 2 ms each.
 
-Method: a copy of the cached 1M-row report fixture (bench/fixture.py: 200 users, 50 models, 400
-days, rollups in UTC), so admissions never write into the cache. The clock is the fixture's last
-day (REPORT_NOW), so the month window and the 30-day history hold data. Budget: `default:
-$1000000 per month`, so every call is admitted and upserts its reservation (the costlier path).
-Each timed turn: `enforce_budget` as inlet calls it (a fresh turn), then as the request hook
+Method, on each engine: SQLite, a copy of the cached 1M-row report fixture (bench/fixture.py:
+200 users, 50 models, 400 days, rollups in UTC), so admissions never write into the cache; then
+PostgreSQL, the same fixture loaded into a fresh database of a durable server on loopback
+(bench/pgserver.py), the engine of the multi-replica deployments budgets are made for. The clock
+is the fixture's last day (REPORT_NOW), so the month window and the 30-day history hold data.
+Budget: `default: $1000000 per month`, so every call is admitted and upserts its reservation (the
+costlier path). Each timed turn: `enforce_budget` as inlet calls it (a fresh turn), then as the request hook
 calls it before a tool round (a second model call: a fresh admission), each timed on its own,
 then the reservation is released (outlet's work, not timed). Users and models rotate over the
 fixture's. Percentiles over all timed calls after a warm-up. Beside each hook's figure, the time
@@ -19,6 +21,7 @@ resolution and the ticket.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import time
 import types
@@ -40,7 +43,8 @@ from bench.common import (
     spread,
     sqlite_url,
 )
-from bench.fixture import REPORT_NOW, USERS, report_fixture, user_id
+from bench.fixture import REPORT_NOW, USERS, load_into_postgres, report_fixture, user_id
+from bench.pgserver import PostgresUnavailableError, durable_postgres, server_version
 
 NAME = "budget_admission"
 BIG_ROWS = 1_000_000
@@ -113,36 +117,47 @@ async def measure(
     return times
 
 
-def run(quick: bool) -> BenchResult:
-    result = BenchResult(NAME, quick, command_for(f"bench.{NAME}", quick))
-    rows = QUICK_BIG_ROWS if quick else BIG_ROWS
-    turns = 300 if quick else 1000
-    with isolated_data_dir(NAME) as data:
-        plugin = load_plugin()
-        try:
-            fixture = report_fixture(plugin, rows)
-            copy = data / "ledger.sqlite3"
-            shutil.copyfile(fixture.path, copy)
-            url = sqlite_url(copy)
-            plugin.ledger_for(url).ensure_schema()
-            with plugin.ledger_for(url).engine.connect() as conn:
-                models = sorted(conn.execute(sa.select(sa.distinct(plugin.ledger_table.c.model))).scalars())
-            vars(plugin)["datetime"] = _FixtureClock  # the module global the plugin reads
-            progress(f"timing {turns} inlet and request budget checks at {rows:,} rows")
-            times = asyncio.run(measure(plugin, url, models, turns))
-            progress(f"timing {turns} more with an admission that answers at once (the floor)")
-            vars(plugin.ledger_for(url))["admit"] = lambda _request: plugin.BudgetAdmission(True, 0, 0, 1)
-            floor = asyncio.run(measure(plugin, url, models, turns))
-        finally:
-            close_plugin(plugin)
-    label = f"{rows:,}"
-    quick_note = f"; quick run: {label} rows, the target is for 1,000,000" if quick else ""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Engine:
+    key: str  # the figures' key prefix
+    label: str  # appended to the figures' labels
+
+
+SQLITE = Engine("", "")
+POSTGRESQL = Engine("pg_", ", PostgreSQL")
+
+
+def measure_ledger(
+    plugin: types.ModuleType, url: str, turns: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The timed turns on this ledger, then the same turns with an admission that answers at once."""
+    ledger = plugin.ledger_for(url)
+    ledger.ensure_schema()
+    with ledger.engine.connect() as conn:
+        models = sorted(conn.execute(sa.select(sa.distinct(plugin.ledger_table.c.model))).scalars())
+    progress(f"timing {turns} inlet and request budget checks")
+    times = asyncio.run(measure(plugin, url, models, turns))
+    progress(f"timing {turns} more with an admission that answers at once (the floor)")
+    vars(ledger)["admit"] = lambda _request: plugin.BudgetAdmission(True, 0, 0, 1)
+    floor = asyncio.run(measure(plugin, url, models, turns))
+    ledger.dispose()
+    return times, floor
+
+
+def add_figures(
+    result: BenchResult,
+    engine: Engine,
+    label: str,
+    times: dict[str, list[float]],
+    floor: dict[str, list[float]],
+    quick_note: str,
+) -> None:
     for hook in ("inlet", "request"):
         p99 = percentile(times[hook], 0.99)
         result.add(
             Figure(
-                f"{NAME}.{hook}_p99_ms",
-                f"budget check added to {hook} at {label} rows, p99",
+                f"{NAME}.{engine.key}{hook}_p99_ms",
+                f"budget check added to {hook} at {label} rows{engine.label}, p99",
                 p99,
                 "ms",
                 f"<= {TARGET_MS:.0f} ms",
@@ -154,8 +169,8 @@ def run(quick: bool) -> BenchResult:
         inside = times[f"{hook}_admit"]
         result.add(
             Figure(
-                f"{NAME}.{hook}_admission_p99_ms",
-                f"of which the admission transaction (Ledger.admit, on the thread), {hook}, p99",
+                f"{NAME}.{engine.key}{hook}_admission_p99_ms",
+                f"  of which the admission transaction (Ledger.admit, on the thread), {hook}, p99",
                 percentile(inside, 0.99),
                 "ms",
                 detail=f"p50 {percentile(inside, 0.5):.3f} ms; " + spread(inside, unit="ms"),
@@ -164,16 +179,48 @@ def run(quick: bool) -> BenchResult:
     for hook in ("inlet", "request"):
         result.add(
             Figure(
-                f"{NAME}.{hook}_floor_p99_ms",
-                f"floor: {hook} with an admission that answers at once (thread hop, rule), p99",
+                f"{NAME}.{engine.key}{hook}_floor_p99_ms",
+                f"  floor: {hook} with an admission that answers at once (thread hop, rule), p99",
                 percentile(floor[hook], 0.99),
                 "ms",
                 detail=f"p50 {percentile(floor[hook], 0.5):.3f} ms; " + spread(floor[hook], unit="ms"),
             )
         )
+
+
+def run(quick: bool) -> BenchResult:
+    result = BenchResult(NAME, quick, command_for(f"bench.{NAME}", quick))
+    rows = QUICK_BIG_ROWS if quick else BIG_ROWS
+    turns = 300 if quick else 1000
+    label = f"{rows:,}"
+    quick_note = f"; quick run: {label} rows, the target is for 1,000,000" if quick else ""
+    with isolated_data_dir(NAME) as data:
+        plugin = load_plugin()
+        try:
+            fixture = report_fixture(plugin, rows)
+            copy = data / "ledger.sqlite3"
+            shutil.copyfile(fixture.path, copy)
+            vars(plugin)["datetime"] = _FixtureClock  # the module global the plugin reads
+            progress(f"SQLite, a copy of the {label}-row fixture")
+            add_figures(result, SQLITE, label, *measure_ledger(plugin, sqlite_url(copy), turns), quick_note)
+            try:
+                with durable_postgres() as server:
+                    progress(f"PostgreSQL: loading the {label}-row fixture (COPY, VACUUM ANALYZE)")
+                    load_into_postgres(plugin, fixture, server, NAME)
+                    measured = measure_ledger(plugin, server.url_for(NAME), turns)
+                    version = server_version(server)
+                add_figures(result, POSTGRESQL, label, *measured, quick_note)
+                result.note(
+                    f"PostgreSQL {version} on loopback, fsync=on, synchronous_commit=on (bench/pgserver.py)."
+                )
+            except PostgresUnavailableError as exc:
+                result.error = f"PostgreSQL unavailable: {exc}"
+        finally:
+            close_plugin(plugin)
     result.note(
-        f"{turns} turns after {WARM_UP} warm-up turns; SQLite copy of the {label}-row fixture; every call "
-        "admitted (reservation upserted, then released); clock at the fixture's last day."
+        f"{turns} turns after {WARM_UP} warm-up turns per engine; the {label}-row fixture (a copy on SQLite, "
+        "loaded into a fresh database on PostgreSQL); every call admitted (reservation upserted, then "
+        "released); clock at the fixture's last day."
     )
     return result
 

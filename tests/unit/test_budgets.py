@@ -315,6 +315,32 @@ def test_a_second_admission_waits_until_the_first_one_commits(
     assert results["b"].held_pico == 6 * 10**11
 
 
+def test_an_admission_commits_without_waiting_for_the_disk_and_the_connection_then_does_again(
+    plugin: types.ModuleType, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reservation lost in a crash only lapses early, so its commit skips the fsync (SQLite:
+    synchronous=NORMAL; PostgreSQL: synchronous_commit off for that transaction); the ledger's
+    other writes, on the same pooled connections, stay durable."""
+    ledger = plugin.ledger_for(database_url)
+    ledger.ensure_schema()
+    sqlite = database_url.startswith("sqlite")
+    durability = "PRAGMA synchronous" if sqlite else "SHOW synchronous_commit"
+    seen: list[object] = []
+    admit_in_transaction = plugin.admit_in_transaction
+
+    def spy(conn: Any, request: Any) -> Any:
+        seen.append(conn.exec_driver_sql(durability).scalar())
+        return admit_in_transaction(conn, request)
+
+    monkeypatch.setitem(vars(plugin), "admit_in_transaction", spy)
+    now = datetime.now(UTC)
+    window = plugin.budget_window("day", now, ZoneInfo("UTC"))
+    assert ledger.admit(plugin.AdmissionRequest("a", "u", MODEL, USD, window, 1, now)).admitted
+    with ledger._write_transaction() as conn:
+        after = conn.exec_driver_sql(durability).scalar()
+    assert (seen, after) == (([1], 2) if sqlite else (["off"], "on"))  # NORMAL = 1, FULL = 2
+
+
 async def test_the_reservation_is_the_users_p95_for_the_model(
     plugin: types.ModuleType, data_dir: Path
 ) -> None:
