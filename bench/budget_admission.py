@@ -3,19 +3,19 @@
 the other requests' reservations, the reservation upsert, in one exclusive transaction on a thread)
 as the hook runs it, event loop to event loop. Target: p99 <= 2 ms each.
 
-Method, on each engine: SQLite, a copy of the cached 1M-row report fixture (bench/fixture.py:
-200 users, 50 models, 400 days, rollups in UTC), so admissions never write into the cache; then
+Method, on each engine: SQLite, a copy of the cached 1M-row report fixture (bench/fixture.py: 200
+users, 50 models, 400 days, rollups in UTC), so admissions never write into the cache; then
 PostgreSQL, the same fixture loaded into a fresh database of a durable server on loopback
-(bench/pgserver.py), the engine of the multi-replica deployments budgets are made for. The clock
-is the fixture's last day (REPORT_NOW), so the month window and the 30-day history hold data.
-Budget: `default: $1000000 per month`, so every call is admitted and upserts its reservation (the
-costlier path). Each timed turn: `enforce_budget` as inlet calls it (a fresh turn), then as the request hook
-calls it before a tool round (a second model call: a fresh admission), each timed on its own,
-then the reservation is released (outlet's work, not timed). Users and models rotate over the
-fixture's. Percentiles over all timed calls after a warm-up. Beside each hook's figure, the time
-inside `Ledger.admit` during the same calls (the admission transaction, on the thread), and a
-floor: the same turns again with `Ledger.admit` answering at once, i.e. the thread hop, the rule's
-resolution and the ticket.
+(bench/pgserver.py), the engine of the multi-replica deployments budgets are made for. The clock is
+the fixture's last day (REPORT_NOW), so the month window and the 30-day history hold data. Budget:
+`default: $1000000 per month`, so every call is admitted and upserts its reservation (the costlier
+path). Each timed turn: `enforce_budget` as inlet calls it (a fresh turn), then as the request hook
+calls it before a tool round (a second model call: a fresh admission), each timed on its own, then
+the reservation is released (outlet's work, not timed). Users and models rotate over the fixture's.
+Percentiles over all timed calls after a warm-up. Beside each hook's figure, the time inside
+`Ledger.admit` during the same calls (the admission transaction, on the thread), and a floor: the
+same turns again with `Ledger.admit` answering at once, i.e. the thread hop, the rule's resolution
+and the ticket.
 """
 
 from __future__ import annotations
