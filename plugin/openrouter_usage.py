@@ -195,7 +195,9 @@ def saved_user_valves(settings: Any, function_id: str) -> dict[str, Any]:
     functions = (
         settings.get("functions") if isinstance(settings, Mapping) else getattr(settings, "functions", None)
     )
-    stored = functions.get("valves", {}).get(function_id) if isinstance(functions, Mapping) else None
+    # Each level checked: a user's malformed settings must not stop their completion being recorded.
+    by_function = functions.get("valves") if isinstance(functions, Mapping) else None
+    stored = by_function.get(function_id) if isinstance(by_function, Mapping) else None
     if isinstance(stored, str):
         decrypt = getattr(sys.modules.get("open_webui.utils.valves"), "decrypt_valves", None)
         try:

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from openrouter_sim import OpenRouterSimulator
+from tests import factories
 from tests.factories import (
     FUNCTION_ID,
     EmitterRecorder,
@@ -338,6 +339,27 @@ def test_no_hook_names___user___so_open_webui_reads_no_user_settings_before_it(
     assert "__request__" in inspect.signature(hooks.outlet).parameters
 
 
+async def test_a_user_whose_saved_settings_are_malformed_is_still_recorded_and_shown_the_line(
+    plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's valves are read inside the outlet, before the record is handed over: settings
+    whose `functions.valves` is not a mapping mean default valves, not a lost completion."""
+    driver = HookDriver(plugin, valves={"database_url": database_url})
+
+    def request_with_malformed_settings(user: dict[str, Any] | None, _valves: object = None) -> Any:
+        request = webui_request(user)
+        if user:  # the stream hook is offered no user
+            request.state.user.settings = {"functions": {"valves": "not a mapping"}}
+        return request
+
+    monkeypatch.setattr(factories, "webui_request", request_with_malformed_settings)
+    emitter = EmitterRecorder()
+    await streamed_turn(driver, sim, "Hello", emitter=emitter)
+    (row,) = rows(plugin, database_url)
+    assert row["user_id"] == driver.user["id"]
+    assert len(emitter.statuses) == 1  # the default: the line is shown
+
+
 def test_the_user_is_the_one_open_webui_authenticated_for_the_request(plugin: types.ModuleType) -> None:
     ada = {"id": "u-1", "name": "Ada", "email": "ada@example.com", "role": "admin"}
     request = webui_request(ada, {"show_usage_line": False})
@@ -372,6 +394,8 @@ def test_a_users_saved_valves_are_read_as_open_webui_stores_them(
     assert plugin.saved_user_valves(as_model, "f") == {"show_usage_line": False}
     assert plugin.saved_user_valves(None, "f") == {}
     assert plugin.saved_user_valves({"functions": "not a mapping"}, "f") == {}
+    assert plugin.saved_user_valves({"functions": {"valves": None}}, "f") == {}
+    assert plugin.saved_user_valves({"functions": {"valves": "not a mapping"}}, "f") == {}
 
     def unreadable(text: str) -> dict[str, Any]:
         raise ValueError(text)
