@@ -2,7 +2,7 @@
 
 Target: at least 2,000 records/s committed and durable, on SQLite, with 64 concurrent outlets.
 
-Method: 64 asyncio tasks on one loop, each awaiting `writer.write(WriteRequest(record=..., zone=UTC))`
+Method: 64 asyncio tasks on one loop, each awaiting `writer.write(WriteRequest(records=(...,), zone=UTC))`
 (what outlet awaits) in a loop until the records run out; `writer = writer_for(url)`, the plugin's
 own group-commit writer, which commits whatever is waiting in one transaction (WAL,
 synchronous=FULL: every commit is fsync'd). Every write must answer "recorded"; then the record is
@@ -116,7 +116,7 @@ def outlets_run(
 ) -> Run:
     """Throughput and per-record CPU for `concurrency` outlets awaiting writer.write."""
     writer = plugin.writer_for(url)
-    warmup = plugin.WriteRequest(record=make_records(plugin, 1, f"warmup-{path.stem}")[0], zone=UTC)
+    warmup = plugin.WriteRequest(records=(make_records(plugin, 1, f"warmup-{path.stem}")[0],), zone=UTC)
     outcomes: collections.Counter[str] = collections.Counter()
     invisible: list[str] = []
 
@@ -135,7 +135,7 @@ def outlets_run(
 
             async def outlet_task() -> None:
                 for index, record in pending:
-                    outcome = await writer.write(plugin.WriteRequest(record=record, zone=UTC))
+                    outcome = await writer.write(plugin.WriteRequest(records=(record,), zone=UTC))
                     outcomes[outcome.stored] += 1
                     if index % VISIBILITY_EVERY == 0 and not visible(record.message_id):
                         invisible.append(record.message_id)

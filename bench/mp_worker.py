@@ -53,7 +53,7 @@ def writer_process(spec: WorkerSpec, ready: Any, go: Any, results: Any) -> None:
 
         async def outlets() -> tuple[int, int]:
             # One untimed write first: creates or checks the schema, connects, starts the writer thread.
-            outcomes[(await writer.write(plugin.WriteRequest(record=records[0], zone=zone))).stored] += 1
+            outcomes[(await writer.write(plugin.WriteRequest(records=(records[0],), zone=zone))).stored] += 1
             nonlocal announced
             ready.put(spec.index)
             announced = True
@@ -63,7 +63,7 @@ def writer_process(spec: WorkerSpec, ready: Any, go: Any, results: Any) -> None:
 
             async def outlet_task() -> None:
                 for record in pending:
-                    outcome = await writer.write(plugin.WriteRequest(record=record, zone=zone))
+                    outcome = await writer.write(plugin.WriteRequest(records=(record,), zone=zone))
                     outcomes[outcome.stored] += 1
 
             started = time.monotonic_ns()

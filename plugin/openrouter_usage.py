@@ -385,10 +385,18 @@ Status = Literal["ok", "error", "stopped"]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """One ledger row: everything known about one assistant message's completion.
+    """One ledger row: everything known about one billed generation (one model call) of an
+    assistant message. A message has one row per generation: its first answer, each "Continue
+    response", each tool round.
+
+    `generation_key` is the row's identity in the ledger (see `ledger_key`): the generation's id
+    (`gen-…`), or for a generation whose id never arrived a fallback formed from the message id and
+    the request (`fallback_generation_key`). Empty means only the message is known (an outlet that
+    no inlet of this function saw: the legacy /api/chat/completed re-run, a record spooled by 1.x):
+    such a record stands only while the ledger holds nothing of its message.
 
     `notes` lists what was repaired on the way in; `omitted_generation_ids` counts the generation
-    ids beyond the MAX_GENERATION_IDS kept."""
+    ids beyond the MAX_GENERATION_IDS kept (their usage is folded into the request's last row)."""
 
     message_id: str
     chat_id: str
@@ -408,6 +416,12 @@ class UsageRecord:
     notes: tuple[str, ...] = ()
     omitted_generation_ids: int = 0
     openrouter_user: str = ""  # the opaque id sent to OpenRouter as `user`, if any
+    generation_key: str = ""
+
+    @property
+    def ledger_key(self) -> str:
+        """The ledger's unique key of this row: the generation key, else the message id."""
+        return self.generation_key or self.message_id
 
     def to_json(self) -> dict[str, Any]:
         """A strict-JSON form, used by the spool: it round-trips through `from_json` (raw usage
@@ -452,6 +466,27 @@ class Totals:
         return {name: getattr(self, name) for name in MEASURES}
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class MessageTotals:
+    """Every recorded generation of one assistant message added up (what its usage line shows):
+    `usage` sums tokens and money (cost None when no call was priced); `spend_pico` sums each
+    call's own spend, since whether upstream cost counts is decided call by call (BYOK)."""
+
+    calls: int
+    usage: Usage
+    spend_pico: int
+    unpriced_calls: int
+
+    @classmethod
+    def of(cls, records: Sequence[UsageRecord]) -> MessageTotals:
+        return cls(
+            calls=len(records),
+            usage=sum((record.usage for record in records), Usage()),
+            spend_pico=sum(record.usage.spend_pico for record in records),
+            unpriced_calls=sum(record.usage.cost_pico is None for record in records),
+        )
+
+
 class CaptureState:
     """What inlet and stream learn about one request, kept in __metadata__ until outlet.
 
@@ -475,6 +510,7 @@ class CaptureState:
         "openrouter_user",
         "outlet_started",
         "provider",
+        "request_fingerprint",
         "requested_model",
         "seen_ids",
         "served_model",
@@ -505,6 +541,9 @@ class CaptureState:
         self.message_id = ""
         self.requested_model = ""
         self.openrouter_user = ""
+        # Set by inlet: keys a generation whose id never arrives (fallback_generation_key); ""
+        # when no inlet of this function saw the request.
+        self.request_fingerprint = ""
         self.watching_for_stop = False
         # The task running `stream` and the callback watching it end: removed when outlet starts,
         # so a long-lived task never collects the callbacks of finished requests.
@@ -954,26 +993,16 @@ def is_openrouter_completion(state: CaptureState, body: Mapping[str, Any]) -> bo
     return outlet_usage is not None and "cost" in outlet_usage
 
 
-def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord | None:
-    """The ledger row for this completion, or None when it is not OpenRouter traffic to record.
-    Every value is brought into the input domain here; what had to be repaired is noted."""
+def build_records(state: CaptureState, context: CompletionContext) -> list[UsageRecord]:
+    """The ledger rows of this completion, one per generation (`records_per_generation`), or none
+    when it is not OpenRouter traffic to record. Every value is brought into the input domain
+    here; what had to be repaired is noted."""
     body = context.body
     if not (context.record_all_models or is_openrouter_completion(state, body)):
         log.debug("openrouter_usage: completion not from OpenRouter; not recorded")
-        return None
+        return []
     message = final_assistant_message(body)
-    outlet_usage = message_usage(message)
-
-    if state.calls:
-        # Exact per-call usage seen in the stream beats Open WebUI's float sums of the same calls.
-        usage, raw = usage_seen_in_stream(state)
-    elif outlet_usage is not None:
-        usage, raw = parse_usage(outlet_usage), outlet_usage
-    else:
-        usage, raw = Usage(), None
-
-    notes = list(usage.notes)
-    usage = _bounded_per_completion(usage, notes)
+    notes: list[str] = []
     metadata = context.metadata or {}
     user = context.user or {}
     message_id = _clean_field(
@@ -987,43 +1016,135 @@ def build_record(state: CaptureState, context: CompletionContext) -> UsageRecord
     user_id = _clean_field(notes, "user_id", _first_text(user.get("id"))) or "unknown"
     if user_id == "unknown":
         log.warning("openrouter_usage: completion %s has no user; recorded as unknown", message_id)
-    if raw is None:
-        log.warning(
-            "openrouter_usage: completion %s reported no usage; recorded with zero tokens", message_id
-        )
-
     error = state.error
     if not error and message.get("finish_reason") == "error":
         error = "provider reported finish_reason=error"
     model = _clean_field(notes, "model", _first_text(body.get("model")))
-    return UsageRecord(
+    request = UsageRecord(
         message_id=message_id,
         chat_id=_clean_field(notes, "chat_id", _first_text(body.get("chat_id"), metadata.get("chat_id"))),
         user_id=user_id,
         user_name=display_name(user, user_id, notes),
-        generation_ids=tuple(clean_text(gid) for gid in state.generation_ids),
+        generation_ids=(),
         model=model,
         served_model=_clean_field(notes, "served_model", state.served_model) or model,
         provider=_clean_field(notes, "provider", state.provider),
-        usage=usage,
+        usage=Usage(),
         status="error" if error else "ok",
         error=error,
         latency_ms=round((context.now_monotonic - state.started_at) * 1000),
         ttft_ms=_ttft_ms(state),
-        raw_usage=raw,  # made strict JSON by the writer thread (ledger_values, to_json), off the loop
+        raw_usage=None,
         created_at=context.now,
         notes=tuple(notes),
-        omitted_generation_ids=state.omitted_generation_ids,
         openrouter_user=state.openrouter_user,
+    )
+    records = records_per_generation(state, request, message_usage(message))
+    if all(record.raw_usage is None for record in records):
+        log.warning(
+            "openrouter_usage: completion %s reported no usage; recorded with zero tokens", message_id
+        )
+    return records
+
+
+def records_per_generation(
+    state: CaptureState, request: UsageRecord, outlet_usage: Mapping[str, Any] | None
+) -> list[UsageRecord]:
+    """`request` (what is common to the request's generations) as one record per generation the
+    stream named, each with the usage of its own usage chunk: OpenRouter bills each generation on
+    its own, and Open WebUI's merged figure keeps only the last call's cost_details and is_byok.
+
+    Usage reported under an id beyond the MAX_GENERATION_IDS kept goes to the last generation, with
+    a note. A stream that named its generations but reported no usage gets Open WebUI's figure
+    on its last generation. A request whose generation id never arrived (a non-streaming reply,
+    an error before the first chunk) is one record keyed by `fallback_generation_key`. The
+    request's outcome (error, stopped) goes on its last record; its latency and time to first
+    token on its first."""
+    from_outlet = [(parse_usage(outlet_usage), outlet_usage)] if outlet_usage is not None else []
+    ids = state.generation_ids
+    if not ids:  # usage chunks without an id, else Open WebUI's figure
+        key = fallback_generation_key(request.message_id, state.request_fingerprint)
+        return [_generation_record(request, list(state.calls.values()) or from_outlet, "", key)]
+    calls: dict[str, list[tuple[Usage, Mapping[str, Any]]]] = {gid: [] for gid in ids}
+    unkept = [call for key, call in state.calls.items() if key not in calls]
+    for key, call in state.calls.items():
+        calls.get(key, calls[ids[-1]]).append(call)
+    notes = [f"usage of {len(unkept)} generation(s) beyond the ids kept counted here"] if unkept else []
+    if not state.calls and from_outlet:
+        calls[ids[-1]] = from_outlet
+        notes += (
+            ["no usage per generation; Open WebUI's figure merged over the calls"] if len(ids) > 1 else []
+        )
+    records = [_generation_record(request, calls[gid], gid, clean_text(gid)) for gid in ids]
+    # The request's outcome (an error, a stop) is its last call's; its timing, its first's.
+    records[:-1] = [
+        dataclasses.replace(r, status="ok", error="", latency_ms=None, ttft_ms=None) for r in records[:-1]
+    ]
+    records[0] = dataclasses.replace(records[0], latency_ms=request.latency_ms, ttft_ms=request.ttft_ms)
+    records[-1] = dataclasses.replace(
+        records[-1],
+        notes=(*records[-1].notes, *notes),
+        omitted_generation_ids=state.omitted_generation_ids,
+    )
+    return records
+
+
+def _generation_record(
+    request: UsageRecord, calls: Sequence[tuple[Usage, Mapping[str, Any]]], generation_id: str, key: str
+) -> UsageRecord:
+    """One generation's record: `request` with the usage of the generation's calls, summed (one,
+    but for a stream whose ids could not all be kept)."""
+    summed = sum((call_usage for call_usage, _ in calls), Usage())
+    notes = list(summed.notes)
+    usage = _bounded_per_completion(summed, notes)
+    notes += request.notes
+    raws = [call_raw for _, call_raw in calls]
+    clean_id = clean_text(generation_id)
+    if clean_id != generation_id:
+        notes.append("generation_id had control characters or was too long; cleaned")
+    return dataclasses.replace(
+        request,
+        usage=usage,
+        # Made strict JSON by the writer thread (ledger_values, to_json), off the loop.
+        raw_usage=raws[0] if len(raws) == 1 else _raw_calls(raws) if raws else None,
+        generation_ids=(clean_id,) if clean_id else (),
+        generation_key=key,
+        notes=tuple(notes),
     )
 
 
-def usage_seen_in_stream(state: CaptureState) -> tuple[Usage, Any]:
-    """The usage of every model call the stream reported, summed, and the objects as sent."""
-    usage = sum((call_usage for call_usage, _ in state.calls.values()), Usage())
-    raws = [call_raw for _, call_raw in state.calls.values()]
-    raw: Any = raws[0] if len(raws) == 1 else {"calls": raws[:MAX_RAW_CALLS], "calls_total": len(raws)}
-    return usage, raw
+def fallback_generation_key(message_id: str, request_fingerprint: str) -> str:
+    """The key of a generation whose id never arrived: `<message id>~<request fingerprint>`, so
+    the same request yields the same key however often its outlet runs or its record is replayed,
+    while a continuation of the same message (another request) gets its own. Without a
+    fingerprint (no inlet of this function saw the request) only the message is known: ""."""
+    return f"{message_id}~{request_fingerprint}" if request_fingerprint else ""
+
+
+FINGERPRINT_TEXT_LIMIT: Final = 65_536  # characters of the last message a fingerprint reads
+
+
+def request_fingerprint(body: Mapping[str, Any]) -> str:
+    """What tells this request apart from another for the same message: the number of messages
+    and the last one, role and text (a Continue ends in the assistant's partial answer, a second
+    Continue in a longer one). Reads at most FINGERPRINT_TEXT_LIMIT characters."""
+    messages = body.get("messages")
+    messages = messages if isinstance(messages, list) else []
+    last = messages[-1] if messages and isinstance(messages[-1], Mapping) else {}
+    content = last.get("content")
+    if isinstance(content, list):
+        content = "\n".join(
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+        )
+    text = content[:FINGERPRINT_TEXT_LIMIT] if isinstance(content, str) else ""
+    digest = hashlib.sha256(f"{len(messages)}\0{last.get('role')}\0{text}".encode(errors="replace"))
+    return digest.hexdigest()[:16]
+
+
+def _raw_calls(raws: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {"calls": list(raws[:MAX_RAW_CALLS]), "calls_total": len(raws)}
 
 
 def _ttft_ms(state: CaptureState) -> int | None:
@@ -1032,35 +1153,33 @@ def _ttft_ms(state: CaptureState) -> int | None:
     )
 
 
-def stopped_record(state: CaptureState, now: datetime, now_monotonic: float) -> UsageRecord:
-    """The row for a generation the user stopped: Open WebUI ran no outlet, but OpenRouter bills
+def stopped_records(state: CaptureState, now: datetime, now_monotonic: float) -> list[UsageRecord]:
+    """The rows of a generation the user stopped: Open WebUI ran no outlet, but OpenRouter bills
     what was generated. Its cost stays unknown unless the stream's usage arrived before the stop;
     reconciliation prices it from OpenRouter's record."""
-    usage, raw = usage_seen_in_stream(state) if state.calls else (Usage(), None)
-    notes = list(usage.notes)
-    usage = _bounded_per_completion(usage, notes)
+    notes: list[str] = []
     model = _clean_field(notes, "model", state.requested_model)
     message_id = _clean_field(notes, "message_id", state.message_id) or "stopped-" + state.generation_ids[0]
-    return UsageRecord(
+    request = UsageRecord(
         message_id=message_id,
         chat_id=_clean_field(notes, "chat_id", state.chat_id),
         user_id=_clean_field(notes, "user_id", state.user_id) or "unknown",
         user_name="",  # unknown here; the users table keeps the last name seen
-        generation_ids=tuple(clean_text(gid) for gid in state.generation_ids),
+        generation_ids=(),
         model=model,
         served_model=_clean_field(notes, "served_model", state.served_model) or model,
         provider=_clean_field(notes, "provider", state.provider),
-        usage=usage,
+        usage=Usage(),
         status="stopped",
         error="",
         latency_ms=round((now_monotonic - state.started_at) * 1000),
         ttft_ms=_ttft_ms(state),
-        raw_usage=raw,
+        raw_usage=None,
         created_at=now,
         notes=tuple(notes),
-        omitted_generation_ids=state.omitted_generation_ids,
         openrouter_user=state.openrouter_user,
     )
+    return records_per_generation(state, request, None)
 
 
 MAX_COMPLETION_PICO: Final = usd_to_pico(MAX_COMPLETION_USD)
@@ -1196,8 +1315,12 @@ ledger_table = sa.Table(
     sa.Column("user_id", sa.Text, nullable=False),
     sa.Column("user_name", sa.Text, nullable=False),
     sa.Column("chat_id", sa.Text, nullable=False),
-    sa.Column("message_id", sa.Text, nullable=False),
-    sa.Column("generation_ids", sa.Text, nullable=False),  # JSON array
+    sa.Column("message_id", sa.Text, nullable=False),  # a message has a row per generation
+    # The row's identity (UsageRecord.ledger_key): the generation id, a fallback key for a
+    # generation whose id never arrived, or the message id for a row that only knows its message
+    # (every row written before migration 0008, when a row was a message).
+    sa.Column("generation_key", sa.Text, nullable=False),
+    sa.Column("generation_ids", sa.Text, nullable=False),  # JSON array: the row's generation, if known
     sa.Column("model", sa.Text, nullable=False),
     sa.Column("served_model", sa.Text, nullable=False),
     sa.Column("provider", sa.Text, nullable=False),
@@ -1221,7 +1344,8 @@ ledger_table = sa.Table(
     sa.Column("reconcile_attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("reconcile_after", sa.DateTime, nullable=True),  # the next lookup waits until then
     sa.Column("reconcile_error", sa.Text, nullable=False, server_default=""),
-    sa.UniqueConstraint("message_id", name=f"{TABLE_PREFIX}ledger_message_id_key"),
+    sa.UniqueConstraint("generation_key", name=f"{TABLE_PREFIX}ledger_generation_key_key"),
+    sa.Index(f"{TABLE_PREFIX}ledger_message_id", "message_id"),
     sa.Index(f"{TABLE_PREFIX}ledger_created_at", "created_at"),
     sa.Index(f"{TABLE_PREFIX}ledger_user_created_at", "user_id", "created_at"),
     sa.Index(f"{TABLE_PREFIX}ledger_chat_id", "chat_id"),
@@ -1322,8 +1446,21 @@ def _frozen_rollup_ddl(table: str, keys: Sequence[str], measures: Sequence[str],
     return f"CREATE TABLE {table} ({', '.join(columns)}, PRIMARY KEY ({', '.join(keys)})){tail}"
 
 
-# The measures as they were when 0002 and 0005 were released. Never edit: add a migration.
-_MEASURES_1_0: Final = MEASURES
+# The measures as they were when 0002 and 0005 were released, spelled out: a migration never
+# follows the live MEASURES. Never edit: add a migration.
+_MEASURES_1_0: Final = (
+    "requests",
+    "failed",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_pico",
+    "upstream_cost_pico",
+    "spend_pico",
+)
 _LEDGER_COLUMNS_1_0: Final = (
     "created_at {ts} NOT NULL, user_id TEXT NOT NULL, user_name TEXT NOT NULL, chat_id TEXT NOT NULL, "
     "message_id TEXT NOT NULL, generation_ids TEXT NOT NULL, model TEXT NOT NULL, "
@@ -1349,6 +1486,86 @@ _ROLLUP_KEYS_1_0: Final = (
     ("openrouter_usage_rollup_user_day", ("day", "user_id")),
     ("openrouter_usage_rollup_model_day", ("day", "served_model", "provider")),
 )
+
+
+# The ledger's columns after 0007, in order, for 0008's SQLite rebuild (generation_key is new).
+_LEDGER_COLUMNS_0008: Final = (
+    "id", "created_at", "user_id", "user_name", "chat_id", "message_id", "generation_key",
+    "generation_ids", "model", "served_model", "provider", "prompt_tokens", "completion_tokens",
+    "total_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens", "cost_pico",
+    "upstream_cost_pico", "spend_pico", "is_byok", "status", "error", "latency_ms", "ttft_ms",
+    "usage_json", "notes", "omitted_generation_ids", "reconcile_status", "billed_pico", "billed_json",
+    "reconciled_at", "reconcile_attempts", "reconcile_after", "reconcile_error",
+)  # fmt: skip
+_LEDGER_TABLE_0008_SQLITE: Final = (
+    "CREATE TABLE openrouter_usage_ledger_0008 (id INTEGER NOT NULL, created_at DATETIME NOT NULL, "
+    "user_id TEXT NOT NULL, user_name TEXT NOT NULL, chat_id TEXT NOT NULL, message_id TEXT NOT NULL, "
+    "generation_key TEXT NOT NULL, generation_ids TEXT NOT NULL, model TEXT NOT NULL, "
+    "served_model TEXT NOT NULL, provider TEXT NOT NULL, prompt_tokens BIGINT NOT NULL, "
+    "completion_tokens BIGINT NOT NULL, total_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL, "
+    "cache_write_tokens BIGINT NOT NULL, reasoning_tokens BIGINT NOT NULL, cost_pico BIGINT, "
+    "upstream_cost_pico BIGINT, spend_pico BIGINT NOT NULL, is_byok BOOLEAN NOT NULL, "
+    "status TEXT NOT NULL, error TEXT NOT NULL, latency_ms INTEGER, ttft_ms INTEGER, usage_json TEXT, "
+    "notes TEXT DEFAULT '' NOT NULL, omitted_generation_ids INTEGER DEFAULT '0' NOT NULL, "
+    "reconcile_status TEXT DEFAULT 'pending' NOT NULL, billed_pico BIGINT, billed_json TEXT, "
+    "reconciled_at DATETIME, reconcile_attempts INTEGER DEFAULT '0' NOT NULL, "
+    "reconcile_after DATETIME, reconcile_error TEXT DEFAULT '' NOT NULL, PRIMARY KEY (id), "
+    "CONSTRAINT openrouter_usage_ledger_generation_key_key UNIQUE (generation_key))"
+)
+_REPAIRED_INDEX_0005: Final = (
+    "CREATE INDEX openrouter_usage_ledger_repaired ON openrouter_usage_ledger (id) WHERE notes <> ''"
+)
+_RECONCILE_OPEN_INDEX_0006: Final = (
+    "CREATE INDEX openrouter_usage_ledger_reconcile_open ON openrouter_usage_ledger "
+    "(created_at) WHERE reconcile_status <> 'matched'"
+)
+_USER_MODEL_INDEX_0007: Final = (
+    "CREATE INDEX openrouter_usage_ledger_user_model_created_at "
+    "ON openrouter_usage_ledger (user_id, model, created_at, spend_pico)"
+)
+# Every index of the ledger after 0007 (SQLite drops them with the table it rebuilds).
+_LEDGER_INDEXES_0007: Final = (
+    *_LEDGER_INDEXES_1_0,
+    _REPAIRED_INDEX_0005,
+    _RECONCILE_OPEN_INDEX_0006,
+    _USER_MODEL_INDEX_0007,
+)
+_MESSAGE_ID_INDEX_0008: Final = (
+    "CREATE INDEX openrouter_usage_ledger_message_id ON openrouter_usage_ledger (message_id)"
+)
+
+
+def _one_row_per_generation(dialect: str) -> tuple[str, ...]:
+    """Migration 0008: a ledger row is a billed generation, unique on `generation_key`, no longer
+    on the message id. A row written before keeps its figures and is keyed by its message id
+    (then a row was a message, its generations summed). SQLite cannot drop a constraint: the
+    table is rebuilt with the same rows and ids."""
+    if dialect != "sqlite":
+        return (
+            "ALTER TABLE openrouter_usage_ledger ADD COLUMN generation_key TEXT",
+            "UPDATE openrouter_usage_ledger SET generation_key = message_id",
+            "ALTER TABLE openrouter_usage_ledger ALTER COLUMN generation_key SET NOT NULL",
+            "ALTER TABLE openrouter_usage_ledger DROP CONSTRAINT openrouter_usage_ledger_message_id_key",
+            (
+                "ALTER TABLE openrouter_usage_ledger ADD CONSTRAINT "
+                "openrouter_usage_ledger_generation_key_key UNIQUE (generation_key)"
+            ),
+            _MESSAGE_ID_INDEX_0008,
+        )
+    copied = ", ".join(
+        "message_id" if column == "generation_key" else column for column in _LEDGER_COLUMNS_0008
+    )
+    return (
+        _LEDGER_TABLE_0008_SQLITE,
+        (
+            f"INSERT INTO openrouter_usage_ledger_0008 ({', '.join(_LEDGER_COLUMNS_0008)}) "
+            f"SELECT {copied} FROM openrouter_usage_ledger"
+        ),
+        "DROP TABLE openrouter_usage_ledger",
+        "ALTER TABLE openrouter_usage_ledger_0008 RENAME TO openrouter_usage_ledger",
+        *_LEDGER_INDEXES_0007,
+        _MESSAGE_ID_INDEX_0008,
+    )
 
 
 def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -1424,10 +1641,7 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
                     "ALTER TABLE openrouter_usage_ledger "
                     "ADD COLUMN omitted_generation_ids INTEGER DEFAULT '0' NOT NULL"
                 ),
-                (
-                    "CREATE INDEX openrouter_usage_ledger_repaired ON openrouter_usage_ledger (id) "
-                    "WHERE notes <> ''"
-                ),
+                _REPAIRED_INDEX_0005,
                 *zoned,
                 # The rollup zone is settled here, under the migration lock, never by racing writers:
                 # an empty ledger starts in UTC (the first write's zone, if another, is a recount of
@@ -1467,10 +1681,7 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
                     "UPDATE openrouter_usage_ledger SET reconcile_status = 'no_id' "
                     f"WHERE generation_ids NOT LIKE {any_gen_id}"
                 ),
-                (
-                    "CREATE INDEX openrouter_usage_ledger_reconcile_open ON openrouter_usage_ledger "
-                    "(created_at) WHERE reconcile_status <> 'matched'"
-                ),
+                _RECONCILE_OPEN_INDEX_0006,
                 "ALTER TABLE openrouter_usage_users ADD COLUMN openrouter_user TEXT DEFAULT '' NOT NULL",
                 (
                     "CREATE TABLE openrouter_usage_leases (name TEXT NOT NULL, holder TEXT NOT NULL, "
@@ -1490,12 +1701,10 @@ def _migrations_for(dialect: str) -> list[tuple[str, tuple[str, ...]]]:
                     "CREATE INDEX openrouter_usage_budget_reservations_user "
                     "ON openrouter_usage_budget_reservations (user_id, expires_at)"
                 ),
-                (
-                    "CREATE INDEX openrouter_usage_ledger_user_model_created_at "
-                    "ON openrouter_usage_ledger (user_id, model, created_at, spend_pico)"
-                ),
+                _USER_MODEL_INDEX_0007,
             ),
         ),
+        ("0008_one_row_per_generation", _one_row_per_generation(dialect)),
     ]
 
 
@@ -1745,31 +1954,69 @@ META_UPSERT: Final = sa.text(
     f'INSERT INTO {meta_table.name} ("key", value) VALUES (:key, :value) '
     'ON CONFLICT ("key") DO UPDATE SET value = excluded.value'
 )
-_MESSAGE_ID_IN_LIST: Final = ledger_table.c.message_id.in_(sa.bindparam("message_ids", expanding=True))
-SELECT_RECORDED_MESSAGE_IDS: Final = sa.select(ledger_table.c.message_id).where(_MESSAGE_ID_IN_LIST)
-SELECT_RECORDED_MESSAGE_ID: Final = sa.select(ledger_table.c.message_id).where(
-    ledger_table.c.message_id == sa.bindparam("message_id")
+_IN_LIST: Final[sa.BindParameter[Any]] = sa.bindparam("values", expanding=True)
+SELECT_RECORDED_KEYS: Final = sa.select(ledger_table.c.generation_key).where(
+    ledger_table.c.generation_key.in_(_IN_LIST)
+)
+SELECT_RECORDED_KEY: Final = sa.select(ledger_table.c.generation_key).where(
+    ledger_table.c.generation_key == sa.bindparam("value")
+)
+SELECT_RECORDED_MESSAGES: Final = sa.select(ledger_table.c.message_id).where(
+    ledger_table.c.message_id.in_(_IN_LIST)
 )
 SELECT_SPEND_OF_MESSAGES: Final = sa.select(
     sa.func.coalesce(sa.func.sum(ledger_table.c.spend_pico), 0)
-).where(_MESSAGE_ID_IN_LIST)
+).where(ledger_table.c.message_id.in_(_IN_LIST))
+SELECT_MESSAGE_TOTALS: Final = sa.select(
+    sa.func.count().label("calls"),
+    sa.func.count(ledger_table.c.cost_pico).label("priced"),
+    *(
+        sa.func.coalesce(sa.func.sum(ledger_table.c[name]), 0).label(name)
+        for name in (*TOKEN_MEASURES, *MONEY_MEASURES)
+    ),
+).where(ledger_table.c.message_id == sa.bindparam("message_id"))
 IN_LIST_CHUNK: Final = 500  # parameters per IN list: well inside every SQLite build's limit
 
 
-def in_list_chunks(message_ids: Sequence[str]) -> Iterator[dict[str, list[str]]]:
-    """Parameters for the message-id statements, one IN list of at most IN_LIST_CHUNK ids each."""
-    for start in range(0, len(message_ids), IN_LIST_CHUNK):
-        yield {"message_ids": list(message_ids[start : start + IN_LIST_CHUNK])}
+def in_list_chunks(values: Sequence[str]) -> Iterator[dict[str, list[str]]]:
+    """Parameters for the IN-list statements above, at most IN_LIST_CHUNK values each."""
+    for start in range(0, len(values), IN_LIST_CHUNK):
+        yield {"values": list(values[start : start + IN_LIST_CHUNK])}
 
 
-def recorded_message_ids(conn: sa.Connection, message_ids: Sequence[str]) -> set[str]:
-    """Which of these messages the ledger already holds."""
-    if len(message_ids) == 1:  # a batch of one, the common case under light load: no IN list to render
-        return set(conn.execute(SELECT_RECORDED_MESSAGE_ID, {"message_id": message_ids[0]}).scalars())
+def recorded_keys(conn: sa.Connection, keys: Sequence[str]) -> set[str]:
+    """Which of these generation keys the ledger already holds."""
+    if len(keys) == 1:  # a batch of one, the common case under light load: no IN list to render
+        return set(conn.execute(SELECT_RECORDED_KEY, {"value": keys[0]}).scalars())
+    found: set[str] = set()
+    for parameters in in_list_chunks(keys):
+        found.update(conn.execute(SELECT_RECORDED_KEYS, parameters).scalars())
+    return found
+
+
+def recorded_messages(conn: sa.Connection, message_ids: Sequence[str]) -> set[str]:
+    """Which of these messages the ledger holds a row of."""
     found: set[str] = set()
     for parameters in in_list_chunks(message_ids):
-        found.update(conn.execute(SELECT_RECORDED_MESSAGE_IDS, parameters).scalars())
+        found.update(conn.execute(SELECT_RECORDED_MESSAGES, parameters).scalars())
     return found
+
+
+def fresh_records(conn: sa.Connection, records: Sequence[UsageRecord]) -> list[UsageRecord]:
+    """The records the ledger does not hold yet, in key order: one per generation key, and a
+    record that knows only its message (no generation key) only while nothing of that message is
+    recorded, in the ledger or in this batch."""
+    unique: dict[str, UsageRecord] = {}
+    for record in records:
+        unique.setdefault(record.ledger_key, record)
+    recorded = recorded_keys(conn, sorted(unique))
+    keyed = [unique[key] for key in sorted(unique) if key not in recorded]
+    message_level = sorted({record.message_id for record in keyed if not record.generation_key})
+    if not message_level:
+        return keyed
+    known = recorded_messages(conn, message_level)
+    known.update(record.message_id for record in keyed if record.generation_key)
+    return [record for record in keyed if record.generation_key or record.message_id not in known]
 
 
 def ledger_values(record: UsageRecord) -> dict[str, Any]:
@@ -1781,6 +2028,7 @@ def ledger_values(record: UsageRecord) -> dict[str, Any]:
         "user_name": record.user_name,
         "chat_id": record.chat_id,
         "message_id": record.message_id,
+        "generation_key": record.ledger_key,
         "generation_ids": json.dumps(list(record.generation_ids)),
         "model": record.model,
         "served_model": record.served_model,
@@ -2143,7 +2391,7 @@ def _sums(table: sa.Table) -> list[sa.Label[Any]]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StoreResult:
-    """What one store did: the message ids newly inserted, those quarantined (with the reason),
+    """What one store did: the ledger keys newly inserted, those quarantined (with the reason),
     the time zone the rollups are kept in, and whether a recount is under way."""
 
     inserted: set[str]
@@ -2153,7 +2401,7 @@ class StoreResult:
 
 
 class Ledger:
-    """The durable record: one row per assistant message, plus rollups kept in step with it.
+    """The durable record: one row per billed generation, plus rollups kept in step with it.
 
     Nothing here touches the database when constructed: a bad URL fails at the first write (and
     the record is spooled) or read (and the reader says why)."""
@@ -2242,8 +2490,8 @@ class Ledger:
                     raise
                 reason = short_error(exc)
                 self.spool.quarantine([(record, reason)])
-                quarantined[record.message_id] = reason
-                log.warning("openrouter_usage: record %s quarantined (%s)", record.message_id, reason)
+                quarantined[record.ledger_key] = reason
+                log.warning("openrouter_usage: record %s quarantined (%s)", record.ledger_key, reason)
                 continue
             inserted |= result.inserted
             last = result
@@ -2267,15 +2515,11 @@ class Ledger:
                 log.info("openrouter_usage: another process recorded one of these messages first; retrying")
 
     def _insert(self, conn: sa.Connection, records: Sequence[UsageRecord], zone: str | None) -> set[str]:
-        unique: dict[str, UsageRecord] = {}
-        for record in records:
-            unique.setdefault(record.message_id, record)
-        recorded = recorded_message_ids(conn, sorted(unique))
-        fresh = [unique[key] for key in sorted(unique) if key not in recorded]
+        fresh = fresh_records(conn, records)
         if not fresh:
             return set()
-        # A message another process recorded since the SELECT (only possible on PostgreSQL; SQLite
-        # writers are serialised) fails the INSERT and the transaction, which is retried.
+        # A generation another process recorded since the SELECT (only possible on PostgreSQL;
+        # SQLite writers are serialised) fails the INSERT and the transaction, which is retried.
         rows = [ledger_values(record) for record in fresh]
         conn.execute(ledger_table.insert(), rows)
         if zone is not None:  # None: a recount from scratch is running and will count these rows
@@ -2297,7 +2541,7 @@ class Ledger:
         ]
         if users:
             conn.execute(USERS_UPSERT, users)
-        return {record.message_id for record in fresh}
+        return {record.ledger_key for record in fresh}
 
     def claim_once(self, key: str) -> bool:
         """True for exactly one caller per key, across processes (used for one-time notices)."""
@@ -2401,6 +2645,19 @@ class Ledger:
                     "it is upgraded at the next recorded completion"
                 )
             yield conn, read_rollup_state(conn)
+
+    def message_totals(self, conn: sa.Connection, message_id: str) -> MessageTotals:
+        """What every recorded generation of one message adds up to."""
+        row = conn.execute(SELECT_MESSAGE_TOTALS, {"message_id": message_id}).one()._mapping
+        tokens: dict[str, Any] = {name: int(row[name]) for name in TOKEN_MEASURES}
+        usage = Usage(
+            **tokens,
+            cost_pico=None if row["priced"] == 0 else int(row["cost_pico"]),
+            upstream_cost_pico=int(row["upstream_cost_pico"]),
+        )
+        return MessageTotals(
+            int(row["calls"]), usage, int(row["spend_pico"]), int(row["calls"] - row["priced"])
+        )
 
     def chat_spend_pico(self, conn: sa.Connection, message_ids: Sequence[str]) -> int:
         return sum(
@@ -2656,16 +2913,22 @@ REPLAY_BUDGET_SECONDS: Final = 0.5  # replay work per turn of the writer, betwee
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class WriteRequest:
-    """A record to commit, and what the usage line wants to know once it is committed.
+    """The records of one request (a generation each, one message) to commit, and what the usage
+    line wants to know once they are committed.
 
-    `render_line`, when given, renders the usage line from the record, the chat's spend (this
-    record included) and the user's spend today; the writer runs it after the commit."""
+    `render_line`, when given, renders the usage line from the records, their message's totals
+    (every generation recorded so far), the chat's spend (these records included) and the user's
+    spend today; the writer runs it after the commit."""
 
-    record: UsageRecord
+    records: tuple[UsageRecord, ...]
     zone: ZoneInfo
     chat_message_ids: tuple[str, ...] = ()
     want_user_today: bool = False
-    render_line: Callable[[UsageRecord, int | None, int | None], str] | None = None
+    render_line: Callable[[Sequence[UsageRecord], MessageTotals, int | None, int | None], str] | None = None
+
+    @property
+    def message_id(self) -> str:
+        return self.records[0].message_id
 
 
 # A write whose request is built on the writer thread (parsing an outlet body costs the event loop
@@ -2802,14 +3065,14 @@ class GroupCommitWriter:
         log.error(
             "openrouter_usage: the ledger writer did not answer within %.0f s; spooling %s",
             OUTLET_WAIT_SECONDS,
-            built.record.message_id,
+            built.message_id,
         )
         try:
             await asyncio.wait_for(
-                asyncio.to_thread(self.ledger.spool.append, [built.record]), SPOOL_WAIT_SECONDS
+                asyncio.to_thread(self.ledger.spool.append, list(built.records)), SPOOL_WAIT_SECONDS
             )
         except Exception as exc:
-            raise RecordNotDurable(f"could not spool {built.record.message_id}: {short_error(exc)}") from exc
+            raise RecordNotDurable(f"could not spool {built.message_id}: {short_error(exc)}") from exc
         return WriteOutcome("spooled")
 
     def submit(self, request: WriteRequest) -> concurrent.futures.Future[WriteOutcome]:
@@ -2914,7 +3177,7 @@ class GroupCommitWriter:
 
     def _commit(self, batch: list[Pending], early: list[Answer]) -> None:
         """Commits `batch` and answers it, with the `early` answers, in one wake-up per loop."""
-        records = [request.record for request, _ in batch]
+        records = [record for request, _ in batch for record in request.records]
         try:
             result = self.ledger.store(records, batch[-1][0].zone)
         except Exception as exc:
@@ -2937,13 +3200,13 @@ class GroupCommitWriter:
             len(batch),
         )
         try:
-            self.ledger.spool.append([request.record for request, _ in batch])
+            self.ledger.spool.append([record for request, _ in batch for record in request.records])
         except Exception as spool_exc:
             log.critical(
                 "openrouter_usage: could not spool either (%s); %d record(s) not durable, kept here: %s",
                 short_error(spool_exc),
                 len(batch),
-                _records_json(request.record for request, _ in batch),
+                _records_json(record for request, _ in batch for record in request.records),
             )
             answer_all([*early, *((reply, RecordNotDurable(short_error(spool_exc))) for _, reply in batch)])
             return
@@ -2983,73 +3246,89 @@ class GroupCommitWriter:
                 self._recount_due = False  # the next write that sees the recount resumes it
 
     def _outcomes(self, batch: list[Pending], result: StoreResult) -> list[WriteOutcome]:
+        """Per request: "recorded" when one of its generations is new, "quarantined" when none is
+        and one was refused, else "duplicate" (a repeated outlet, a replay)."""
         seen: set[str] = set()
         kinds: list[Stored] = []
         for request, _ in batch:
-            message_id = request.record.message_id
-            if message_id in result.quarantined:
-                kinds.append("quarantined")
-            elif message_id in result.inserted and message_id not in seen:
+            keys = [record.ledger_key for record in request.records]
+            if any(key in result.inserted and key not in seen for key in keys):
                 kinds.append("recorded")
+            elif any(key in result.quarantined for key in keys):
+                kinds.append("quarantined")
             else:
                 kinds.append("duplicate")
-                log.info("openrouter_usage: message %s was already recorded; not counted again", message_id)
-            seen.add(message_id)
-        totals = self._line_totals(batch, kinds, result.rollup_zone)
+                log.info(
+                    "openrouter_usage: message %s: generation(s) already recorded; not counted again",
+                    request.message_id,
+                )
+            seen.update(keys)
+        figures = self._line_figures(batch, kinds, result.rollup_zone)
         return [
-            WriteOutcome(kind, chat, today, _usage_line(request, chat, today) if kind == "recorded" else "")
-            for (request, _), kind, (chat, today) in zip(batch, kinds, totals, strict=True)
+            WriteOutcome(
+                kind, chat, today, _usage_line(request, message, chat, today) if kind == "recorded" else ""
+            )
+            for (request, _), kind, (message, chat, today) in zip(batch, kinds, figures, strict=True)
         ]
 
-    def _line_totals(
+    def _line_figures(
         self, batch: list[Pending], kinds: list[Stored], zone: str | None
-    ) -> list[tuple[int | None, Totals | None]]:
-        """For each newly recorded message whose usage line wants them: the chat's spend (this
-        record included) and the user's totals today; (None, None) otherwise or on failure."""
-        nothing: list[tuple[int | None, Totals | None]] = [(None, None)] * len(batch)
+    ) -> list[tuple[MessageTotals, int | None, Totals | None]]:
+        """For each newly recorded request whose usage line wants them: its message's totals
+        (every generation recorded so far), the chat's spend (these records included) and the
+        user's totals today. On failure, or when not wanted: the request's own records' totals,
+        None and None."""
+        own: list[tuple[MessageTotals, int | None, Totals | None]] = [
+            (MessageTotals.of(request.records), None, None) for request, _ in batch
+        ]
         wanted = [
-            kind == "recorded" and bool(request.chat_message_ids or request.want_user_today)
+            kind == "recorded" and request.render_line is not None
             for (request, _), kind in zip(batch, kinds, strict=True)
         ]
         if not any(wanted):
-            return nothing
+            return own
         try:
             with self.ledger.engine.connect() as conn:
                 today = local_day(datetime.now(UTC), ZoneInfo(zone)) if zone else ""
                 return [
                     (
-                        _chat_spend(self.ledger, conn, request)
-                        if want and request.chat_message_ids
-                        else None,
-                        user_totals(conn, zone, request.record.user_id, today, today)
-                        if want and zone and request.want_user_today
+                        self.ledger.message_totals(conn, request.message_id),
+                        _chat_spend(self.ledger, conn, request) if request.chat_message_ids else None,
+                        user_totals(conn, zone, request.records[0].user_id, today, today)
+                        if zone and request.want_user_today
                         else None,
                     )
-                    for (request, _), want in zip(batch, wanted, strict=True)
+                    if want
+                    else fallback
+                    for (request, _), want, fallback in zip(batch, wanted, own, strict=True)
                 ]
         except Exception as exc:
             log.warning("openrouter_usage: totals for the usage line unavailable (%s)", short_error(exc))
-            return nothing
+            return own
 
 
 def _chat_spend(ledger: Ledger, conn: sa.Connection, request: WriteRequest) -> int:
-    """The chat's spend so far, this record included even when the body did not list it."""
+    """The chat's spend so far, these records included even when the body did not list them."""
     spend = ledger.chat_spend_pico(conn, request.chat_message_ids)
-    if request.record.message_id not in request.chat_message_ids:
-        spend += request.record.usage.spend_pico
+    if request.message_id not in request.chat_message_ids:
+        spend += sum(record.usage.spend_pico for record in request.records)
     return spend
 
 
-def _usage_line(request: WriteRequest, chat_spend_pico: int | None, today: Totals | None) -> str:
+def _usage_line(
+    request: WriteRequest, message: MessageTotals, chat_spend_pico: int | None, today: Totals | None
+) -> str:
     """The request's usage line ("" when it wants none or cannot be rendered: the record stands)."""
     if request.render_line is None:
         return ""
     try:
-        return request.render_line(request.record, chat_spend_pico, today.spend_pico if today else None)
+        return request.render_line(
+            request.records, message, chat_spend_pico, today.spend_pico if today else None
+        )
     except Exception as exc:
         log.warning(
             "openrouter_usage: the usage line of %s could not be rendered (%s)",
-            request.record.message_id,
+            request.message_id,
             short_error(exc),
         )
         return ""
@@ -4545,32 +4824,48 @@ class LineParts:
 
 def render_usage_line(
     parts: LineParts,
-    record: UsageRecord,
+    records: Sequence[UsageRecord],
+    message: MessageTotals,
     chat_spend_pico: int | None = None,
     today_spend_pico: int | None = None,
 ) -> str:
     """The line Open WebUI shows under the model name, most important first, so a phone's narrow
     column (which cuts it short) still shows the money: the answer's cost, the chat's total, tokens,
-    time, speed, provider; the model only when it is not the one requested (a router's choice)."""
-    usage, money = record.usage, parts.currency.format
-    pieces: list[str] = [f"failed: {record.error}"] if record.status != "ok" else []
+    time, speed, provider; the model only when it is not the one requested (a router's choice).
+
+    Money and tokens are the message's, over every generation recorded for it (a "Continue
+    response" adds one, and the line says how many there are); time, speed, provider and outcome
+    are this request's (`records`)."""
+    money, usage, last = parts.currency.format, message.usage, records[-1]
+    pieces: list[str] = [f"failed: {last.error}"] if last.status != "ok" else []
     if parts.cost:
-        pieces.append(money(usage.spend_pico) if usage.cost_pico is not None else "cost not reported")
+        pieces.append(_cost_piece(message, money))
+    if message.calls > 1:
+        pieces.append(f"{format_count(message.calls)} calls")
     if parts.chat_total and chat_spend_pico is not None:
         pieces.append(f"chat {money(chat_spend_pico)}")
     if parts.today_total and today_spend_pico is not None:
         pieces.append(f"today {money(today_spend_pico)}")
     if parts.tokens:
         pieces += _token_pieces(usage)
-    if parts.timing and record.latency_ms is not None:
-        pieces.append(f"{record.latency_ms / 1000:.1f} s")
+    latency_ms, ttft_ms = records[0].latency_ms, records[0].ttft_ms
+    if parts.timing and latency_ms is not None:
+        pieces.append(f"{latency_ms / 1000:.1f} s")
     if parts.speed:
-        pieces += _speed_piece(record)
-    if parts.provider and record.provider:
-        pieces.append(record.provider)
-    if parts.model and record.served_model and record.served_model != record.model:
-        pieces.append(record.served_model)
+        pieces += _speed_piece(sum(record.usage.completion_tokens for record in records), latency_ms, ttft_ms)
+    if parts.provider and last.provider:
+        pieces.append(last.provider)
+    if parts.model and last.served_model and last.served_model != last.model:
+        pieces.append(last.served_model)
     return " · ".join(pieces)
+
+
+def _cost_piece(message: MessageTotals, money: Callable[[int], str]) -> str:
+    if message.unpriced_calls == message.calls:
+        return "cost not reported"
+    if message.unpriced_calls:
+        return f"{money(message.spend_pico)} + {message.unpriced_calls} not reported"
+    return money(message.spend_pico)
 
 
 def _token_pieces(usage: Usage) -> list[str]:
@@ -4582,12 +4877,12 @@ def _token_pieces(usage: Usage) -> list[str]:
     ]
 
 
-def _speed_piece(record: UsageRecord) -> list[str]:
+def _speed_piece(completion_tokens: int, latency_ms: int | None, ttft_ms: int | None) -> list[str]:
     """Output tokens per second of generating (after the first token), when it can be told."""
-    generating_ms = (record.latency_ms or 0) - (record.ttft_ms or 0)
-    if not record.usage.completion_tokens or generating_ms <= 0:
+    generating_ms = (latency_ms or 0) - (ttft_ms or 0)
+    if not completion_tokens or generating_ms <= 0:
         return []
-    return [f"{record.usage.completion_tokens * 1000 / generating_ms:.0f} tok/s"]
+    return [f"{completion_tokens * 1000 / generating_ms:.0f} tok/s"]
 
 
 # ── Budgets: standing, the report's section, the read-out ──
@@ -6106,11 +6401,11 @@ def outlet_write_request(
 ) -> WriteRequest | None:
     """What the writer thread commits for one outlet (None: nothing to record); `parts` is None
     when no usage line is shown."""
-    record = build_record(state, context)
-    if record is None:
+    records = build_records(state, context)
+    if not records:
         return None
     return WriteRequest(
-        record=record,
+        records=tuple(records),
         zone=zone,
         chat_message_ids=tuple(assistant_message_ids(context.body)) if parts and parts.chat_total else (),
         want_user_today=bool(parts and parts.today_total),
@@ -6177,12 +6472,12 @@ def record_stopped_generation(state: CaptureState, valves: Settings) -> None:
             return
         if not (valves.record_all_models or state.is_openrouter_connection or state.has_openrouter_signature):
             return
-        record = stopped_record(state, datetime.now(UTC), time.monotonic())
+        records = stopped_records(state, datetime.now(UTC), time.monotonic())
         url = resolve_database_url(valves.database_url)
         writer = writer_for(url)
-        written = writer.submit(WriteRequest(record, resolve_zone(valves.report_timezone)))
+        written = writer.submit(WriteRequest(tuple(records), resolve_zone(valves.report_timezone)))
         written.add_done_callback(
-            functools.partial(_after_stopped_write, record.message_id, state.budget, writer.ledger)
+            functools.partial(_after_stopped_write, records[0].message_id, state.budget, writer.ledger)
         )
         start_reconciling(url, valves)
     except Exception:
@@ -6275,6 +6570,7 @@ async def start_capture(
     if not isinstance(body, dict):
         return
     state.requested_model = _first_text(body.get("model"))
+    state.request_fingerprint = request_fingerprint(body)
     request_usage_reporting(body, is_openrouter=is_openrouter)
     if is_openrouter and valves.send_user_id and state.user_id:
         secret = await attribution_secret(resolve_database_url(valves.database_url))
@@ -6322,13 +6618,15 @@ class BudgetTicket:
 
 
 def budget_ticket(user: Mapping[str, Any], metadata: Any, body: Mapping[str, Any]) -> BudgetTicket:
-    """A new ticket; its reservation is named by the message id when there is one, so whatever
-    learns that a message ended (a stopped generation) can release it."""
+    """A new ticket. Its reservation is this request's own, `<message id>~<random>` (`api-…` for
+    an API call without one): a "Continue response" is another request for the same message, and
+    its reservation must never overwrite or release the one of a request still running."""
     message_id = metadata.get("message_id") if isinstance(metadata, Mapping) else None
+    request_tag = uuid.uuid4().hex[:16]
     return BudgetTicket(
-        reservation_id=clean_text(message_id)
+        reservation_id=f"{clean_text(message_id)}~{request_tag}"
         if isinstance(message_id, str) and message_id
-        else f"api-{uuid.uuid4()}",
+        else f"api-{request_tag}",
         user=BudgetUser(
             clean_text(user.get("id") or "unknown"), str(user.get("email") or ""), user.get("role") == "admin"
         ),

@@ -348,5 +348,5 @@ def make_record(plugin: types.ModuleType, index: int, **overrides: Any) -> Any:
 def write(plugin: types.ModuleType, url: str, records: list[Any], zone: ZoneInfo = UTC_ZONE) -> list[str]:
     """Each record through the ledger's writer thread, as outlet hands it over: what became of each."""
     writer = plugin.writer_for(url)
-    futures = [writer.submit(plugin.WriteRequest(record=r, zone=zone)) for r in records]
+    futures = [writer.submit(plugin.WriteRequest(records=(r,), zone=zone)) for r in records]
     return [f.result(timeout=60).stored for f in futures]

@@ -135,7 +135,7 @@ def build_request(plugin: types.ModuleType, message_id: str, zone: ZoneInfo) -> 
         raw_usage=fields["raw_usage"],
         created_at=fields["created_at"],
     )
-    return plugin.WriteRequest(record, zone)
+    return plugin.WriteRequest((record,), zone)
 
 
 def say(line: str) -> None:

@@ -588,7 +588,7 @@ def assert_ledger_sound(plugin: types.ModuleType, url: str, examples: int) -> No
         export_error = str(exc)
     after = (
         plugin.writer_for(url)
-        .submit(plugin.WriteRequest(record=ordinary_record(plugin), zone=ZoneInfo("UTC")))
+        .submit(plugin.WriteRequest(records=(ordinary_record(plugin),), zone=ZoneInfo("UTC")))
         .result(timeout=60)
     )
     ledger = plugin.ledger_for(url)

@@ -123,7 +123,7 @@ def note_outcomes(plugin: types.ModuleType, outcomes: dict[str, str]) -> None:
             built.append(request)
         outcome = await original(self, request)
         if built and built[-1] is not None:
-            outcomes[built[-1].record.message_id] = outcome.stored
+            outcomes[built[-1].message_id] = outcome.stored
         return outcome
 
     plugin.GroupCommitWriter.write = write

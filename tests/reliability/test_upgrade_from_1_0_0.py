@@ -202,7 +202,7 @@ def test_a_1_0_0_ledger_is_upgraded_with_no_loss(plugin: types.ModuleType, datab
     started = time.monotonic()
     outcome = (
         plugin.writer_for(database_url)
-        .submit(plugin.WriteRequest(record=new_record(plugin), zone=PARIS))
+        .submit(plugin.WriteRequest(records=(new_record(plugin),), zone=PARIS))
         .result(timeout=60)
     )
     assert outcome.stored == "recorded"

@@ -57,10 +57,20 @@ async def inlet(drv: HookDriver, metadata: dict[str, Any], model: str = MODEL) -
     await drv.call("inlet", body, __user__=drv.user, __metadata__=metadata, __model__=drv.model)
 
 
-def reservations(plugin: types.ModuleType, url: str) -> dict[str, int]:
+def request_reservations(plugin: types.ModuleType, url: str) -> dict[str, int]:
+    """Every reservation held, by its id (a request's own: `<message id>~<tag>`)."""
     with plugin.ledger_for(url).engine.connect() as conn:
         table = plugin.reservations_table
         return {row.reservation_id: row.amount_pico for row in conn.execute(sa.select(table))}
+
+
+def reservations(plugin: types.ModuleType, url: str) -> dict[str, int]:
+    """What is held per message (the reservations of its requests added up)."""
+    held: dict[str, int] = {}
+    for reservation_id, amount in request_reservations(plugin, url).items():
+        message_id = reservation_id.split("~")[0]
+        held[message_id] = held.get(message_id, 0) + amount
+    return held
 
 
 # ── rules ──

@@ -129,7 +129,7 @@ async def test_byok_spend_adds_upstream_cost_and_non_byok_never_does(
     assert by_id["m-plain"]["spend_pico"] == int(plain.cost / PICO)
 
 
-async def test_tool_rounds_keep_every_generation_id_and_sum_exactly(
+async def test_each_tool_round_is_its_own_exact_row_of_the_message(
     plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator
 ) -> None:
     driver = HookDriver(plugin, valves={"database_url": database_url})
@@ -167,12 +167,16 @@ async def test_tool_rounds_keep_every_generation_id_and_sum_exactly(
         chat_id="chat-t",
     )
     await driver.call("outlet", outlet, __metadata__=metadata, __user__=driver.user)
-    (row,) = rows(plugin, database_url)
     ids = [first[0]["id"], second[0]["id"]]
     assert ids[0] != ids[1]
-    assert row["generation_ids"] == f'["{ids[0]}", "{ids[1]}"]'
-    assert row["spend_pico"] == spend_of(sim, *ids)
-    assert row["prompt_tokens"] == sum(sim.generations[g].usage["prompt_tokens"] for g in ids)
+    by_generation = {row["generation_key"]: row for row in rows(plugin, database_url)}
+    assert sorted(by_generation) == sorted(ids)
+    for gid in ids:
+        row = by_generation[gid]
+        assert (row["message_id"], row["generation_ids"]) == ("msg-t", f'["{gid}"]')
+        assert row["spend_pico"] == spend_of(sim, gid)
+        assert row["prompt_tokens"] == sim.generations[gid].usage["prompt_tokens"]
+    assert sum(row["spend_pico"] for row in by_generation.values()) == spend_of(sim, *ids)
 
 
 async def test_a_second_outlet_for_the_same_message_never_double_counts(
@@ -485,7 +489,7 @@ async def test_outlet_parses_and_renders_on_the_writer_thread_not_on_the_event_l
 ) -> None:
     url = f"sqlite:///{data_dir / 'l.sqlite3'}"
     threads: dict[str, str] = {}
-    for name in ("build_record", "render_usage_line"):
+    for name in ("build_records", "render_usage_line"):
         real = getattr(plugin, name)
 
         def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
@@ -496,7 +500,7 @@ async def test_outlet_parses_and_renders_on_the_writer_thread_not_on_the_event_l
     emitter = EmitterRecorder()
     await streamed_turn(HookDriver(plugin, valves={"database_url": url}), sim, "Hi", emitter=emitter)
     assert threads == {
-        "build_record": "openrouter_usage_writer",
+        "build_records": "openrouter_usage_writer",
         "render_usage_line": "openrouter_usage_writer",
     }
     assert len(rows(plugin, url)) == 1 and emitter.statuses[-1].startswith("$")
@@ -506,14 +510,14 @@ async def test_a_completion_whose_record_cannot_be_built_fails_alone(
     plugin: types.ModuleType, data_dir: Any, sim: OpenRouterSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"sqlite:///{data_dir / 'l.sqlite3'}"
-    real = plugin.build_record
+    real = plugin.build_records
 
     def fails_for_one(state: Any, context: Any) -> Any:
         if context.metadata.get("message_id") == "m-bad":
             raise RuntimeError("injected")
         return real(state, context)
 
-    monkeypatch.setattr(plugin, "build_record", fails_for_one)
+    monkeypatch.setattr(plugin, "build_records", fails_for_one)
     driver = HookDriver(plugin, valves={"database_url": url})
     await asyncio.gather(
         *(streamed_turn(driver, sim, "Hi", message_id=m, chat_id=m) for m in ("m-1", "m-bad", "m-2"))
@@ -557,13 +561,13 @@ def test_the_line_names_the_model_only_when_a_router_chose_another(plugin: types
         created_at=plugin.datetime.now(plugin.UTC),
     )
     parts = plugin.LineParts()
-    line = plugin.render_usage_line(parts, routed, 3_000_000_000)
+    line = plugin.render_usage_line(parts, [routed], plugin.MessageTotals.of([routed]), 3_000_000_000)
     assert line == (
         "$0.0015 · chat $0.0030 · 1,200 in · 30 out · 2.0 s · 20 tok/s · Anthropic"
         " · anthropic/claude-3.5-sonnet"
     )
     asked = plugin.dataclasses.replace(routed, model="anthropic/claude-3.5-sonnet")
-    assert "claude" not in plugin.render_usage_line(parts, asked, 3_000_000_000)
+    assert "claude" not in plugin.render_usage_line(parts, [asked], plugin.MessageTotals.of([asked]), 3_000_000_000)
 
 
 @pytest.mark.parametrize(

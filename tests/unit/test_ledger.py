@@ -224,7 +224,7 @@ async def test_concurrent_outlets_share_commits_and_are_durable_on_return(
     sa.event.listen(writer.ledger.engine, "commit", count)
     records = [make_record(plugin, i) for i in range(64)]
     outcomes = await asyncio.gather(
-        *(writer.write(plugin.WriteRequest(record=r, zone=UTC_ZONE)) for r in records)
+        *(writer.write(plugin.WriteRequest(records=(r,), zone=UTC_ZONE)) for r in records)
     )
     assert {o.stored for o in outcomes} == {"recorded"}
     assert commits < len(records)  # group commit: one transaction served many outlets
@@ -247,18 +247,20 @@ def test_a_message_recorded_by_another_process_mid_write_is_retried_and_counted_
     """On PostgreSQL another process may commit the same message between this writer's check and
     its INSERT (a duplicate outlet served by another worker). The check is made to miss the row
     once, as it would then; the INSERT's unique violation must lead to a retry, not a spool."""
-    raced, fresh = make_record(plugin, 1), make_record(plugin, 2)
+    raced, fresh = (
+        plugin.dataclasses.replace(make_record(plugin, n), generation_key=f"gen-race-{n}") for n in (1, 2)
+    )
     assert write(plugin, database_url, [raced]) == ["recorded"]
     checks = []
-    real_check = plugin.recorded_message_ids
+    real_check = plugin.recorded_keys
 
     def stale_once(conn: sa.Connection, message_ids: list[str]) -> set[str]:
         checks.append(list(message_ids))
         return set() if len(checks) == 1 else real_check(conn, message_ids)
 
-    monkeypatch.setattr(plugin, "recorded_message_ids", stale_once)
+    monkeypatch.setattr(plugin, "recorded_keys", stale_once)
     ledger = plugin.ledger_for(database_url)
-    assert ledger.store([raced, fresh], UTC_ZONE).inserted == {fresh.message_id}
+    assert ledger.store([raced, fresh], UTC_ZONE).inserted == {fresh.ledger_key}
     assert len(checks) == 2
     assert ledger.spool.pending_count() == 0 and ledger.spool.quarantined_count() == 0
     with ledger.engine.connect() as conn:
@@ -276,7 +278,7 @@ def test_a_record_the_database_refuses_is_quarantined_and_never_halts_the_others
     assert write(plugin, database_url, [make_record(plugin, 1)]) == ["recorded"]
     writer = plugin.writer_for(database_url)
     batch = [overflowing, make_record(plugin, 3), make_record(plugin, 4), make_record(plugin, 5)]
-    futures = [writer.submit(plugin.WriteRequest(record=r, zone=UTC_ZONE)) for r in batch]
+    futures = [writer.submit(plugin.WriteRequest(records=(r,), zone=UTC_ZONE)) for r in batch]
     assert [f.result(timeout=60).stored for f in futures] == [
         "quarantined",
         "recorded",
@@ -316,9 +318,9 @@ def test_a_failure_inside_the_writer_spools_the_batch_and_the_writer_goes_on(
         return real_store(records, zone)
 
     monkeypatch.setattr(writer.ledger, "store", faulty_store)
-    first = writer.submit(plugin.WriteRequest(record=make_record(plugin, 1), zone=UTC_ZONE))
+    first = writer.submit(plugin.WriteRequest(records=(make_record(plugin, 1),), zone=UTC_ZONE))
     assert first.result(timeout=30).stored == "spooled"
-    second = writer.submit(plugin.WriteRequest(record=make_record(plugin, 2), zone=UTC_ZONE))
+    second = writer.submit(plugin.WriteRequest(records=(make_record(plugin, 2),), zone=UTC_ZONE))
     assert second.result(timeout=30).stored == "recorded"
     assert writer.ledger.replay_spool() == 1
 
@@ -331,7 +333,7 @@ def test_a_writer_thread_that_died_is_started_again_by_the_next_request(
     dead.start()
     dead.join()
     writer._thread = dead  # as if it had died without cleaning up
-    outcome = writer.submit(plugin.WriteRequest(record=make_record(plugin, 1), zone=UTC_ZONE))
+    outcome = writer.submit(plugin.WriteRequest(records=(make_record(plugin, 1),), zone=UTC_ZONE))
     assert outcome.result(timeout=30).stored == "recorded"
     assert writer._thread is not dead
 
@@ -350,9 +352,9 @@ def test_a_failure_after_the_commit_still_answers_every_waiter(
         return [plugin.WriteOutcome("recorded") for _ in batch]
 
     monkeypatch.setattr(writer, "_outcomes", failing_outcomes)
-    first = writer.submit(plugin.WriteRequest(record=make_record(plugin, 1), zone=UTC_ZONE))
+    first = writer.submit(plugin.WriteRequest(records=(make_record(plugin, 1),), zone=UTC_ZONE))
     assert first.result(timeout=30).stored == "spooled"
-    second = writer.submit(plugin.WriteRequest(record=make_record(plugin, 2), zone=UTC_ZONE))
+    second = writer.submit(plugin.WriteRequest(records=(make_record(plugin, 2),), zone=UTC_ZONE))
     assert second.result(timeout=30).stored == "recorded"
     assert writer.ledger.replay_spool() == 1
     with writer.ledger.engine.connect() as conn:
@@ -364,11 +366,11 @@ def test_a_cancelled_waiter_never_breaks_the_writer(plugin: types.ModuleType, da
     gate = threading.Event()
     real_store = writer.ledger.store
     writer.ledger.store = lambda records, zone: (gate.wait(30), real_store(records, zone))[1]
-    abandoned = writer.submit(plugin.WriteRequest(record=make_record(plugin, 1), zone=UTC_ZONE))
+    abandoned = writer.submit(plugin.WriteRequest(records=(make_record(plugin, 1),), zone=UTC_ZONE))
     time.sleep(0.1)
     abandoned.cancel()
     gate.set()
-    later = writer.submit(plugin.WriteRequest(record=make_record(plugin, 2), zone=UTC_ZONE))
+    later = writer.submit(plugin.WriteRequest(records=(make_record(plugin, 2),), zone=UTC_ZONE))
     assert later.result(timeout=30).stored == "recorded"
     with writer.ledger.engine.connect() as conn:  # the abandoned record was written all the same
         assert conn.execute(sa.select(sa.func.count()).select_from(plugin.ledger_table)).scalar_one() == 2
@@ -383,11 +385,11 @@ async def test_an_outlet_waits_a_bounded_time_then_spools_and_nothing_is_counted
     real_store = writer.ledger.store
     writer.ledger.store = lambda records, zone: (gate.wait(30), real_store(records, zone))[1]
     started = time.monotonic()
-    outcome = await writer.write(plugin.WriteRequest(record=make_record(plugin, 1), zone=UTC_ZONE))
+    outcome = await writer.write(plugin.WriteRequest(records=(make_record(plugin, 1),), zone=UTC_ZONE))
     assert outcome.stored == "spooled" and time.monotonic() - started < 5
     assert writer.ledger.spool.pending_count() == 1
     gate.set()  # the stalled commit goes through after all; the spooled copy is a duplicate
-    assert (await writer.write(plugin.WriteRequest(record=make_record(plugin, 2), zone=UTC_ZONE))).stored == (
+    assert (await writer.write(plugin.WriteRequest(records=(make_record(plugin, 2),), zone=UTC_ZONE))).stored == (
         "recorded"
     )
     writer.ledger.replay_spool()
