@@ -1,7 +1,7 @@
 """
 title: OpenRouter Usage
 author: openrouter-usage
-version: 1.1.0
+version: 1.2.0
 license: MIT
 description: Exact OpenRouter usage and cost for every chat completion: ledger, usage line, reports.
 required_open_webui_version: 0.10.0
@@ -5255,10 +5255,13 @@ class OpenRouterClient:
 
 # ══ Admin CLI: `openrouter-usage report | export | spool | reconcile | budgets | sync` ════════════
 
+# One row per billed generation (a row recorded before 1.2.0 is one per message: its
+# generation_key is its message id); rows of one message share message_id, to group by.
 EXPORT_FIELDS: Final = (
     "id",
     "created_at",
     "message_id",
+    "generation_key",
     "chat_id",
     "user_id",
     "user_name",

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 REPO = Path(__file__).resolve().parents[2]
 RELEASE_1_0_0 = "c1e0c470cd094514d939eb625a07777db109ddff"
+RELEASE_1_1_0 = "7869ba1f39ddac3f4031e26e2ca83d5298317004"  # the last commit of 1.1.0: a row per message
 
 # ── the schema, restated ──
 
@@ -115,14 +116,14 @@ def load_source(source: str, filename: str | None = None) -> types.ModuleType:
     return module
 
 
-def release_1_0_0_source() -> str:
-    """The plugin as released in 1.0.0, from this repository's history (whatever the working tree
-    holds now)."""
+def release_source(commit: str = RELEASE_1_0_0) -> str:
+    """The plugin as released at `commit`, from this repository's history (whatever the working
+    tree holds now)."""
     git = shutil.which("git")
     if git is None:
-        raise RuntimeError("git is not installed: the 1.0.0 plugin is read from this repository's history")
+        raise RuntimeError("git is not installed: released plugins are read from this repository's history")
     shown = subprocess.run(
-        [git, "-C", str(REPO), "show", f"{RELEASE_1_0_0}:plugin/openrouter_usage.py"],
+        [git, "-C", str(REPO), "show", f"{commit}:plugin/openrouter_usage.py"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -130,15 +131,20 @@ def release_1_0_0_source() -> str:
     )
     if shown.returncode != 0:
         raise RuntimeError(
-            f"release 1.0.0 (commit {RELEASE_1_0_0}) is not in the clone at {REPO} (a shallow clone?): "
+            f"release commit {commit} is not in the clone at {REPO} (a shallow clone?): "
             f"{shown.stderr.strip()}"
         )
     return shown.stdout
 
 
+def load_release(commit: str = RELEASE_1_0_0) -> types.ModuleType:
+    """A released plugin, loaded as Open WebUI loads it."""
+    return load_source(release_source(commit))
+
+
 def load_release_1_0_0() -> types.ModuleType:
     """Release 1.0.0 of the plugin, loaded as Open WebUI loads it."""
-    return load_source(release_1_0_0_source())
+    return load_release(RELEASE_1_0_0)
 
 
 # ── records ──

@@ -1,7 +1,7 @@
 """How a database's tables differ from the tables the plugin declares (`schema`), compared with
 SQLAlchemy's inspector: same tables, columns, nullability, generic column types, primary keys,
 unique constraints and indexes. Used by test_schema.py (a fresh migration) and
-test_upgrade_from_1_0_0.py (a ledger upgraded from release 1.0.0)."""
+test_upgrade_from_releases.py (ledgers upgraded from releases 1.0.0 and 1.1.0)."""
 
 from __future__ import annotations
 

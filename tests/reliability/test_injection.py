@@ -123,6 +123,7 @@ def insert_raw_rows(plugin: types.ModuleType, url: str) -> None:
                 "user_name": payload,
                 "chat_id": payload,
                 "message_id": message_id,
+                "generation_key": f"gen-{message_id}",
                 "generation_ids": json.dumps([f"gen-{message_id}"]),
                 "model": payload,
                 "served_model": served_model,

@@ -567,7 +567,9 @@ def test_the_line_names_the_model_only_when_a_router_chose_another(plugin: types
         " · anthropic/claude-3.5-sonnet"
     )
     asked = plugin.dataclasses.replace(routed, model="anthropic/claude-3.5-sonnet")
-    assert "claude" not in plugin.render_usage_line(parts, [asked], plugin.MessageTotals.of([asked]), 3_000_000_000)
+    assert "claude" not in plugin.render_usage_line(
+        parts, [asked], plugin.MessageTotals.of([asked]), 3_000_000_000
+    )
 
 
 @pytest.mark.parametrize(

@@ -195,7 +195,9 @@ async def test_id_churn_keeps_64_generation_ids_and_counts_the_rest(
     rows = {row["generation_key"]: row for row in ledger_rows(plugin, url)}
     assert sorted(rows) == sorted(f"gen-{i}" for i in range(64))
     assert {key: json.loads(row["generation_ids"]) for key, row in rows.items()} == {k: [k] for k in rows}
-    omitted = {key: row["omitted_generation_ids"] for key, row in rows.items() if row["omitted_generation_ids"]}
+    omitted = {
+        key: row["omitted_generation_ids"] for key, row in rows.items() if row["omitted_generation_ids"]
+    }
     assert omitted == {"gen-63": 3_000 - 64}
     last = rows["gen-63"]  # the usage of an id not kept is counted on the last row kept, and said so
     assert last["cost_pico"] == 10**10 and "beyond the ids kept" in last["notes"]
@@ -272,14 +274,16 @@ async def test_the_money_ceiling_holds_for_a_row_that_sums_calls(plugin: types.M
     were beyond the MAX_GENERATION_IDS kept) are one absurd figure; each generation of its own
     row is within the domain."""
     usage = {"cost": 99_999.99, "is_byok": True, "cost_details": {"upstream_inference_cost": 99_999.99}}
-    kept = [{"id": f"gen-{i}", "choices": []} for i in range(plugin.MAX_GENERATION_IDS - 1)]
+    kept: list[dict[str, Any]] = [
+        {"id": f"gen-{i}", "choices": []} for i in range(plugin.MAX_GENERATION_IDS - 1)
+    ]
     chunks = [*kept, *({"id": f"gen-x{i}", "choices": [], "usage": usage} for i in range(3))]
     await outlet_with_usage(plugin, url, None, "m-huge", chunks=chunks)
     priced = next(row for row in ledger_rows(plugin, url) if row["generation_key"] == "gen-x0")
     # gen-x0 is the last id kept; gen-x1 and gen-x2 are beyond, summed with it
     assert priced["cost_pico"] is None and priced["upstream_cost_pico"] is None and priced["spend_pico"] == 0
     assert "summed over the calls is out of range" in priced["notes"]
-    three_calls = [{**chunk, "id": f"gen-y{i}"} for i, chunk in enumerate(chunks[-3:])]
+    three_calls = [{"id": f"gen-y{i}", "choices": [], "usage": usage} for i in range(3)]
     await outlet_with_usage(plugin, url, None, "m-three", chunks=three_calls)
     three = [row for row in ledger_rows(plugin, url) if row["message_id"] == "m-three"]
     assert [row["spend_pico"] for row in three] == [2 * 99_999_990_000_000_000] * 3

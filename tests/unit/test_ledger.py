@@ -389,9 +389,9 @@ async def test_an_outlet_waits_a_bounded_time_then_spools_and_nothing_is_counted
     assert outcome.stored == "spooled" and time.monotonic() - started < 5
     assert writer.ledger.spool.pending_count() == 1
     gate.set()  # the stalled commit goes through after all; the spooled copy is a duplicate
-    assert (await writer.write(plugin.WriteRequest(records=(make_record(plugin, 2),), zone=UTC_ZONE))).stored == (
-        "recorded"
-    )
+    assert (
+        await writer.write(plugin.WriteRequest(records=(make_record(plugin, 2),), zone=UTC_ZONE))
+    ).stored == ("recorded")
     writer.ledger.replay_spool()
     with writer.ledger.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(plugin.ledger_table)).scalar_one() == 2

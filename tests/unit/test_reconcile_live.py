@@ -334,3 +334,49 @@ async def test_a_new_completion_wakes_a_reconciler_sleeping_on_a_long_backoff(
         10.0,
     )
     assert second["billed_pico"] == second["spend_pico"]
+
+
+async def test_a_stopped_continuation_is_a_row_of_its_own_priced_from_the_bill(
+    fast: types.ModuleType, sim: OpenRouterSimulator, data_dir: Any
+) -> None:
+    """Continue, then stop: the message's first answer keeps its row, the stopped continuation is
+    a second, `stopped` row keyed by its own generation id, priced from OpenRouter's bill as a
+    stopped answer is, and every generation id of the message is checked against the bill."""
+    valves = {"openrouter_api_key": KEY, "openrouter_api_base": sim.base_url}
+    driver = HookDriver(fast, valves=valves)
+    _, first = await streamed_turn(driver, sim, "Tell me a story", message_id="msg-c", chat_id="chat-c")
+    metadata = {"chat_id": "chat-c", "message_id": "msg-c", "user_id": driver.user["id"]}
+    history = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "Once"}]
+    request = {"model": "openai/gpt-4o-mini", "stream": True, "messages": history}
+    body = await driver.call(
+        "inlet", request, __metadata__=metadata, __model__=driver.model, __user__=driver.user
+    )
+    chunks = stream_events(sim, body)
+    reached_stop = asyncio.Event()
+
+    async def stream_then_hang() -> None:  # the task Open WebUI cancels when the user presses stop
+        for chunk in chunks[:3]:
+            await driver.call("stream", chunk, __metadata__=metadata)
+        reached_stop.set()
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(stream_then_hang())
+    await reached_stop.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    url = fast.resolve_database_url("")
+
+    def both_matched() -> list[dict[str, Any]] | None:
+        found = rows(fast, url)
+        return found if len(found) == 2 and {r["reconcile_status"] for r in found} == {"matched"} else None
+
+    answer, stopped = await asyncio.to_thread(wait_until, both_matched)
+    assert (answer["generation_key"], answer["status"]) == (first[0]["id"], "ok")
+    assert (stopped["generation_key"], stopped["message_id"], stopped["status"]) == (
+        chunks[0]["id"],
+        "msg-c",
+        "stopped",
+    )
+    assert stopped["cost_pico"] == stopped["billed_pico"] == sim_bill_pico(sim, chunks[0]["id"])
+    assert answer["billed_pico"] == sim_bill_pico(sim, first[0]["id"])

@@ -1,9 +1,10 @@
-"""A ledger written by release 1.0.0 is upgraded by the current plugin with no loss, on SQLite and
-PostgreSQL.
+"""A ledger written by release 1.0.0, and one written by 1.1.0 (the last release with a row per
+message), is upgraded by the current plugin with no loss, on SQLite and PostgreSQL.
 
-Release 1.0.0 is built from git history: its plugin source is read at the release commit and loaded
-as Open WebUI loads a function. It writes a varied ledger and leaves a record in its spool; then the
-current plugin writes one record, which runs the migrations and replays the spool.
+Each release is built from git history: its plugin source is read at the release commit and loaded
+as Open WebUI loads a function. It writes a varied ledger and leaves records in its spool; then the
+current plugin writes one record, which runs the migrations and replays the spool, and one more
+generation of a message the release recorded (a "Continue response" after the upgrade).
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 import sqlalchemy as sa
 
 from tests.reliability.independent import (
-    LEDGER_COLUMNS_1_0_0,
     MEASURES,
+    RELEASE_1_0_0,
+    RELEASE_1_1_0,
     ROLLUP_KEYS,
     Rollups,
-    load_release_1_0_0,
+    load_release,
     scanned_rollups,
     successful_record,
 )
@@ -107,6 +110,24 @@ def spooled_record(old: types.ModuleType, message_id: str) -> Any:
     )
 
 
+def continued_record(plugin: types.ModuleType) -> Any:
+    """A second generation of a message the release recorded: a Continue after the upgrade."""
+    return successful_record(
+        plugin,
+        "old-0001",
+        "Continued",
+        generation_id="gen-1700010001-continued",
+        served_model="openai/gpt-4o-mini",
+        provider="OpenAI",
+        tokens=(300, 40),
+        cost_pico=91_000_000,
+        latency_ms=800,
+        ttft_ms=100,
+        created_at=datetime(2026, 10, 7, 12, 5, tzinfo=UTC),
+        generation_key="gen-1700010001-continued",
+    )
+
+
 def new_record(plugin: types.ModuleType) -> Any:
     return successful_record(
         plugin,
@@ -158,10 +179,10 @@ def dead_pid() -> int:
     return probe.pid
 
 
-def write_with_release(old: types.ModuleType, url: str) -> None:
-    """The 1.0.0 plugin writes OLD_RECORDS records. Two more wait in its spool: one file never
-    replayed, and one that a 1.0.0 process had claimed for replay (by renaming it, as 1.0.0 did)
-    when it was killed."""
+def write_with_release(old: types.ModuleType, url: str, release: str) -> None:
+    """The released plugin writes OLD_RECORDS records. Two more wait in its spool: one file never
+    replayed, and one that a process of the release had claimed for replay when it was killed (1.0.0
+    claimed by renaming the file; later releases hold an OS lock, which dies with the process)."""
     writer = old.writer_for(url)
     futures = [
         writer.submit(old.WriteRequest(record=old_record(old, index), zone=PARIS))
@@ -172,7 +193,8 @@ def write_with_release(old: types.ModuleType, url: str) -> None:
     spool = writer.ledger.spool
     spool.append([spooled_record(old, SPOOLED)])
     claimed = spool.append([spooled_record(old, CLAIMED_BY_DEAD_PROCESS)])
-    claimed.rename(claimed.with_name(f"{claimed.name}.claimed-{dead_pid()}-1"))
+    if release == RELEASE_1_0_0:
+        claimed.rename(claimed.with_name(f"{claimed.name}.claimed-{dead_pid()}-1"))
     assert spool.pending_count() == 2
     for open_writer in list(old._LEDGERS.values()):
         open_writer.ledger.dispose()
@@ -188,13 +210,17 @@ def replay_until_empty(ledger: Any) -> int:
     return replayed
 
 
-def test_a_1_0_0_ledger_is_upgraded_with_no_loss(plugin: types.ModuleType, database_url: str) -> None:
-    """Every row 1.0.0 wrote survives the upgrade unchanged (new columns at their defaults), its
-    spooled records are replayed (one of them claimed by a 1.0.0 process that died), every
-    migration is recorded, the schema is the declared one, the Paris rollups equal a full scan of
-    the ledger, and the export has one row per record."""
-    old = load_release_1_0_0()
-    write_with_release(old, database_url)
+@pytest.mark.parametrize("release", [RELEASE_1_0_0, RELEASE_1_1_0], ids=["1.0.0", "1.1.0"])
+def test_a_released_ledger_is_upgraded_with_no_loss(
+    plugin: types.ModuleType, database_url: str, release: str
+) -> None:
+    """Every row the release wrote survives the upgrade unchanged, id included (new columns at their
+    defaults, the generation key its message id), its spooled records are replayed (one of them
+    claimed by a process that died), a new generation of an old message is a row of its own,
+    every migration is recorded, the schema is the declared one, the Paris rollups equal a full
+    scan of the ledger, and the export has one row per record."""
+    old = load_release(release)
+    write_with_release(old, database_url, release)
     old_rows = table_rows(database_url, "openrouter_usage_ledger", "id")
     old_users = table_rows(database_url, "openrouter_usage_users", "user_id")
     assert len(old_rows) == OLD_RECORDS
@@ -206,6 +232,12 @@ def test_a_1_0_0_ledger_is_upgraded_with_no_loss(plugin: types.ModuleType, datab
         .result(timeout=60)
     )
     assert outcome.stored == "recorded"
+    continued = (
+        plugin.writer_for(database_url)
+        .submit(plugin.WriteRequest(records=(continued_record(plugin),), zone=PARIS))
+        .result(timeout=60)
+    )
+    assert continued.stored == "recorded"
     ledger = plugin.ledger_for(database_url)
     replayed = replay_until_empty(ledger)
     upgrade_seconds = time.monotonic() - started
@@ -213,24 +245,27 @@ def test_a_1_0_0_ledger_is_upgraded_with_no_loss(plugin: types.ModuleType, datab
     assert ledger.spool.quarantined_count() == 0
 
     rows = table_rows(database_url, "openrouter_usage_ledger", "id")
-    by_message = {row["message_id"]: row for row in rows}
+    by_key = {row["generation_key"]: row for row in rows}
+    by_message = {row["message_id"]: row for row in rows if row["generation_key"] == row["message_id"]}
     changed = [
         (before["message_id"], column)
         for before in old_rows
-        for column in LEDGER_COLUMNS_1_0_0
+        for column in before
         if by_message.get(before["message_id"], {}).get(column) != before[column]
     ]
-    assert not changed, f"{len(changed)} values of 1.0.0 rows changed or vanished, e.g. {changed[:5]}"
+    assert not changed, f"{len(changed)} values of the release's rows changed or vanished, e.g. {changed[:5]}"
     upgraded = [by_message[before["message_id"]] for before in old_rows]
     assert {(row["notes"], row["omitted_generation_ids"]) for row in upgraded} == {("", 0)}
+    continuation = by_key["gen-1700010001-continued"]
+    assert (continuation["message_id"], continuation["spend_pico"]) == ("old-0001", 91_000_000)
 
     for message_id in (SPOOLED, CLAIMED_BY_DEAD_PROCESS):
         spooled = by_message.get(message_id)
         assert spooled is not None, f"the spooled 1.0.0 record {message_id} is not in the ledger"
         values = (spooled["prompt_tokens"], spooled["cost_pico"], spooled["spend_pico"], spooled["notes"])
         assert values == (120, 75_000_000, 75_000_000, "")
-    assert "new-after-upgrade" in by_message
-    assert len(rows) == OLD_RECORDS + 3
+    assert "new-after-upgrade" in by_key
+    assert len(rows) == OLD_RECORDS + 4
 
     users = {row["user_id"]: row for row in table_rows(database_url, "openrouter_usage_users", "user_id")}
     assert all(
@@ -250,12 +285,12 @@ def test_a_1_0_0_ledger_is_upgraded_with_no_loss(plugin: types.ModuleType, datab
         assert stored[table] == expected[table], f"{table} for Europe/Paris differs from a full scan"
 
     exported = export_json(plugin, database_url)
-    assert sorted(row["message_id"] for row in exported) == sorted(by_message)
+    assert sorted(row["generation_key"] for row in exported) == sorted(by_key)
 
     engine = sa.engine.make_url(database_url).get_backend_name()
     print(
-        f"\nupgrade from 1.0.0 on {engine}: {len(old_rows)} rows and 2 spooled records (1 claimed) "
-        f"left by 1.0.0; "
+        f"\nupgrade from {release[:7]} on {engine}: {len(old_rows)} rows and 2 spooled records "
+        f"(1 claimed) left by the release; "
         f"after the upgrade {len(rows)} rows, {replayed} replayed by the test (the rest by the writer), "
         f"{len(migrations)} migrations, {sum(len(sums) for sums in stored.values())} Paris rollup rows equal "
         f"to a full scan, {len(exported)} exported; first write and replay took {upgrade_seconds:.2f} s"
