@@ -1046,6 +1046,108 @@ class OpenWebUIClient:
         task_ids = [str(task_id) for task_id in answer.get("task_ids") or []]
         return BrowserTurn(str(answer["chat_id"]), assistant_id, task_ids)
 
+    def send_continue_response(
+        self,
+        chat_id: str,
+        message_id: str,
+        *,
+        session_id: str | None = None,
+        background_tasks: Mapping[str, bool] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> BrowserTurn:
+        """Press "Continue Response" under the saved assistant message ``message_id`` the way the
+        0.12.4 web UI does; return the accepted turn without waiting.
+
+        Mirrors ``src/lib/components/chat/Chat.svelte`` of 0.12.4 (its source is embedded in the
+        wheel's ``frontend/_app/immutable/chunks/CNDyKy5F.js.map``): ``continueResponse(message)``
+        (only for a message that is ``done``) calls ``sendMessageSocket(model, …, message.id,
+        chatId, {continueResponse: true})``, which posts ``/api/chat/completions`` with the same
+        keys as a new turn (see :meth:`send_browser_chat`) except: ``id`` is the EXISTING assistant
+        message's id, ``assistant_message_id`` (the key that makes it a continuation) is that id
+        again, ``user_message`` is the existing parent user message, ``parent_id`` is that user
+        message's ``parentId``, there is no ``message_ids``, and no ``messages`` for a saved chat
+        (the UI sends only a system prompt when one is set). ``model`` is the message's
+        ``selectedModelId`` or ``model``. Title and tags are asked for again when the message
+        answers the chat's first user message (``parentId`` null: the history is two messages
+        long), follow-ups always. Not sent here as in :meth:`send_browser_chat`: ``model_item``
+        (the backend only uses it for direct connections) and the user's ``params`` settings.
+
+        The backend (``main.py::chat_completion``) checks that the message exists and is the
+        user's and that every ``message_ids`` entry names it (else 403/400), does NOT insert a
+        new turn, and sets ``user_message_id`` to the message's ``parentId``;
+        ``utils/middleware.py::process_chat_payload`` then rebuilds ``messages`` from the database
+        up to that user message and appends the saved assistant message (its partial content),
+        so the model continues it, and the new chunks are appended to the same message.
+        """
+        session_id = session_id or f"e2e-{uuid.uuid4().hex[:20]}"
+        history = (self.get_chat(chat_id).get("chat") or {}).get("history") or {}
+        messages = history.get("messages") or {}
+        assistant = messages.get(message_id)
+        if not isinstance(assistant, dict) or assistant.get("role") != "assistant":
+            raise OpenWebUIError(f"chat {chat_id} has no assistant message {message_id}")
+        if assistant.get("done") is not True:
+            raise OpenWebUIError(f"message {message_id} is not done: the UI continues only a finished answer")
+        user_message = messages.get(assistant.get("parentId"))
+        if not isinstance(user_message, dict):
+            raise OpenWebUIError(f"message {message_id} has no parent user message in chat {chat_id}")
+        model = str(assistant.get("selectedModelId") or assistant.get("model") or "")
+        parent_id = user_message.get("parentId")
+        if background_tasks is None:
+            background_tasks = {"follow_up_generation": True}
+            if parent_id is None:
+                background_tasks = {"title_generation": True, "tags_generation": True, **background_tasks}
+        body: dict[str, Any] = {
+            "stream": True,
+            "model": model,
+            "params": {"model_controls": {}},
+            "tool_ids": [],
+            "tool_servers": [],
+            "features": {
+                "voice": False,
+                "image_generation": False,
+                "code_interpreter": False,
+                "web_search": False,
+            },
+            "variables": {},
+            "session_id": session_id,
+            "chat_id": chat_id,
+            "id": message_id,
+            "parent_id": parent_id,
+            "user_message": dict(user_message),
+            "assistant_message_id": message_id,
+            "background_tasks": dict(background_tasks),
+        }
+        body.update(extra or {})
+        answer = self.post("/api/chat/completions", body)
+        if not isinstance(answer, dict) or not answer.get("chat_id"):
+            raise OpenWebUIError(f"continuation was not accepted as a task: {answer!r}")
+        task_ids = [str(task_id) for task_id in answer.get("task_ids") or []]
+        return BrowserTurn(str(answer["chat_id"]), message_id, task_ids)
+
+    def continue_response(
+        self,
+        chat_id: str,
+        message_id: str,
+        *,
+        session_id: str | None = None,
+        background_tasks: Mapping[str, bool] | None = None,
+        timeout: float = 60.0,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`send_continue_response`, then wait for the saved message; return it.
+
+        The saved message is already ``done`` from its first answer (the UI clears ``done`` only
+        in its own copy), so "done" says nothing here: what this waits for is the end of the
+        chat's tasks. Open WebUI registers the continuation's task (``tasks.py::create_task``)
+        before it answers the POST, and the outlet filters run inside that task. A failure after
+        the request was accepted (e.g. an inlet exception) is saved in the message's ``error``
+        and does not raise here.
+        """
+        turn = self.send_continue_response(
+            chat_id, message_id, session_id=session_id, background_tasks=background_tasks, extra=extra
+        )
+        return self.wait_for_chat_message_done(turn.chat_id, turn.message_id, timeout=timeout)
+
 
 # --------------------------------------------------------------------------------------------
 # A user's socket.io connection

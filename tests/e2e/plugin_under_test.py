@@ -74,6 +74,24 @@ def generation_for(simulator: Any, marker: str) -> Any:
     return chats[0]
 
 
+def generations_for(simulator: Any, marker: str) -> list[Any]:
+    """The simulator's records of the chat completions (no title, tag or follow-up task) whose
+    last USER message holds `marker`, oldest first. That is a turn's first answer and each of its
+    continuations: a "Continue response" request ends with the assistant's partial answer, so
+    `generation_for`, which reads only the last message, does not see it."""
+
+    def last_user_message(generation: Any) -> Any:
+        messages = generation.request_body.get("messages") or []
+        return next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), None)
+
+    chats = [
+        g
+        for g in simulator.generations.values()
+        if g.task is None and marker in json.dumps(last_user_message(g))
+    ]
+    return sorted(chats, key=lambda g: (g.created_at, g.completed_at))
+
+
 def usd(row_value: str | None) -> Decimal:
     return Decimal(row_value or "0")
 
