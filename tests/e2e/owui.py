@@ -561,6 +561,33 @@ def _new_id() -> str:
     return str(uuid.uuid4())
 
 
+def _web_client_request(model: str, session_id: str) -> dict[str, Any]:
+    """The keys the 0.12.4 web UI sends with every chat request (new turn or Continue) as it
+    leaves them by default: no tools, no features, the socket session that receives the events."""
+    return {
+        "stream": True,
+        "model": model,
+        "params": {"model_controls": {}},
+        "tool_ids": [],
+        "tool_servers": [],
+        "features": {
+            "voice": False,
+            "image_generation": False,
+            "code_interpreter": False,
+            "web_search": False,
+        },
+        "variables": {},
+        "session_id": session_id,
+    }
+
+
+def web_client_background_tasks(*, first_turn: bool) -> dict[str, bool]:
+    """What the web UI asks for after an answer: follow-ups always, title and tags on a chat's
+    first turn."""
+    tasks = {"follow_up_generation": True}
+    return {"title_generation": True, "tags_generation": True, **tasks} if first_turn else tasks
+
+
 class OpenWebUIClient:
     """Synchronous client for the parts of the Open WebUI API the tests and the demo need."""
 
@@ -1014,23 +1041,9 @@ class OpenWebUIClient:
             )
             chat_id = str(created["id"])
         if background_tasks is None:
-            background_tasks = {"follow_up_generation": True}
-            if first_turn:
-                background_tasks = {"title_generation": True, "tags_generation": True, **background_tasks}
+            background_tasks = web_client_background_tasks(first_turn=first_turn)
         body: dict[str, Any] = {
-            "stream": True,
-            "model": model,
-            "params": {"model_controls": {}},
-            "tool_ids": [],
-            "tool_servers": [],
-            "features": {
-                "voice": False,
-                "image_generation": False,
-                "code_interpreter": False,
-                "web_search": False,
-            },
-            "variables": {},
-            "session_id": session_id,
+            **_web_client_request(model, session_id),
             "id": assistant_id,
             "message_ids": [{"model_id": model, "message_id": assistant_id, "modelIdx": 0}],
             "parent_id": parent_id,
@@ -1093,23 +1106,9 @@ class OpenWebUIClient:
         model = str(assistant.get("selectedModelId") or assistant.get("model") or "")
         parent_id = user_message.get("parentId")
         if background_tasks is None:
-            background_tasks = {"follow_up_generation": True}
-            if parent_id is None:
-                background_tasks = {"title_generation": True, "tags_generation": True, **background_tasks}
+            background_tasks = web_client_background_tasks(first_turn=parent_id is None)
         body: dict[str, Any] = {
-            "stream": True,
-            "model": model,
-            "params": {"model_controls": {}},
-            "tool_ids": [],
-            "tool_servers": [],
-            "features": {
-                "voice": False,
-                "image_generation": False,
-                "code_interpreter": False,
-                "web_search": False,
-            },
-            "variables": {},
-            "session_id": session_id,
+            **_web_client_request(model, session_id),
             "chat_id": chat_id,
             "id": message_id,
             "parent_id": parent_id,

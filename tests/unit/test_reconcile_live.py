@@ -84,13 +84,12 @@ async def test_outlet_starts_reconciliation_and_ordinary_rows_reach_matched(
     wait_until(lambda: fast.reconciler_for(url)._thread is None)  # nothing pending: the thread ended
 
 
-async def test_a_stopped_generation_is_recorded_once_and_priced_from_the_bill(
-    fast: types.ModuleType, sim: OpenRouterSimulator, data_dir: Any
-) -> None:
-    valves = {"openrouter_api_key": KEY, "openrouter_api_base": sim.base_url}
-    driver = HookDriver(fast, valves=valves)
-    metadata = {"chat_id": "chat-9", "message_id": "msg-stopped", "user_id": "user-1"}
-    request = {"model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+async def stopped_after_three_chunks(
+    driver: HookDriver, sim: OpenRouterSimulator, metadata: dict[str, Any], messages: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """A streamed request (inlet, then three chunks through `stream`) that the user stops: Open
+    WebUI cancels the task running the stream, and runs no outlet. Returns the whole stream."""
+    request = {"model": "openai/gpt-4o-mini", "stream": True, "messages": messages}
     body = await driver.call(
         "inlet", request, __metadata__=metadata, __model__=driver.model, __user__=driver.user
     )
@@ -108,6 +107,16 @@ async def test_a_stopped_generation_is_recorded_once_and_priced_from_the_bill(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    return chunks
+
+
+async def test_a_stopped_generation_is_recorded_once_and_priced_from_the_bill(
+    fast: types.ModuleType, sim: OpenRouterSimulator, data_dir: Any
+) -> None:
+    valves = {"openrouter_api_key": KEY, "openrouter_api_base": sim.base_url}
+    driver = HookDriver(fast, valves=valves)
+    metadata = {"chat_id": "chat-9", "message_id": "msg-stopped", "user_id": "user-1"}
+    await stopped_after_three_chunks(driver, sim, metadata, [{"role": "user", "content": "hi"}])
     url = fast.resolve_database_url("")
 
     (row,) = await asyncio.to_thread(wait_until, lambda: rows(fast, url))
@@ -347,24 +356,7 @@ async def test_a_stopped_continuation_is_a_row_of_its_own_priced_from_the_bill(
     _, first = await streamed_turn(driver, sim, "Tell me a story", message_id="msg-c", chat_id="chat-c")
     metadata = {"chat_id": "chat-c", "message_id": "msg-c", "user_id": driver.user["id"]}
     history = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "Once"}]
-    request = {"model": "openai/gpt-4o-mini", "stream": True, "messages": history}
-    body = await driver.call(
-        "inlet", request, __metadata__=metadata, __model__=driver.model, __user__=driver.user
-    )
-    chunks = stream_events(sim, body)
-    reached_stop = asyncio.Event()
-
-    async def stream_then_hang() -> None:  # the task Open WebUI cancels when the user presses stop
-        for chunk in chunks[:3]:
-            await driver.call("stream", chunk, __metadata__=metadata)
-        reached_stop.set()
-        await asyncio.sleep(3600)
-
-    task = asyncio.create_task(stream_then_hang())
-    await reached_stop.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    chunks = await stopped_after_three_chunks(driver, sim, metadata, history)
     url = fast.resolve_database_url("")
 
     def both_matched() -> list[dict[str, Any]] | None:
