@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -153,7 +153,7 @@ def seed_history(ledger_url: str, users: Sequence[tuple[str, str]], today: date 
 
     plugin = load_plugin_module()
     today = today or datetime.now(UTC).date()
-    rng = random.Random(f"{HISTORY_SEED}-{today.isoformat()}")
+    rng = random.Random(f"{HISTORY_SEED}-{today.isoformat()}")  # noqa: S311 - made-up history, no secret
     models = [MODELS[name] for name in sorted(MODELS)][:4]
     records = []
     for days_ago in range(HISTORY_DAYS, 0, -1):
@@ -166,7 +166,8 @@ def seed_history(ledger_url: str, users: Sequence[tuple[str, str]], today: date 
                 prompt, completion = rng.randint(800, 6000), rng.randint(100, 1500)
                 cost = prompt * model.prompt_price + completion * model.completion_price
                 message_id = f"seed-{day.isoformat()}-{user_index}-{number}"
-                created_at = datetime.combine(day, time(8), tzinfo=UTC) + timedelta(minutes=rng.randint(0, 720))
+                minute = rng.randint(8 * 60, 20 * 60)  # in working hours, UTC
+                created_at = datetime.combine(day, datetime.min.time(), UTC) + timedelta(minutes=minute)
                 records.append(
                     plugin.UsageRecord(
                         message_id=message_id,

@@ -412,7 +412,8 @@ def test_the_chart_draws_a_bar_per_day_with_today_shaded_and_the_scale_in_the_di
     assert dates.startswith(" " * margin + "11-01") and dates.endswith("11-30 today ▒")
     assert len(dates) == margin + 30, "the shaded mark sits under today's bar"
     assert plugin.daily_figures_text(daily, eur.format) == (
-        "€12.88 in total; the busiest day was 2026-11-04 with €7.36; today so far €1.84; 26 days without spend."
+        "€12.88 in total; the busiest day was 2026-11-04 with €7.36; today so far €1.84; "
+        "26 days without spend."
     )
     wide = plugin.daily_chart_lines(daily, eur.format, bar_width=3)
     assert wide[0][margin + 9 : margin + 12] == "███" and len(wide[0]) == margin + 90
