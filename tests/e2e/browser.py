@@ -208,6 +208,10 @@ class OpenWebUIPage:
             {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile},
         )
 
+    def reset_viewport(self) -> None:
+        """Back to the browser window's own screen (no phone emulation left behind)."""
+        self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
     def capture(self, path: Path, *elements: WebElement, pad: int = 12) -> None:
         """Save a PNG of the viewport, or of the part around ``elements`` (on screen)."""
         params: dict[str, Any] = {"format": "png"}

@@ -198,7 +198,7 @@ def test_a_person_sees_exact_usage_in_the_browser(
         panel = page.open_function_valves(FUNCTION_ID)
         assert_the_chart_is_seen(page, panel, words, f"the panel at {width} px")
         page.close_dialog()
-    page.viewport(*WIDTHS[0][:2])
+    page.reset_viewport()
     panel = page.open_function_valves(FUNCTION_ID)
     tables = panel.find_elements(By.TAG_NAME, "table")
     assert tables, "the report renders as Markdown tables"
@@ -231,13 +231,14 @@ def test_a_person_sees_exact_usage_in_the_browser(
     assert usd(own) not in others and usd(total(hers.values())) not in others
     admin.update_valves(FUNCTION_ID, {"budgets": f"user {email}: $50 per month"}, merge=True)
     try:
+        readout = page.open_user_valves(FUNCTION_ID)
+        for valve in spec["properties"].values():  # a read-out kept in a dropdown shows once custom
+            if (valve.get("input") or {}).get("options"):
+                page.customize(page.valve_row(readout, valve["title"]))
         for width, height, mobile in WIDTHS:
             page.viewport(width, height, mobile=mobile)
             page.open_chat(page.chat_id())
             readout = page.open_user_valves(FUNCTION_ID)
-            for valve in spec["properties"].values():  # a read-out kept in a dropdown shows once custom
-                if (valve.get("input") or {}).get("options"):
-                    page.customize(page.valve_row(readout, valve["title"]))
             shown = readout.get_attribute("textContent") or ""
             assert usd(own) in shown, shown
             assert not [figure for figure in others if figure in shown], shown
@@ -256,4 +257,4 @@ def test_a_person_sees_exact_usage_in_the_browser(
             )
     finally:
         admin.update_valves(FUNCTION_ID, {"budgets": ""}, merge=True)
-        page.viewport(*WIDTHS[0][:2])
+        page.reset_viewport()
