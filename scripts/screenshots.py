@@ -88,7 +88,7 @@ def take_pictures(page: OpenWebUIPage, demo: Demo, admin: OpenWebUIClient) -> No
     page.capture(IMAGES / "daily-chart-phone.png", heading, chart)
     log.info("wrote %s", (IMAGES / "daily-chart-phone.png").relative_to(REPO))
     page.close_dialog()
-    page.viewport(*DESKTOP)
+    page.reset_viewport()
     panel = page.open_function_valves(FUNCTION_ID)
 
     spec = admin.get_valves_spec(FUNCTION_ID) or {}

@@ -356,11 +356,14 @@ class OpenWebUIPage:
             kind.select_by_value("functions")
         _, item = self.wait_for(self._valves_selects, "the function select")
         item.select_by_value(function_id)
-        panel: WebElement = self.wait_for(
-            lambda: (p := self.find(".chat-control-valves")) and self.find(".markdown-prose-xs", p) and p,
-            "the user valves",
-        )
+        panel: WebElement = self.wait_for(self._shown_user_valves, "the user valves")
         return panel
+
+    def _shown_user_valves(self) -> WebElement | None:
+        """The user valves panel on screen: after a phone was emulated the page can also hold a
+        hidden copy of Chat Controls (its drawer for small screens)."""
+        panels = self.driver.find_elements(By.CSS_SELECTOR, ".chat-control-valves")
+        return next((p for p in panels if p.is_displayed() and self.find(".markdown-prose-xs", p)), None)
 
     def code_blocks(self, root: WebElement) -> list[dict[str, Any]]:
         """The code blocks under ``root`` as laid out: ``text``; ``lines``, each with its ``text``,
