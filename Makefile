@@ -30,7 +30,7 @@ lint: $(STAMP)
 ## A real Open WebUI on http://127.0.0.1:8080 with the function installed (simulator, or
 ## the real OpenRouter when OPENROUTER_API_KEY is set).
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(if $(SEED_HISTORY),--seed-history)
 
 ## Maintainers: regenerate docs/images/*.png from a fresh demo in headless Chromium.
 screenshots: $(STAMP)

@@ -70,6 +70,7 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -4241,6 +4242,9 @@ class UsageReport:
     top_models: list[ModelSpend]
     last_written_at: datetime | None
     health: LedgerHealth
+    daily: DailySpend
+    daily_top_users: list[SpendSeries]  # the first CHART_SERIES of top_users, day by day
+    daily_top_models: list[SpendSeries]
     breakdown: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     breakdown_since: str = ""
 
@@ -4328,10 +4332,15 @@ def build_usage_report(
         health = ledger_health(ledger, conn, state)
         last_written = conn.execute(sa.select(sa.func.max(ledger_table.c.created_at))).scalar_one_or_none()
         with rollups_in_zone(conn, state, zone) as (source, zone_key):
-            periods, top_users, top_models = _report_figures(source, zone_key, rows, now)
+            today = date.fromisoformat(local_day(now, ZoneInfo(zone_key)))
+            periods, top_users, top_models = _report_figures(source, zone_key, rows, today)
+            daily = read_daily_spend(source, zone_key, today)
+            user_series, model_series = read_spend_series(
+                source, zone_key, daily.days, top_users[:CHART_SERIES], top_models[:CHART_SERIES]
+            )
             if breakdown is not None:
                 since = parse_since(breakdown[1], ZoneInfo(zone_key), now)
-                by_rows = breakdown_rows(source, zone_key, breakdown[0], since)
+                by_rows = breakdown_rows(source, zone_key, breakdown[0], since, today)
     if isinstance(last_written, str):  # SQLite hands back text from an aggregate over DATETIME
         last_written = datetime.fromisoformat(last_written)
     return UsageReport(
@@ -4342,15 +4351,17 @@ def build_usage_report(
         top_models=top_models,
         last_written_at=last_written.replace(tzinfo=UTC) if last_written else None,
         health=health,
+        daily=daily,
+        daily_top_users=user_series,
+        daily_top_models=model_series,
         breakdown=by_rows,
         breakdown_since=since,
     )
 
 
 def _report_figures(
-    conn: sa.Connection, zone: str, rows: int, now: datetime
+    conn: sa.Connection, zone: str, rows: int, today: date
 ) -> tuple[dict[str, Totals], list[UserSpend], list[ModelSpend]]:
-    today = date.fromisoformat(local_day(now, ZoneInfo(zone)))
     first_30 = (today - timedelta(days=29)).isoformat()
     periods = {
         key: _period_totals(conn, zone, (today - timedelta(days=days - 1)).isoformat())
@@ -4409,14 +4420,244 @@ def _period_totals(conn: sa.Connection, zone: str, first_day: str | None) -> Tot
     return Totals.from_row(conn.execute(_SELECT_PERIOD_TOTALS, parameters).first())
 
 
+# ── Spend by day: the chart ──
+# The panel, the read-out and the CLI draw the last CHART_DAYS local days as Unicode block bars in
+# a monospace block: Open WebUI renders a valve's description as sanitised Markdown, where a code
+# block always shows (an image would depend on the sanitiser), and the same lines print in a
+# terminal. Each day is a column; a day without spend is an empty column, never a missing one.
+
+CHART_DAYS: Final = 30
+CHART_HEIGHT: Final = 8  # rows of bars; with eighth blocks, 64 steps from nothing to the busiest day
+CHART_SERIES: Final = 3  # top users and top models drawn day by day under the chart
+EIGHTHS_UP: Final = " ▁▂▃▄▅▆▇█"  # a column's cell, filled from the bottom by 0..8 eighths
+EIGHTHS_RIGHT: Final = " ▏▎▍▌▋▊▉█"  # a row's cell, filled from the left
+PARTIAL_DAY: Final = "▒"  # today's bar: the day is not over
+MAX_BAR_WIDTH: Final = 3  # characters per day when a terminal is wide enough
+BUDGET_BAR_CELLS: Final = 20
+USER_CHART_HEIGHT: Final = 5  # a user's chart sits in the narrow Chat Controls pane
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DailySpend:
+    """Spend and requests on each of the last CHART_DAYS local days of `zone`, oldest first; the
+    last day is today, still partial. Days without spend are there, with zero."""
+
+    zone: str
+    days: tuple[str, ...]
+    spend_pico: tuple[int, ...]
+    requests: tuple[int, ...]
+
+    @property
+    def total_pico(self) -> int:
+        return sum(self.spend_pico)
+
+    @property
+    def busiest(self) -> int:
+        """Index of the day with the most spend (the earliest of equals)."""
+        return max(range(len(self.days)), key=lambda index: (self.spend_pico[index], -index))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpendSeries:
+    """One user's or model's spend on each day of a DailySpend (a top list's first entries)."""
+
+    label: str
+    spend_pico: tuple[int, ...]
+
+
+def chart_days(today: date) -> tuple[str, ...]:
+    return tuple((today - timedelta(days=CHART_DAYS - 1 - n)).isoformat() for n in range(CHART_DAYS))
+
+
+def _spend_by_day(
+    conn: sa.Connection, table: sa.Table, zone: str, days: Sequence[str], *where: Any
+) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """(key columns..., day) -> (spend, requests) from one rollup over `days`: one range of its key."""
+    keys = [column for column in table.primary_key.columns if column.name not in ("zone", "day")]
+    result = conn.execute(
+        sa.select(
+            *keys,
+            table.c.day,
+            sa.func.sum(table.c.spend_pico).label("spend"),
+            sa.func.sum(table.c.requests).label("requests"),
+        )
+        .where(table.c.zone == zone, table.c.day >= days[0], table.c.day <= days[-1], *where)
+        .group_by(*keys, table.c.day)
+    )
+    return {tuple(row[:-2]): (int(row.spend), int(row.requests)) for row in result}
+
+
+def read_daily_spend(conn: sa.Connection, zone: str, today: date, user_id: str | None = None) -> DailySpend:
+    """The chart's days from the day rollup, or one user's from the user-day rollup."""
+    days = chart_days(today)
+    if user_id is None:
+        found = _spend_by_day(conn, rollup_day_table, zone, days)
+    else:
+        table = rollup_user_day_table
+        found = {
+            (day,): figures
+            for (_, day), figures in _spend_by_day(
+                conn, table, zone, days, table.c.user_id == user_id
+            ).items()
+        }
+    figures = [found.get((day,), (0, 0)) for day in days]
+    return DailySpend(
+        zone, days, tuple(spend for spend, _ in figures), tuple(requests for _, requests in figures)
+    )
+
+
+def read_spend_series(
+    conn: sa.Connection,
+    zone: str,
+    days: Sequence[str],
+    users: Sequence[UserSpend],
+    models: Sequence[ModelSpend],
+) -> tuple[list[SpendSeries], list[SpendSeries]]:
+    """The top users' and top models' spend on each of `days`."""
+    user_table, model_table = rollup_user_day_table, rollup_model_day_table
+    by_user = (
+        _spend_by_day(conn, user_table, zone, days, user_table.c.user_id.in_([u.user_id for u in users]))
+        if users
+        else {}
+    )
+    names = sorted({m.served_model for m in models})
+    by_model = (
+        _spend_by_day(conn, model_table, zone, days, model_table.c.served_model.in_(names)) if names else {}
+    )
+    user_series = [
+        SpendSeries(u.user_name, tuple(by_user.get((u.user_id, d), (0, 0))[0] for d in days)) for u in users
+    ]
+    model_series = [
+        SpendSeries(
+            f"{m.served_model} ({m.provider})" if m.provider else m.served_model,
+            tuple(by_model.get((m.served_model, m.provider, d), (0, 0))[0] for d in days),
+        )
+        for m in models
+    ]
+    return user_series, model_series
+
+
+def _eighths(value: int, top: int, cells: int) -> int:
+    """`value` in eighths of `cells` cells, `top` filling them all; anything above zero shows."""
+    return -(-value * cells * 8 // top) if top > 0 else 0
+
+
+def daily_chart_lines(
+    daily: DailySpend, money: Callable[[int], str], bar_width: int = 1, height: int = CHART_HEIGHT
+) -> list[str]:
+    """Vertical bars, one per day and `bar_width` characters wide, the scale on the left in
+    `money` (its top is the busiest day); today's bar is shaded, as the day is not over."""
+    top = max(daily.spend_pico, default=0)
+    top_label, zero_label = money(top), money(0)
+    width = max(len(top_label), len(zero_label))
+    filled = [_eighths(spend, top, height) for spend in daily.spend_pico[:-1]]
+    today_cells = -(-_eighths(daily.spend_pico[-1], top, height) // 8)
+    lines = []
+    for row in range(height - 1, -1, -1):
+        cells = [EIGHTHS_UP[min(max(eighths - row * 8, 0), 8)] for eighths in filled]
+        cells.append(PARTIAL_DAY if today_cells > row else " ")
+        scale = f"{top_label:>{width}} ┤" if row == height - 1 else f"{'':>{width}} │"
+        lines.append(scale + "".join(cell * bar_width for cell in cells))
+    columns = len(daily.days) * bar_width
+    lines.append(f"{zero_label:>{width}} └" + "─" * columns)
+    first, last = daily.days[0][5:], f"{daily.days[-1][5:]} today {PARTIAL_DAY}"
+    gap = columns - len(first) - len(last)
+    dates = first + " " * gap + last if gap > 0 else first
+    lines.append(" " * (width + 2) + dates)
+    return lines
+
+
+def terminal_chart_lines(daily: DailySpend, money: Callable[[int], str], columns: int) -> list[str]:
+    """The chart as wide as fits a terminal of `columns`: 1 to MAX_BAR_WIDTH characters a day."""
+    narrow = daily_chart_lines(daily, money)
+    spare = columns - 1 - len(narrow[0])  # a line as wide as the terminal would wrap on some
+    bar_width = min(max(1 + spare // len(daily.days), 1), MAX_BAR_WIDTH)
+    return narrow if bar_width == 1 else daily_chart_lines(daily, money, bar_width)
+
+
+def sparkline(values: Sequence[int], top: int, bar_width: int = 1) -> str:
+    """`bar_width` characters per value, filled by eighths from the bottom, `top` the full cell."""
+    return "".join(EIGHTHS_UP[min(_eighths(value, top, 1), 8)] * bar_width for value in values)
+
+
+def series_lines(
+    series: Sequence[SpendSeries], money: Callable[[int], str], chart: Sequence[str]
+) -> list[str]:
+    """For each series its name and total on one line, then its days as a sparkline under the
+    columns of `chart` (the daily chart's lines); all on one scale (the busiest day of any of
+    them), so the lines compare."""
+    top = max((spend for s in series for spend in s.spend_pico), default=0)
+    margin, width = chart[-2].index("└"), max(map(len, chart))
+    bar_width = (len(chart[-2]) - margin - 1) // max(len(series[0].spend_pico), 1) if series else 1
+    lines = []
+    for s in series:
+        total = f" · {money(sum(s.spend_pico))}"
+        name = terminal_text(s.label)
+        if len(name) + len(total) > width:
+            name = name[: max(width - len(total) - 1, 1)] + "…"
+        lines += [name + total, " " * margin + "│" + sparkline(s.spend_pico, top, bar_width)]
+    return lines
+
+
+def share_bar(percent: int, cells: int = BUDGET_BAR_CELLS) -> str:
+    """`percent` (capped at 100) as a bar of `cells` cells filled from the left by eighths."""
+    eighths = min(max(percent, 0), 100) * cells * 8 // 100
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (EIGHTHS_RIGHT[part] if part else "")).ljust(cells)
+
+
+def daily_summary_text(daily: DailySpend, money: Callable[[int], str]) -> str:
+    """The chart in words, for a screen reader, a plain-text view and the CLI."""
+    span = f"{daily.days[0]} to {daily.days[-1]}, days in {daily.zone}"
+    return f"Last {CHART_DAYS} days ({span}): {daily_figures_text(daily, money)}"
+
+
+def daily_figures_text(daily: DailySpend, money: Callable[[int], str]) -> str:
+    """The total, the busiest day, today so far and the days without spend, in one sentence."""
+    if not daily.total_pico:
+        return "no spend."
+    busiest = daily.busiest
+    idle = daily.spend_pico.count(0)
+    return (
+        f"{money(daily.total_pico)} in total; the busiest day was {daily.days[busiest]} with "
+        f"{money(daily.spend_pico[busiest])}; today so far {money(daily.spend_pico[-1])}"
+        + (f"; {count_of(idle, 'day')} without spend." if idle else ".")
+    )
+
+
+def code_block(lines: Sequence[str]) -> str:
+    """`lines` as a fenced Markdown code block, the fence longer than any run of backticks inside,
+    so no line can close it."""
+    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return "\n".join([f"{fence}text", *lines, fence])
+
+
 def render_report_markdown(report: UsageReport, currency: DisplayCurrency = USD) -> str:
     zone = ZoneInfo(report.timezone)
     generated = f"{report.generated_at.astimezone(zone):%Y-%m-%d %H:%M} {report.timezone}"
     money = currency.format
     note = currency_note(currency)
+    chart = daily_chart_lines(report.daily, money)
     lines = [
         f"Read-only, computed when this panel opens: {generated}.",
         *(["", note] if note else []),
+        "",
+        f"**Spend by day, last {CHART_DAYS} days ({report.daily.zone})**",
+        "",
+        daily_summary_text(report.daily, money),
+        "",
+        code_block(chart),
+    ]
+    for title, series in (("users", report.daily_top_users), ("models", report.daily_top_models)):
+        if series:
+            lines += [
+                "",
+                f"Top {title}, day by day (one scale: the busiest day of any of them):",
+                "",
+                code_block(series_lines(series, money, chart)),
+            ]
+    lines += [
         "",
         "| Period | Spend | Requests | Tokens | Failed |",
         "|---|--:|--:|--:|--:|",
@@ -4721,6 +4962,37 @@ def totals_as_dict(totals: Totals) -> dict[str, Any]:
     return data
 
 
+def daily_as_dict(report: UsageReport) -> dict[str, Any]:
+    """The chart's figures: every day (zeros included; today `partial`), and the top users' and
+    top models' spend on each of those days, in exact USD."""
+    daily = report.daily
+
+    def usd(pico: int) -> str:
+        return decimal_text(pico_to_usd(pico))
+
+    return {
+        "timezone": daily.zone,
+        "total_usd": usd(daily.total_pico),
+        "busiest_day": daily.days[daily.busiest] if daily.total_pico else None,
+        "days": [
+            {"day": day, "spend_usd": usd(spend), "requests": requests, "partial": day == daily.days[-1]}
+            for day, spend, requests in zip(daily.days, daily.spend_pico, daily.requests, strict=True)
+        ],
+        "top_users": [
+            {"user_id": u.user_id, "user_name": u.user_name, "spend_usd": [usd(p) for p in s.spend_pico]}
+            for u, s in zip(report.top_users, report.daily_top_users, strict=False)
+        ],
+        "top_models": [
+            {
+                "served_model": m.served_model,
+                "provider": m.provider,
+                "spend_usd": [usd(p) for p in s.spend_pico],
+            }
+            for m, s in zip(report.top_models, report.daily_top_models, strict=False)
+        ],
+    }
+
+
 def report_as_dict(report: UsageReport) -> dict[str, Any]:
     return {
         "generated_at": report.generated_at.isoformat(),
@@ -4745,6 +5017,7 @@ def report_as_dict(report: UsageReport) -> dict[str, Any]:
             }
             for m in report.top_models
         ],
+        "daily": daily_as_dict(report),
         "last_written_at": report.last_written_at.isoformat() if report.last_written_at else None,
         "ledger": report.health.location,
         "spooled_batches": report.health.spooled_files,
@@ -4757,8 +5030,11 @@ def report_as_dict(report: UsageReport) -> dict[str, Any]:
 Breakdown = Literal["user", "model", "day", "provider"]
 
 
-def breakdown_rows(conn: sa.Connection, zone: str, by: Breakdown, first_day: str) -> list[dict[str, Any]]:
-    """Spend grouped by one dimension since `first_day` (a local YYYY-MM-DD), from the rollups."""
+def breakdown_rows(
+    conn: sa.Connection, zone: str, by: Breakdown, first_day: str, today: date
+) -> list[dict[str, Any]]:
+    """Spend grouped by one dimension since `first_day` (a local YYYY-MM-DD), from the rollups;
+    by day, every day up to `today`, those without spend with zeros."""
     if by == "user":
         table = rollup_user_day_table
         keys: list[Any] = [
@@ -4789,22 +5065,35 @@ def breakdown_rows(conn: sa.Connection, zone: str, by: Breakdown, first_day: str
         mapping = dict(row._mapping)
         totals = Totals(tuple(int(mapping.pop(name) or 0) for name in MEASURES))
         rows.append(mapping | totals_as_dict(totals))
-    return rows
+    if by != "day":
+        return rows
+    found = {row["day"]: row for row in rows}
+    first = date.fromisoformat(first_day)
+    days = ((first + timedelta(days=n)).isoformat() for n in range((today - first).days + 1))
+    return [found.get(day) or {"day": day} | totals_as_dict(Totals()) for day in days]
 
 
-def user_usage_summary(ledger: Ledger, user_id: str, now: datetime | None = None) -> dict[str, Totals]:
-    """One user's own totals for today and this calendar month, in the zone the rollups are kept
-    in: two index lookups."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class UserSummary:
+    """One user's own figures: today, this calendar month, and each of the last CHART_DAYS days."""
+
+    today: Totals
+    month: Totals
+    daily: DailySpend
+
+
+def user_usage_summary(ledger: Ledger, user_id: str, now: datetime | None = None) -> UserSummary:
+    """One user's own totals for today, this calendar month and by day, in the zone the rollups
+    are kept in: three ranges of one index."""
     with ledger.reading() as (conn, state):
         if state.zone is None:
             raise RollupsRecounting("the rollups are being counted; try again shortly")
         today = date.fromisoformat(local_day(now or datetime.now(UTC), ZoneInfo(state.zone)))
-        return {
-            "today": user_totals(conn, state.zone, user_id, today.isoformat(), today.isoformat()),
-            "month": user_totals(
-                conn, state.zone, user_id, today.replace(day=1).isoformat(), today.isoformat()
-            ),
-        }
+        return UserSummary(
+            today=user_totals(conn, state.zone, user_id, today.isoformat(), today.isoformat()),
+            month=user_totals(conn, state.zone, user_id, today.replace(day=1).isoformat(), today.isoformat()),
+            daily=read_daily_spend(conn, state.zone, today, user_id),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -5140,10 +5429,39 @@ def budget_report_as_dict(report: BudgetReport) -> dict[str, Any]:
     }
 
 
-def user_budget_label(
+@dataclasses.dataclass(frozen=True, slots=True)
+class UserBudget:
+    """A user's budget as their read-out shows it: the line, and for a limited budget how much of
+    it is used and how much of its period has passed (whole percent, rounded down)."""
+
+    text: str
+    period: str = ""
+    used_percent: int | None = None
+    passed_percent: int | None = None
+
+    def bar_lines(self) -> list[str]:
+        """The two shares as bars of one length, so they compare at a glance."""
+        if self.used_percent is None or self.passed_percent is None:
+            return []
+        rows = (("budget used", self.used_percent), (f"{self.period} passed", self.passed_percent))
+        width = max(len(label) for label, _ in rows)
+        return [f"{label:<{width}} │{share_bar(percent)}│ {percent}%" for label, percent in rows]
+
+
+def window_passed_percent(window: BudgetWindow, now: datetime) -> int:
+    """How much of the window's time has passed, in whole percent (a daylight-saving day counts
+    its real hours)."""
+    start, end = (
+        datetime.combine(day, datetime.min.time(), tzinfo=window.zone).astimezone(UTC)
+        for day in (window.first_day, window.resets_on)
+    )
+    return min(max(int((now.astimezone(UTC) - start) * 100 // (end - start)), 0), 100)
+
+
+def user_budget(
     ledger: Ledger, settings: Settings, user: BudgetUser, now: datetime | None = None
-) -> str | None:
-    """The user's own budget line for the read-out (None when no rules are set). Reads only."""
+) -> UserBudget | None:
+    """The user's own budget for the read-out (None when no rules are set). Reads only."""
     rules = parse_budget_rules(settings.budgets)
     if not rules.rules:
         return None
@@ -5151,12 +5469,19 @@ def user_budget_label(
         user = dataclasses.replace(user, groups=user_group_names(user.user_id))
     rule = rules.rule_for(user)
     if rule is None or rule.limit_pico is None:
-        return "Budget: unlimited"
-    window = budget_window(rule.period, now or datetime.now(UTC), resolve_zone(settings.report_timezone))
+        return UserBudget("Budget: unlimited")
+    now = now or datetime.now(UTC)
+    window = budget_window(rule.period, now, resolve_zone(settings.report_timezone))
     spent = user_window_spend(ledger, user.user_id, window)
-    return (
-        f"Budget: {rule.amount_text} · spent {format_usd(spent)} · "
-        f"remaining {format_usd(max(rule.limit_pico - spent, 0))} · resets {window.resets_text}"
+    used = BudgetStanding(user.user_id, "", rule, window, spent).percent
+    passed = window_passed_percent(window, now)
+    return UserBudget(
+        f"Budget: {rule.amount_text} · spent {format_usd(spent)} ({used}% used, {passed}% of the "
+        f"{rule.period} passed) · remaining {format_usd(max(rule.limit_pico - spent, 0))} · "
+        f"resets {window.resets_text}",
+        rule.period,
+        used,
+        passed,
     )
 
 
@@ -5388,6 +5713,10 @@ def _looks_numeric(text: str) -> bool:
     return bool(_NUMERIC_CELL.fullmatch(text))
 
 
+class BadOption(ValueError):
+    """A command-line option the CLI cannot read; its message says what works, for a person."""
+
+
 def parse_since(text: str, zone: ZoneInfo, now: datetime | None = None) -> str:
     """'30d' (the last 30 local days, today included) or an ISO date, as a local YYYY-MM-DD."""
     text = text.strip()
@@ -5398,8 +5727,9 @@ def parse_since(text: str, zone: ZoneInfo, now: datetime | None = None) -> str:
     try:
         return date.fromisoformat(text).isoformat()
     except ValueError:
-        raise ValueError(
-            f"--since {text!r}: give a number of days such as 30d, or a date YYYY-MM-DD"
+        raise BadOption(
+            f"--since {text!r} is neither a number of days nor a date. Give a number of days, such "
+            "as 30d for the last 30 days, or a date as YYYY-MM-DD, such as 2026-11-01."
         ) from None
 
 
@@ -5551,6 +5881,9 @@ def run_command(args: argparse.Namespace, out: Any) -> int:
         return run_ledger_command(args, ledger, out)
     except BrokenPipeError:
         raise
+    except BadOption as exc:
+        sys.stderr.write(f"openrouter-usage: {exc}\n")
+        return 2
     except CLI_ERRORS as exc:
         sys.stderr.write(f"openrouter-usage: {cli_error_text(exc)} ({ledger.location})\n")
         return 2
@@ -5570,7 +5903,7 @@ def run_ledger_command(args: argparse.Namespace, ledger: Ledger, out: Any) -> in
         print_budgets(build_budget_report(ledger, settings, directory, max(args.rows, 1)), args.format, out)
         return 0
     if args.command == "export":
-        since = datetime.fromisoformat(args.since) if args.since else None
+        since = export_since(args.since) if args.since else None
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         write_export(export_rows(ledger, since), args.format, out)
@@ -5582,15 +5915,26 @@ def run_ledger_command(args: argparse.Namespace, ledger: Ledger, out: Any) -> in
     return 0
 
 
+def export_since(text: str) -> datetime:
+    """`export --since`: an ISO date or date and time."""
+    try:
+        return datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadOption(
+            f"--since {text!r} is not a date. Give a date as YYYY-MM-DD, such as 2026-11-01, or a "
+            "date and time, such as 2026-11-01T09:30 (UTC unless it names its offset)."
+        ) from None
+
+
 def cli_currency(text: str, fmt: str) -> DisplayCurrency:
     """`report --currency` for the tables; JSON and CSV keep exact USD."""
     if not text.strip():
         return USD
     if fmt != "table":
-        raise ValueError(f"--currency applies to tables; --format {fmt} keeps exact USD")
+        raise BadOption(f"--currency applies to tables; --format {fmt} keeps exact USD")
     currency = parse_display_currency(text)
     if currency.problem:
-        raise ValueError(f'--currency {text!r}: {currency.problem} (e.g. "EUR 0.92")')
+        raise BadOption(f'--currency {text!r}: {currency.problem} (e.g. "EUR 0.92")')
     return currency
 
 
@@ -5834,6 +6178,7 @@ def print_report(
         "prompt_tokens",
         "completion_tokens",
         "cached_tokens",
+        "cache_write_tokens",
         "reasoning_tokens",
         "total_tokens",
     ]
@@ -5866,6 +6211,14 @@ def print_report(
         out.write(terminal_text(line.replace("\\", "")) + "\n")
     out.write("\n")
     write_table(periods, ["period", money, "requests", "tokens", "failed"], out)
+    daily = usage_report.daily
+    chart = terminal_chart_lines(daily, currency.format, shutil.get_terminal_size().columns)
+    out.write(f"\nSpend by day: {daily_summary_text(daily, currency.format)}\n\n")
+    out.write("\n".join(chart) + "\n")
+    for title, series in (("users", usage_report.daily_top_users), ("models", usage_report.daily_top_models)):
+        if series:
+            out.write(f"\nTop {title}, day by day (one scale):\n")
+            out.write("\n".join(series_lines(series, currency.format, chart)) + "\n")
     out.write(f"\nBy {by}, since {since}:\n\n")
     write_table([_as_shown(row, currency) for row in breakdown], fields, out)
 
@@ -6240,15 +6593,18 @@ def _bulk_sync_notice_schema(schema: dict[str, Any]) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class UserReadout:
-    """A user's own figures, as their valves panel shows them: (label, figures) lines, then a note
-    (the display currency's rate, or why there are no figures)."""
+    """A user's own figures, as their valves panel shows them: (label, figures) lines, the chart
+    of their last days and their budget's bars (monospace lines), then a note (the display
+    currency's rate, or why there are no figures)."""
 
     lines: tuple[tuple[str, str], ...] = ()
     note: str = ""
+    chart: tuple[str, ...] = ()
 
     def markdown(self) -> str:
         items = "\n".join(f"- **{label}:** {figures}" for label, figures in self.lines)
-        return "\n\n".join(part for part in (items, self.note) if part)
+        chart = code_block(self.chart) if self.chart else ""
+        return "\n\n".join(part for part in (items, chart, self.note) if part)
 
     def options(self) -> list[dict[str, str]]:
         """The same, as the option list Open WebUI asks the options method for."""
@@ -6259,21 +6615,27 @@ class UserReadout:
 
 
 def user_readout_lines(
-    summary: Mapping[str, Totals], currency: DisplayCurrency, budget: str | None = None
+    summary: UserSummary, currency: DisplayCurrency, budget: UserBudget | None = None
 ) -> tuple[tuple[str, str], ...]:
-    """Spend, requests and tokens today and this calendar month, then the budget line (the
-    budget, what is spent and remains, when it resets) when budgets are set."""
+    """Spend, requests and tokens today and this calendar month, the last days in words, then
+    the budget line (the budget, what is spent and how much of it and of its period, what
+    remains, when it resets) when budgets are set."""
     lines = []
-    for key, label in (("today", "Today"), ("month", "This month")):
-        totals = summary[key]
+    for label, totals in (("Today", summary.today), ("This month", summary.month)):
         figures = (
             currency.format(totals.spend_pico),
             count_of(totals.requests, "request"),
             count_of(totals.total_tokens, "token"),
         )
         lines.append((label, " · ".join(figures)))
+    lines.append(
+        (
+            f"Last {CHART_DAYS} days",
+            f"{daily_figures_text(summary.daily, currency.format)} Days in {summary.daily.zone}.",
+        )
+    )
     if budget:
-        label, _, text = budget.partition(": ")
+        label, _, text = budget.text.partition(": ")
         lines.append((label, text))
     return tuple(lines)
 
@@ -6284,7 +6646,7 @@ def user_readout(user: Mapping[str, Any] | None) -> UserReadout:
     if not user_id:
         return UserReadout(note="Usage unavailable: not signed in.")
 
-    def read() -> tuple[dict[str, Totals], DisplayCurrency, str | None]:
+    def read() -> tuple[UserSummary, DisplayCurrency, UserBudget | None]:
         settings = saved_settings(saved_valves())
         currency = parse_display_currency(settings.display_currency)
         writer = writer_for(resolve_database_url(settings.database_url))
@@ -6292,7 +6654,7 @@ def user_readout(user: Mapping[str, Any] | None) -> UserReadout:
             budget_user = BudgetUser(
                 user_id, str((user or {}).get("email") or ""), (user or {}).get("role") == "admin"
             )
-            budget = user_budget_label(writer.ledger, settings, budget_user)
+            budget = user_budget(writer.ledger, settings, budget_user)
             return user_usage_summary(writer.ledger, user_id), currency, budget
         finally:
             writer.release_if_idle()
@@ -6303,7 +6665,10 @@ def user_readout(user: Mapping[str, Any] | None) -> UserReadout:
         log.warning("openrouter_usage: user read-out unavailable (%s)", short_error(exc))
         return UserReadout(note="Your usage is unavailable right now.")
     converted = f"Converted from USD at {currency.rate_text()}." if currency.code != "USD" else ""
-    return UserReadout(user_readout_lines(summary, currency, budget), converted)
+    chart = daily_chart_lines(summary.daily, currency.format, height=USER_CHART_HEIGHT)
+    if budget is not None and (bars := budget.bar_lines()):
+        chart += ["", *bars]
+    return UserReadout(user_readout_lines(summary, currency, budget), converted, tuple(chart))
 
 
 # Open WebUI 0.12.4 builds a user's valves spec as `UserValves.schema()` (which calls

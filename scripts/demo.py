@@ -13,6 +13,9 @@
   global; in simulator mode its ``openrouter_url_pattern`` valve also matches the simulator.
 * Every model of the connection is made public (Open WebUI lets only admins use a model nobody
   shared), as an admin does under Admin Panel -> Settings -> Models -> Access.
+* ``--seed-history`` (``make demo SEED_HISTORY=1``) fills the ledger with a month of past
+  completions of both users (:func:`seed_history`), so the report's chart of spend by day has
+  something to show; today is left to the chats you make.
 
 :func:`running_demo` does all of it and is reused by ``scripts/screenshots.py``.
 Ctrl-C (or SIGTERM) stops everything this script started.
@@ -20,10 +23,12 @@ Ctrl-C (or SIGTERM) stops everything this script started.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http
 import logging
 import os
+import random
 import secrets
 import shlex
 import signal
@@ -31,8 +36,10 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -47,7 +54,7 @@ from tests.e2e.owui import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from types import FrameType
 
 log = logging.getLogger("demo")
@@ -130,6 +137,69 @@ def secret_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+HISTORY_DAYS = 29  # the days before today that seed_history fills: with today, the chart's 30
+HISTORY_QUIET_DAYS = (9, 16)  # days ago without any completion: the chart shows them as empty bars
+HISTORY_SEED = 27
+
+
+def seed_history(ledger_url: str, users: Sequence[tuple[str, str]], today: date | None = None) -> int:
+    """Record a month of past completions of ``users`` (id, name) in the ledger at ``ledger_url``,
+    as the function records a non-streamed answer: the simulator's models at its prices, more
+    of them as the month goes on, none on HISTORY_QUIET_DAYS, none today. Reproducible: the same
+    ``today`` gives the same records, and a second run adds nothing (each has a fixed key).
+    Returns how many were added."""
+    from openrouter_sim import MODELS
+    from tests.factories import load_plugin_module
+
+    plugin = load_plugin_module()
+    today = today or datetime.now(UTC).date()
+    rng = random.Random(f"{HISTORY_SEED}-{today.isoformat()}")  # noqa: S311 - made-up history, no secret
+    models = [MODELS[name] for name in sorted(MODELS)][:4]
+    records = []
+    for days_ago in range(HISTORY_DAYS, 0, -1):
+        day = today - timedelta(days=days_ago)
+        if days_ago in HISTORY_QUIET_DAYS:
+            continue
+        for user_index, (user_id, user_name) in enumerate(users):
+            for number in range(rng.randint(1, 3) + (HISTORY_DAYS - days_ago) // (6 + 4 * user_index)):
+                model = rng.choice(models)
+                prompt, completion = rng.randint(800, 6000), rng.randint(100, 1500)
+                cost = prompt * model.prompt_price + completion * model.completion_price
+                message_id = f"seed-{day.isoformat()}-{user_index}-{number}"
+                minute = rng.randint(8 * 60, 20 * 60)  # in working hours, UTC
+                created_at = datetime.combine(day, datetime.min.time(), UTC) + timedelta(minutes=minute)
+                records.append(
+                    plugin.UsageRecord(
+                        message_id=message_id,
+                        chat_id=f"seed-chat-{user_index}",
+                        user_id=user_id,
+                        user_name=user_name,
+                        generation_ids=(),
+                        model=model.id,
+                        served_model=model.id,
+                        provider=model.provider,
+                        usage=plugin.Usage(
+                            prompt_tokens=prompt,
+                            completion_tokens=completion,
+                            total_tokens=prompt + completion,
+                            cost_pico=plugin.usd_to_pico(cost),
+                        ),
+                        status="ok",
+                        error="",
+                        latency_ms=rng.randint(900, 6000),
+                        ttft_ms=None,
+                        raw_usage={"cost": str(cost)},
+                        created_at=created_at,
+                        generation_key=plugin.fallback_generation_key(message_id, "seed-history"),
+                    )
+                )
+    ledger = plugin.Ledger(ledger_url)
+    try:
+        return len(ledger.store(records, ZoneInfo("UTC")).inserted)
+    finally:
+        ledger.dispose()
+
+
 def install_function(
     admin: OpenWebUIClient, url_fragment: str, lookups: tuple[str, str] | None = None
 ) -> None:
@@ -210,9 +280,11 @@ def running_demo(  # noqa: PLR0913 - every knob of the demo, each with the defau
     user: Account = DEFAULT_USER,
     api_key: str = "",
     chunk_delay_s: float = SIM_CHUNK_DELAY_S,
+    with_history: bool = False,
 ) -> Iterator[Demo]:
     """Start the upstream (OpenRouter with ``api_key``, else the simulator) and Open WebUI with
-    the function installed, both users able to chat; stop both on exit."""
+    the function installed, both users able to chat (``with_history``: and a month of their past
+    completions in the ledger); stop both on exit."""
     sim: Any = None
     server: OpenWebUIServer | None = None
     try:
@@ -257,6 +329,11 @@ def running_demo(  # noqa: PLR0913 - every knob of the demo, each with the defau
             install_function(client, url_fragment, (api_key, base_url))
             ensure_user(client, user)
             share_models(client)
+            if with_history:
+                with OpenWebUIClient.login(server.url, user.email, user.password) as second:
+                    users = [(client.user["id"], admin.name), (second.user["id"], user.name)]
+                added = seed_history(f"sqlite:///{data_dir / LEDGER_NAME}", users)
+                log.info("seeded %d past completions over the %d days before today", added, HISTORY_DAYS)
         yield Demo(server=server, admin=admin, user=user, simulated=sim is not None)
     finally:
         if server is not None:
@@ -321,6 +398,13 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--seed-history",
+        action="store_true",
+        help=f"add {HISTORY_DAYS} days of past completions of both users to the ledger (kept between runs)",
+    )
+    args = parser.parse_args()
     host = "127.0.0.1"
     port = int(os.environ.get("DEMO_PORT", "8080"))
     data_dir = Path(os.environ.get("DEMO_DATA_DIR", REPO / "demo-data")).resolve()
@@ -347,6 +431,7 @@ def main() -> int:
             admin=admin,
             user=user,
             api_key=os.environ.get("OPENROUTER_API_KEY", "").strip(),
+            with_history=args.seed_history,
         ) as demo:
             print(banner(demo), flush=True)
             while demo.server.is_running():

@@ -1,13 +1,17 @@
 """``make screenshots``: regenerate the README's pictures (docs/images/*.png) in headless Chromium.
 
 A fresh demo (``scripts/demo.py``'s :func:`running_demo`: simulator, Open WebUI, the function, the
-second user) in a throwaway data directory; then, in the browser, as a person would:
+second user, a month of their history) in a throwaway data directory; then, in the browser, as a
+person would:
 
 * ``chat-desktop.png``: the admin's chat of two questions with their usage lines (1280 px wide);
 * ``chat-phone.png``: the same chat on a 390 px phone screen;
-* ``admin-report.png``: the report in the function's settings panel;
+* ``admin-report.png``: the report in the function's settings panel, opening with the chart of
+  spend by day;
+* ``daily-chart-phone.png``: that chart and its sentence in the panel on a 390 px phone screen;
 * ``bulk-sync-notice.png``: the panel reopened after the bulk-sync switch was turned on and saved;
-* ``user-readout.png``: the second user's chat with their own figures in Chat Controls -> Valves.
+* ``user-readout.png``: the second user's chat with their own figures, their chart and their
+  budget in Chat Controls -> Valves.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ ADMIN_QUESTIONS = (
 USER_QUESTION = "Summarize what OpenRouter charges for."
 ADMIN_CHAT_TITLE = "Usage ledger questions"
 USER_CHAT_TITLE = "OpenRouter pricing"
+USER_BUDGET = "$2 per month"  # the second user's read-out shows a budget partly used
 
 
 def take_pictures(page: OpenWebUIPage, demo: Demo, admin: OpenWebUIClient) -> None:
@@ -71,6 +76,20 @@ def take_pictures(page: OpenWebUIPage, demo: Demo, admin: OpenWebUIClient) -> No
         By.XPATH, "./ancestor::div[contains(@class, 'py-0.5')][1]"
     )
     snap(page, "admin-report.png", report)
+    page.close_dialog()
+
+    page.viewport(*PHONE, mobile=True, scale=2)
+    panel = page.open_function_valves(FUNCTION_ID)
+    heading = panel.find_element(By.XPATH, ".//strong[starts-with(normalize-space(), 'Spend by day')]")
+    chart = panel.find_element(By.TAG_NAME, "pre")
+    page.driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", heading)
+    time.sleep(0.5)
+    page.wait_for_toasts_to_go()
+    page.capture(IMAGES / "daily-chart-phone.png", heading, chart)
+    log.info("wrote %s", (IMAGES / "daily-chart-phone.png").relative_to(REPO))
+    page.close_dialog()
+    page.reset_viewport()
+    panel = page.open_function_valves(FUNCTION_ID)
 
     spec = admin.get_valves_spec(FUNCTION_ID) or {}
     bulk_sync_title = spec["properties"]["bulk_sync"]["title"]
@@ -83,6 +102,7 @@ def take_pictures(page: OpenWebUIPage, demo: Demo, admin: OpenWebUIClient) -> No
     snap(page, "bulk-sync-notice.png", bulk_sync, panel.find_element(By.CSS_SELECTOR, "button[type=submit]"))
     page.close_dialog()
 
+    admin.update_valves(FUNCTION_ID, {"budgets": f"user {demo.user.email}: {USER_BUDGET}"}, merge=True)
     page.sign_out()
     page.sign_in(demo.user.email, demo.user.password, chat_with=DEMO_MODEL)
     page.send(USER_QUESTION)
@@ -146,7 +166,7 @@ def main() -> int:
     try:
         with (
             tempfile.TemporaryDirectory(prefix="openrouter-usage-screenshots-") as data_dir,
-            running_demo(Path(data_dir), port=free_port()) as demo,
+            running_demo(Path(data_dir), port=free_port(), with_history=True) as demo,
             OpenWebUIClient.login(demo.url, demo.admin.email, demo.admin.password) as admin,
         ):
             skip_release_notes(admin)

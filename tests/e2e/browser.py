@@ -93,6 +93,37 @@ return {x: left, y: top, width: right - left, height: bottom - top};
 """
 
 
+# Each code block of a panel as the page lays it out: per line of text, how many boxes the
+# browser drew it in (more than one: it wrapped) and how wide; the block's box against the
+# viewport, and whether its content is wider than the block (overflow that hides part of it).
+_CODE_BLOCKS_JS = """
+const root = arguments[0];
+return [...root.querySelectorAll('pre')].map(pre => {
+    const code = pre.querySelector('code') || pre;
+    const node = code.firstChild;
+    const text = code.textContent;
+    const lines = [];
+    let offset = 0;
+    for (const line of text.split('\\n')) {
+        if (line.length && node && node.nodeType === Node.TEXT_NODE) {
+            const range = document.createRange();
+            range.setStart(node, offset);
+            range.setEnd(node, offset + line.length);
+            const boxes = [...range.getClientRects()].filter(r => r.width > 0);
+            const top = Math.min(...boxes.map(r => r.top)), bottom = Math.max(...boxes.map(r => r.bottom));
+            const lineHeight = parseFloat(getComputedStyle(code).lineHeight);
+            lines.push({text: line, rows: Math.round((bottom - top) / lineHeight),
+                        width: range.getBoundingClientRect().width});
+        }
+        offset += line.length + 1;
+    }
+    const box = pre.getBoundingClientRect();
+    return {text, lines, left: box.left, right: box.right, viewport: document.documentElement.clientWidth,
+            overflow: pre.scrollWidth - pre.clientWidth, font: getComputedStyle(code).fontFamily};
+});
+"""
+
+
 class BrowserUnavailableError(RuntimeError):
     """Chromium or ChromeDriver is missing or does not start."""
 
@@ -176,6 +207,10 @@ class OpenWebUIPage:
             "Emulation.setDeviceMetricsOverride",
             {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile},
         )
+
+    def reset_viewport(self) -> None:
+        """Back to the browser window's own screen (no phone emulation left behind)."""
+        self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
     def capture(self, path: Path, *elements: WebElement, pad: int = 12) -> None:
         """Save a PNG of the viewport, or of the part around ``elements`` (on screen)."""
@@ -321,11 +356,22 @@ class OpenWebUIPage:
             kind.select_by_value("functions")
         _, item = self.wait_for(self._valves_selects, "the function select")
         item.select_by_value(function_id)
-        panel: WebElement = self.wait_for(
-            lambda: (p := self.find(".chat-control-valves")) and self.find(".markdown-prose-xs", p) and p,
-            "the user valves",
-        )
+        panel: WebElement = self.wait_for(self._shown_user_valves, "the user valves")
         return panel
+
+    def _shown_user_valves(self) -> WebElement | None:
+        """The user valves panel on screen: after a phone was emulated the page can also hold a
+        hidden copy of Chat Controls (its drawer for small screens)."""
+        panels = self.driver.find_elements(By.CSS_SELECTOR, ".chat-control-valves")
+        return next((p for p in panels if p.is_displayed() and self.find(".markdown-prose-xs", p)), None)
+
+    def code_blocks(self, root: WebElement) -> list[dict[str, Any]]:
+        """The code blocks under ``root`` as laid out: ``text``; ``lines``, each with its ``text``,
+        the ``rows`` it takes on screen (1 unless it wrapped) and its ``width`` in pixels; the
+        block's ``left`` and ``right`` against the ``viewport`` width; ``overflow``, the pixels
+        of content wider than the block; ``font``, its computed font family."""
+        blocks: list[dict[str, Any]] = self.driver.execute_script(_CODE_BLOCKS_JS, root)
+        return blocks
 
     def _valves_selects(self) -> tuple[Select, Select] | None:
         """The Tools/Functions select and the item select of the open Valves section."""

@@ -632,14 +632,16 @@ def test_the_read_out_shows_budget_spent_remaining_and_reset(
     plugin.Filter.Valves(database_url=url, budgets="group Interns: $2 per day")  # saved, as the panel does
     labels = [option["label"] for option in plugin.user_readout(ALICE).options()]
     tomorrow = datetime.now(UTC).date() + timedelta(days=1)
-    assert labels[-1] == (
-        "Budget: $2.00 per day · spent $0.5000 · remaining $1.50 · "
-        f"resets {tomorrow.day} {tomorrow:%B %Y} at 00:00 UTC"
-    )
+    used, passed_and_rest = labels[-1].split(" used, ")
+    assert used == "Budget: $2.00 per day · spent $0.5000 (25%"
+    passed, rest = passed_and_rest.split("% of the day passed) · ")
+    assert 0 <= int(passed) <= 100  # the share of today gone by: the clock's, tested with a fixed one
+    assert rest == f"remaining $1.50 · resets {tomorrow.day} {tomorrow:%B %Y} at 00:00 UTC"
     assert plugin.user_readout(ADMIN).options()[-1]["label"] == "Budget: unlimited"
     assert "- **Budget:** unlimited" in plugin.user_readout(ADMIN).markdown()
     plugin.Filter.Valves(database_url=url, budgets="")
-    assert [label for label, _ in plugin.user_readout(ALICE).lines] == ["Today", "This month"]
+    no_budget = ["Today", "This month", "Last 30 days"]
+    assert [label for label, _ in plugin.user_readout(ALICE).lines] == no_budget
 
 
 def test_the_report_counts_users_per_rule_and_lists_those_over_the_warning_line(

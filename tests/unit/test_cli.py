@@ -247,7 +247,13 @@ def test_a_bad_since_is_one_line_naming_the_accepted_forms(
     code = plugin.cli_main(["report", "--since", "banana", "--database-url", database_url])
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1
-    assert "'banana'" in error and "30d" in error and "YYYY-MM-DD" in error
+    assert error == (
+        "openrouter-usage: --since 'banana' is neither a number of days nor a date. Give a number of "
+        "days, such as 30d for the last 30 days, or a date as YYYY-MM-DD, such as 2026-11-01.\n"
+    ), "a sentence for a person: no exception class, no ledger location"
+    code = plugin.cli_main(["export", "--since", "banana", "--database-url", database_url])
+    error = capsys.readouterr().err
+    assert code == 2 and "Error" not in error and "'banana' is not a date" in error and "2026-11-01" in error
 
 
 def test_a_reader_that_goes_away_ends_the_output_quietly(plugin: types.ModuleType, data_dir: Path) -> None:
@@ -310,3 +316,59 @@ def test_report_tables_can_show_another_currency_and_json_and_csv_stay_in_usd(
     code = plugin.cli_main(["report", "--currency", "EUR", "--database-url", url])
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1 and "no rate per USD for EUR" in error and "EUR 0.92" in error
+
+
+def test_report_prints_the_daily_chart_as_wide_as_the_terminal_and_carries_the_days_as_data(
+    plugin: types.ModuleType,
+    database_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    today = datetime.now(UTC).date()
+    noon = datetime.combine(today, datetime.min.time(), UTC) + timedelta(hours=12)
+    records = [
+        make_record(plugin, i, created_at=noon - timedelta(days=(i * 3) % 40))
+        for i in range(90)
+        if (i * 3) % 40 not in (2, 11, 25)  # days without spend
+    ]
+    write(plugin, database_url, records)
+    days = [(today - timedelta(days=29 - n)).isoformat() for n in range(30)]
+    expected = {
+        day: sum(r.usage.spend_pico for r in records if r.created_at.date().isoformat() == day)
+        for day in days
+    }
+    assert 0 in expected.values(), "some days have no spend"
+
+    _, out = run_cli(plugin, capsys, "report", "--format", "json", "--database-url", database_url)
+    daily = json.loads(out)["daily"]
+    assert [(d["day"], Decimal(d["spend_usd"]) * 10**12) for d in daily["days"]] == list(expected.items())
+    assert [d["partial"] for d in daily["days"]] == [False] * 29 + [True]
+    assert Decimal(daily["total_usd"]) * 10**12 == sum(expected.values())
+    top = daily["top_users"][0]
+    assert [Decimal(v) * 10**12 for v in top["spend_usd"]] == [
+        sum(
+            r.usage.spend_pico
+            for r in records
+            if r.user_id == top["user_id"] and r.created_at.date().isoformat() == day
+        )
+        for day in days
+    ]
+
+    _, text = run_cli(
+        plugin, capsys, "report", "--by", "day", "--format", "csv", "--database-url", database_url
+    )
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(row["day"], Decimal(row["spend_usd"]) * 10**12) for row in rows] == list(expected.items())
+    assert sum(int(row["cache_write_tokens"]) for row in rows) == sum(
+        r.usage.cache_write_tokens for r in records if r.created_at.date().isoformat() in expected
+    )
+
+    for columns, bar_width in (("60", 1), ("80", 2), ("200", 3)):
+        monkeypatch.setenv("COLUMNS", columns)
+        _, table = run_cli(plugin, capsys, "report", "--database-url", database_url)
+        chart = table.split("Spend by day: ")[1].split("\n\n")[1].splitlines()
+        busiest = max(expected.values())
+        assert chart[0].startswith(f"{plugin.format_usd(busiest)} ┤"), table
+        assert all(len(line) < int(columns) for line in chart), "fits the terminal without wrapping"
+        assert chart[-2].endswith("└" + "─" * 30 * bar_width)
+        assert "today so far" in table and f"{plugin.format_usd(sum(expected.values()))} in total" in table

@@ -277,11 +277,18 @@ def test_a_user_reads_their_figures_in_the_always_shown_description(
 
     readout = spec_for({"id": "me"})
     assert readout["input"]["type"] == plugin.READ_ONLY_INPUT, "no control: nothing to click or type"
-    assert readout["description"] == (
+    items, chart, note = readout["description"].split("\n\n")
+    assert items == (
         f"- **Today:** {spend} · 2 requests · {tokens}\n"
-        f"- **This month:** {spend} · 2 requests · {tokens}\n\n"
-        "Converted from USD at 0.92 EUR per USD (rate of 2026-11-29)."
+        f"- **This month:** {spend} · 2 requests · {tokens}\n"
+        f"- **Last 30 days:** {spend} in total; the busiest day was {now.date().isoformat()} with {spend}; "
+        f"today so far {spend}; 29 days without spend. Days in UTC."
     )
+    chart_lines = chart.splitlines()
+    assert chart_lines[0] == "```text" and chart_lines[-1] == "```"
+    assert chart_lines[1].startswith(f"{spend} ┤") and chart_lines[-2].endswith("today ▒")
+    assert [line[-1] for line in chart_lines[1:6]] == ["▒"] * 5, "all of her spend is today's"
+    assert note == "Converted from USD at 0.92 EUR per USD (rate of 2026-11-29)."
     assert readout["input"]["options"][0]["label"] == f"Today: {spend} · 2 requests · {tokens}"
     other = spec_for({"id": "other"})["description"]
     assert " · 1 request · " in other and spend not in other
@@ -310,3 +317,156 @@ def test_the_report_field_shows_no_control_and_what_is_typed_is_never_stored(
         "required", []
     )
     assert plugin.Filter.Valves(usage_report="typed anyway").model_dump(exclude_unset=True) == {}
+
+
+def records_over_a_month(plugin: types.ModuleType) -> list[Any]:
+    """Completions on 35 days before NOW and today, with days left out (gaps the chart must keep),
+    several per day at hours that fall on other dates in far-off zones."""
+    records = []
+    for index in range(160):
+        days_ago = (index * 7) % 36
+        if days_ago in (4, 5, 17):
+            continue
+        records.append(
+            make_record(plugin, index, created_at=NOW - timedelta(days=days_ago, hours=(index * 5) % 12))
+        )
+    return records
+
+
+def per_day(records: list[Any], days: list[str], zone: ZoneInfo, **match: str) -> list[int]:
+    """Each day's spend of the records matching `match` (attribute: value), by date in `zone`."""
+    return [
+        sum(
+            r.usage.spend_pico
+            for r in records
+            if r.created_at.astimezone(zone).date().isoformat() == day
+            and all(getattr(r, key) == value for key, value in match.items())
+        )
+        for day in days
+    ]
+
+
+@pytest.mark.parametrize("zone_name", ["UTC", "Pacific/Kiritimati"])
+def test_the_chart_holds_each_of_the_last_30_days_exactly_days_without_spend_included(
+    plugin: types.ModuleType, database_url: str, zone_name: str
+) -> None:
+    """The rollups are kept in UTC; in another zone the report counts from the rows (the
+    existing path), and the chart's days are that zone's, as the period rows'."""
+    records = records_over_a_month(plugin)
+    write(plugin, database_url, records)
+    zone = ZoneInfo(zone_name)
+    report = plugin.build_usage_report(plugin.ledger_for(database_url), zone, 10, now=NOW)
+    today = NOW.astimezone(zone).date()
+    days = [(today - timedelta(days=29 - n)).isoformat() for n in range(30)]
+    expected = per_day(records, days, zone)
+    daily = report.daily
+    assert (daily.zone, list(daily.days)) == (zone_name, days)
+    assert list(daily.spend_pico) == expected
+    assert list(daily.requests) == [
+        sum(1 for r in records if r.created_at.astimezone(zone).date().isoformat() == day) for day in days
+    ]
+    assert 0 in expected and expected[-1] > 0, "the fixture has days without spend, and today"
+    assert daily.total_pico == report.periods["last_30_days"].spend_pico
+    assert daily.spend_pico[-1] == report.periods["today"].spend_pico
+    assert [s.spend_pico for s in report.daily_top_users] == [
+        tuple(per_day(records, days, zone, user_id=u.user_id)) for u in report.top_users[:3]
+    ]
+    assert [s.spend_pico for s in report.daily_top_models] == [
+        tuple(per_day(records, days, zone, served_model=m.served_model, provider=m.provider))
+        for m in report.top_models[:3]
+    ]
+    busiest = max(range(30), key=lambda n: (expected[n], -n))
+    markdown = plugin.render_report_markdown(report)
+    assert f"**Spend by day, last 30 days ({zone_name})**" in markdown
+    assert (
+        f"Last 30 days ({days[0]} to {days[-1]}, days in {zone_name}): {plugin.format_usd(sum(expected))} "
+        f"in total; the busiest day was {days[busiest]} with {plugin.format_usd(expected[busiest])}; "
+        f"today so far {plugin.format_usd(expected[-1])}; {expected.count(0)} days without spend."
+    ) in markdown
+    assert "```text\n" + "\n".join(plugin.daily_chart_lines(daily, plugin.format_usd)) + "\n```" in markdown
+
+
+def test_the_chart_draws_a_bar_per_day_with_today_shaded_and_the_scale_in_the_display_currency(
+    plugin: types.ModuleType,
+) -> None:
+    dollar = 10**12
+    spend = [0] * 30
+    spend[3], spend[10], spend[20], spend[29] = 8 * dollar, 4 * dollar, dollar // 1000, 2 * dollar
+    days = tuple(f"2026-11-{n:02d}" for n in range(1, 31))
+    daily = plugin.DailySpend("UTC", days, tuple(spend), tuple(1 if s else 0 for s in spend))
+    eur = plugin.parse_display_currency("EUR 0.92")
+    lines = plugin.daily_chart_lines(daily, eur.format)
+    bars, axis, dates = lines[:8], lines[8], lines[9]
+    assert bars[0].startswith("€7.36 ┤") and axis.startswith("€0.00 └"), "the scale in euros: 8 USD at 0.92"
+    margin = len("€7.36 ┤")
+    assert {len(line) for line in bars} == {margin + 30} and axis == "€0.00 └" + "─" * 30
+
+    def column(day: int) -> str:
+        return "".join(line[margin + day] for line in bars)  # top to bottom
+
+    assert column(3) == "█" * 8, "the busiest day fills the scale"
+    assert column(10) == " " * 4 + "█" * 4, "half the busiest: half the height"
+    assert column(20) == " " * 7 + "▁", "a little spend still shows"
+    assert all(column(day) == " " * 8 for day in range(29) if not spend[day]), "a day without spend is empty"
+    assert column(29) == " " * 6 + "▒" * 2, "today is shaded: not over yet"
+    assert dates.startswith(" " * margin + "11-01") and dates.endswith("11-30 today ▒")
+    assert len(dates) == margin + 30, "the shaded mark sits under today's bar"
+    assert plugin.daily_figures_text(daily, eur.format) == (
+        "€12.88 in total; the busiest day was 2026-11-04 with €7.36; today so far €1.84; "
+        "26 days without spend."
+    )
+    wide = plugin.daily_chart_lines(daily, eur.format, bar_width=3)
+    assert wide[0][margin + 9 : margin + 12] == "███" and len(wide[0]) == margin + 90
+    empty = plugin.DailySpend("UTC", days, (0,) * 30, (0,) * 30)
+    assert plugin.daily_figures_text(empty, plugin.format_usd) == "no spend."
+    assert all(
+        set(line[len("$0.00 ┤") :]) <= {" "}
+        for line in plugin.daily_chart_lines(empty, plugin.format_usd)[:8]
+    )
+
+
+def test_a_name_cannot_close_the_code_block(plugin: types.ModuleType) -> None:
+    block = plugin.code_block(["```", "a ```` b"])
+    assert block.startswith("`````text\n") and block.endswith("\n`````")
+
+
+def test_a_users_budget_says_how_much_is_used_and_how_much_of_its_period_has_passed(
+    plugin: types.ModuleType, database_url: str
+) -> None:
+    now = datetime(2026, 11, 16, 0, 0, tzinfo=UTC)  # 15 of November's 30 days have passed
+    mine = [
+        make_record(
+            plugin, i, user_id="me", usage=plugin.Usage(cost_pico=10**12), created_at=now - timedelta(days=i)
+        )
+        for i in range(5)
+    ]
+    write(
+        plugin,
+        database_url,
+        [*mine, make_record(plugin, 9, user_id="me", created_at=now - timedelta(days=20))],
+    )
+    settings = plugin.Settings(budgets="default: $20 per month")
+    budget = plugin.user_budget(plugin.ledger_for(database_url), settings, plugin.BudgetUser("me"), now=now)
+    assert (budget.used_percent, budget.passed_percent) == (25, 50)  # $5 of $20; October's row not counted
+    assert budget.text == (
+        "Budget: $20.00 per month · spent $5.00 (25% used, 50% of the month passed) · remaining $15.00 · "
+        "resets 1 December 2026 at 00:00 UTC"
+    )
+    assert budget.bar_lines() == [
+        "budget used  │█████               │ 25%",
+        "month passed │██████████          │ 50%",
+    ]
+    unlimited = plugin.Settings(budgets="user me: unlimited")
+    assert (
+        plugin.user_budget(plugin.ledger_for(database_url), unlimited, plugin.BudgetUser("me")).bar_lines()
+        == []
+    )
+
+
+def test_a_budget_period_across_a_daylight_saving_change_passes_in_real_hours(
+    plugin: types.ModuleType,
+) -> None:
+    paris = ZoneInfo("Europe/Paris")
+    window = plugin.budget_window("day", datetime(2026, 3, 29, 12, 0, tzinfo=paris), paris)
+    # 29 March 2026 has 23 hours in Paris; at noon 11 have passed.
+    assert plugin.window_passed_percent(window, datetime(2026, 3, 29, 12, 0, tzinfo=paris)) == 1100 // 23
