@@ -518,6 +518,7 @@ class CaptureState:
         "started_at",
         "stop_watch",
         "user_id",
+        "valves",
         "watching_for_stop",
     )
 
@@ -551,6 +552,7 @@ class CaptureState:
         self.stop_watch: tuple[asyncio.Task[Any], Callable[[asyncio.Task[Any]], None]] | None = None
         self.outlet_started = False
         self.budget: BudgetTicket | None = None  # the turn's standing with its budget, if checked
+        self.valves: Settings | None = None  # inlet's: what a record made without an outlet uses
 
     def note_generation(self, generation_id: str) -> None:
         self.current_generation = generation_id
@@ -1154,13 +1156,21 @@ def _ttft_ms(state: CaptureState) -> int | None:
     )
 
 
-def stopped_records(state: CaptureState, now: datetime, now_monotonic: float) -> list[UsageRecord]:
-    """The rows of a generation the user stopped: Open WebUI ran no outlet, but OpenRouter bills
-    what was generated. Its cost stays unknown unless the stream's usage arrived before the stop;
-    reconciliation prices it from OpenRouter's record."""
+def records_without_outlet(
+    state: CaptureState, status: Status, now: datetime, now_monotonic: float
+) -> list[UsageRecord]:
+    """The rows of a request whose outlet never ran, from what inlet, `stream` and the model-call
+    tap put in its state: a generation the user stopped (`stopped`: OpenRouter bills what was
+    generated; its cost stays unknown unless the usage arrived before the stop, and reconciliation
+    prices it), a reply Open WebUI gives no outlet (`ok`: one that is only tool calls), or a
+    provider's error reply (`error`, with `state.error`)."""
     notes: list[str] = []
     model = _clean_field(notes, "model", state.requested_model)
-    message_id = _clean_field(notes, "message_id", state.message_id) or "stopped-" + state.generation_ids[0]
+    # An API call names no message (Open WebUI makes one up for its outlet): its first generation
+    # names the row, as in build_records.
+    message_id = _clean_field(notes, "message_id", state.message_id) or (
+        clean_text(state.generation_ids[0]) if state.generation_ids else f"unidentified-{uuid.uuid4()}"
+    )
     request = UsageRecord(
         message_id=message_id,
         chat_id=_clean_field(notes, "chat_id", state.chat_id),
@@ -1171,8 +1181,8 @@ def stopped_records(state: CaptureState, now: datetime, now_monotonic: float) ->
         served_model=_clean_field(notes, "served_model", state.served_model) or model,
         provider=_clean_field(notes, "provider", state.provider),
         usage=Usage(),
-        status="stopped",
-        error="",
+        status=status,
+        error=state.error if status == "error" else "",
         latency_ms=round((now_monotonic - state.started_at) * 1000),
         ttft_ms=_ttft_ms(state),
         raw_usage=None,
@@ -4946,7 +4956,7 @@ def reconcile_summary_line(view: ReconciliationView, money: Callable[[int], str]
             f"{format_count(unchecked)} waiting, the oldest from {view.oldest_pending:%Y-%m-%d %H:%M} UTC"
         )
     if no_id:
-        parts.append(f"{format_count(no_id)} without a generation id (non-streaming) cannot be checked")
+        parts.append(f"{format_count(no_id)} without a generation id (an error before any reply) cannot be checked")
     return "; ".join(parts) + "."
 
 
@@ -6827,51 +6837,154 @@ def _stream_task_done(state: CaptureState, valves: Settings, task: asyncio.Task[
     try:
         if state.outlet_started or not (task.cancelled() or task.exception() is not None):
             return
-        task.get_loop().call_later(STOPPED_GRACE_SECONDS, record_stopped_generation, state, valves)
+        task.get_loop().call_later(STOPPED_GRACE_SECONDS, record_without_outlet, state, valves, "stopped")
     except Exception:
         log.exception("openrouter_usage: could not check a stopped generation")
 
 
-def record_stopped_generation(state: CaptureState, valves: Settings) -> None:
-    """Hand a stopped generation's record to the writer without waiting for it (durable: the
-    writer commits or spools it), then have reconciliation price it."""
+def record_without_outlet(state: CaptureState, valves: Settings, status: Status) -> None:
+    """Hand the record of a request whose outlet never ran to the writer without waiting for it
+    (durable: the writer commits or spools it), then have reconciliation check or price it."""
     try:
         if state.outlet_started:
             return
+        state.outlet_started = True  # recorded once, whichever watcher fires
         if not (valves.record_all_models or state.is_openrouter_connection or state.has_openrouter_signature):
             return
-        records = stopped_records(state, datetime.now(UTC), time.monotonic())
+        records = records_without_outlet(state, status, datetime.now(UTC), time.monotonic())
         url = resolve_database_url(valves.database_url)
         writer = writer_for(url)
         written = writer.submit(WriteRequest(tuple(records), resolve_zone(valves.report_timezone)))
         written.add_done_callback(
-            functools.partial(_after_stopped_write, records[0].message_id, state.budget, writer.ledger)
+            functools.partial(
+                _after_write_without_outlet, records[0].message_id, status, state.budget, writer.ledger
+            )
         )
         start_reconciling(url, valves)
     except Exception:
-        log.exception("openrouter_usage: could not record a stopped generation")
+        log.exception("openrouter_usage: could not record a %s generation without an outlet", status)
 
 
-def _after_stopped_write(
+def _after_write_without_outlet(
     message_id: str,
+    status: Status,
     ticket: BudgetTicket | None,
     ledger: Ledger,
     written: concurrent.futures.Future[WriteOutcome],
 ) -> None:
-    """On the writer thread, once the stopped generation is recorded: log it, and release the
-    turn's budget reservation (the row counts against the budget once reconciliation prices it)."""
+    """On the writer thread, once the record is written: log it, and release the request's budget
+    reservation (the row now counts against the budget; a stopped one once it is priced)."""
     if written.exception() is not None:
         log.error(
-            "openrouter_usage: stopped generation %s was not recorded (%s)", message_id, written.exception()
+            "openrouter_usage: %s generation %s was not recorded (%s)",
+            status,
+            message_id,
+            written.exception(),
         )
         return
-    log.info("openrouter_usage: stopped generation %s %s", message_id, written.result().stored)
+    log.info(
+        "openrouter_usage: %s generation %s without an outlet %s", status, message_id, written.result().stored
+    )
     if ticket is not None and ticket.reserved:
         try:
             ledger.release_reservations([ticket.reservation_id])
             ticket.reserved = False
         except Exception as exc:
             log.warning("openrouter_usage: a budget reservation could not be released (%s)", short_error(exc))
+
+
+# ── Replies no filter sees: the model-call tap ──
+# Open WebUI gives filters a non-streamed reply without its generation id (contract row 37), runs
+# no outlet for a non-streamed reply that is only tool calls, nor for a provider's error reply
+# (row 39). Its chat pipeline reaches the OpenAI-compatible connection through one module global,
+# `open_webui.utils.chat.generate_openai_chat_completion` (row 39), so inlet wraps that global once:
+# the tap awaits the real call, and folds a JSON reply (or an error reply) into the request's
+# CaptureState as one chunk carrying everything, so the outlet records it under its own id and
+# usage. A request the tap saw and no outlet followed is recorded when its task ends.
+# The tap touches only requests whose metadata holds this function's state (inlet ran): with the
+# function disabled or deleted, every call passes through untouched. Each copy of this source
+# (a reload) replaces the tap with its own, around the same original, so the calls are wrapped
+# once; streamed replies pass through as they are (`stream` sees them).
+
+MODEL_CALL_MODULE: Final = "open_webui.utils.chat"
+MODEL_CALL_NAME: Final = "generate_openai_chat_completion"
+TAP_ORIGINAL_ATTRIBUTE: Final = "openrouter_usage_original"  # on the tap: the call it wraps
+MAX_ERROR_BODY_BYTES: Final = 65_536  # of an error reply the tap reads for its message
+FIRST_ERROR_STATUS: Final = 400  # an HTTP status from here on is the provider's error reply
+
+
+def install_model_call_tap() -> bool:
+    """Wrap Open WebUI's call into its OpenAI connection (idempotent; never imports anything:
+    outside a running Open WebUI there is nothing to wrap). True when this copy's tap is in place."""
+    module = sys.modules.get(MODEL_CALL_MODULE)
+    current = getattr(module, MODEL_CALL_NAME, None)
+    if not callable(current):
+        return False
+    if getattr(current, "__globals__", None) is globals():
+        return True  # this very copy installed it
+    original = getattr(current, TAP_ORIGINAL_ATTRIBUTE, current)
+
+    @functools.wraps(original)
+    async def tapped_model_call(*args: Any, **kwargs: Any) -> Any:
+        response = await original(*args, **kwargs)
+        try:
+            observe_model_reply(kwargs.get("form_data"), response)
+        except Exception:
+            log.exception("openrouter_usage: could not read a model reply; the chat continues")
+        return response
+
+    setattr(tapped_model_call, TAP_ORIGINAL_ATTRIBUTE, original)
+    setattr(module, MODEL_CALL_NAME, tapped_model_call)
+    return True
+
+
+def observe_model_reply(form_data: Any, response: Any) -> None:
+    """The tap's work after a model call: fold a non-streamed reply, or an error reply, into the
+    state of the request that inlet saw, and have the request recorded if no outlet follows."""
+    metadata = form_data.get("metadata") if isinstance(form_data, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("task"):
+        return  # a task call (title, tags, follow-ups) carries the chat's metadata merged into its own
+    state = metadata.get(STATE_KEY)
+    if not isinstance(state, CaptureState) or state.outlet_started:
+        return
+    if isinstance(response, dict):
+        observe_chunk(state, response)  # id, provider, model, usage and error, like one whole chunk
+        status: Status = "error" if state.error else "ok"
+    elif getattr(response, "status_code", 200) >= FIRST_ERROR_STATUS:
+        state.error = provider_error_text(response)
+        status = "error"
+    else:
+        return  # a stream: `stream` reads it, and its outlet or its stop records it
+    watch_for_no_outlet(state, status)
+
+
+def provider_error_text(response: Any) -> str:
+    """What an error reply (a Starlette response Open WebUI built from the provider's answer) says."""
+    body = getattr(response, "body", b"")
+    detail: Any = None
+    if isinstance(body, bytes) and body:
+        with contextlib.suppress(ValueError):
+            detail = json.loads(body[:MAX_ERROR_BODY_BYTES])
+    error = detail.get("error", detail) if isinstance(detail, dict) else detail
+    text = describe_error(error) if error else ""
+    return f"HTTP {response.status_code}: {text}" if text else f"HTTP {response.status_code}"
+
+
+def watch_for_no_outlet(state: CaptureState, status: Status) -> None:
+    """Record the request when the task that made the call ends, unless an outlet started first
+    (Open WebUI runs a non-streamed reply's outlet inside that task)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return
+    if task is not None and state.valves is not None:
+        task.add_done_callback(functools.partial(_model_call_task_done, state, state.valves, status))
+
+
+def _model_call_task_done(
+    state: CaptureState, valves: Settings, status: Status, _task: asyncio.Task[Any]
+) -> None:
+    record_without_outlet(state, valves, status)
 
 
 # ── Attribution ──
@@ -6930,6 +7043,8 @@ async def start_capture(
     base_url = await connection_base_url(model)
     is_openrouter = matches_url_pattern(base_url, valves.openrouter_url_pattern)
     state = CaptureState(time.monotonic(), is_openrouter_connection=is_openrouter if base_url else None)
+    state.valves = valves
+    install_model_call_tap()
     if isinstance(metadata, dict):
         metadata[STATE_KEY] = state
         state.user_id = _first_text(metadata.get("user_id"))

@@ -82,7 +82,7 @@ def test_browser_streaming_chat_records_exactly_and_shows_the_line(
 def test_direct_api_calls_stream_and_not_each_give_one_exact_row(
     admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None
 ) -> None:
-    before = {row["message_id"] for row in export(openwebui)}
+    before = {row["message_id"] for row in export(openwebui, missing_ok=True)}
     streamed_marker, plain_marker = f"api-s-{uuid.uuid4().hex[:8]}", f"api-n-{uuid.uuid4().hex[:8]}"
     streamed = admin.chat_completion(MODEL, [{"role": "user", "content": streamed_marker}], stream=True)
     assert streamed.done and streamed.content and not any("error" in e for e in streamed.events)
@@ -94,6 +94,54 @@ def test_direct_api_calls_stream_and_not_each_give_one_exact_row(
     expected = sorted(generation_for(simulator, m).spend for m in (streamed_marker, plain_marker))
     assert spends == expected
     assert all(row["chat_id"] == "" and row["message_id"].startswith("msg") for row in new_rows)
+    # Each under its own generation id: the non-streamed one's reaches the ledger through the
+    # model-call tap, since Open WebUI hands a filter no id for it (contract rows 37, 39).
+    ids = sorted(row["generation_key"] for row in new_rows)
+    assert ids == sorted(generation_for(simulator, m).id for m in (streamed_marker, plain_marker))
+    assert all(row["generation_ids"] == [row["generation_key"]] for row in new_rows)
+
+
+def test_non_streamed_replies_that_open_webui_gives_no_outlet_are_still_recorded_once(
+    admin: OpenWebUIClient, openwebui: OpenWebUIServer, simulator: Any, installed: None
+) -> None:
+    """Open WebUI runs no outlet for a non-streamed reply that is only tool calls, nor for a
+    provider's error reply; OpenRouter bills the first, and an admin wants to see the second."""
+    before = {row["generation_key"] for row in export(openwebui, missing_ok=True)}
+    tools_marker, error_marker = f"api-t-{uuid.uuid4().hex[:8]}", f"api-e-{uuid.uuid4().hex[:8]}"
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    reply = admin.chat_completion(
+        MODEL,
+        [{"role": "user", "content": f"Weather in Paris? {tools_marker} [sim:tool-call]"}],
+        stream=False,
+        extra={"tools": [tool]},
+    )
+    assert reply["choices"][0]["message"]["tool_calls"] and not reply["choices"][0]["message"]["content"]
+    with pytest.raises(OpenWebUIHTTPError) as refused:
+        admin.chat_completion(MODEL, [{"role": "user", "content": f"{error_marker} [sim:error=402]"}])
+    assert refused.value.status_code == 402
+    generation = generation_for(simulator, tools_marker)
+    deadline = time.monotonic() + 15
+    while len(new_rows := [r for r in export(openwebui) if r["generation_key"] not in before]) < 2:
+        assert time.monotonic() < deadline, f"expected 2 new rows, found {new_rows}"
+        time.sleep(0.2)
+    time.sleep(1.0)  # a second record of either would have arrived by now
+    by_status = {row["status"]: row for row in export(openwebui) if row["generation_key"] not in before}
+    assert len(by_status) == 2, by_status
+    tools_row, error_row = by_status["ok"], by_status["error"]
+    assert tools_row["generation_key"] == generation.id and usd(tools_row["spend_usd"]) == generation.spend
+    assert tools_row["user_id"] == admin.user["id"] and tools_row["chat_id"] == ""
+    assert error_row["error"].startswith("HTTP 402: ") and "Insufficient credits" in error_row["error"]
+    assert error_row["cost_usd"] is None and error_row["user_id"] == admin.user["id"]
 
 
 @pytest.mark.parametrize("directive", ["[sim:shape=A]", "[sim:shape=B]", "[sim:shape=C]", "[sim:byok]"])
