@@ -14,10 +14,13 @@ from openrouter_sim.server import (
     ModelInfo,
     OpenRouterSimulator,
     RecordedRequest,
+    Recording,
+    ServedReplay,
     compute_charge,
     detect_task,
     format_decimal,
     parse_directives,
+    replayed_generation,
     to_json,
 )
 
@@ -35,9 +38,12 @@ __all__ = [
     "ModelInfo",
     "OpenRouterSimulator",
     "RecordedRequest",
+    "Recording",
+    "ServedReplay",
     "compute_charge",
     "detect_task",
     "format_decimal",
     "parse_directives",
+    "replayed_generation",
     "to_json",
 ]

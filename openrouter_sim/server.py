@@ -6,7 +6,9 @@ and pre-stream errors, the ``/generation`` lookup with its "not found yet" windo
 models list.  Behaviour is chosen per request by ``[sim:...]`` directives in the last user message;
 see :func:`parse_directives`.  Tests steer the lookups (``/generation``, ``/key``) of a running
 simulator through :class:`OpenRouterSimulator`'s methods: injected :class:`LookupFault` answers,
-rejected keys, extra billing, a key limit, and a count of successful lookups.
+rejected keys, extra billing, a key limit, and a count of successful lookups.  They can also queue
+a :class:`Recording`, a real OpenRouter answer, that the next chat completion gets byte for byte
+(:meth:`OpenRouterSimulator.replay_next`).
 """
 
 from __future__ import annotations
@@ -48,11 +50,14 @@ __all__ = [
     "ModelInfo",
     "OpenRouterSimulator",
     "RecordedRequest",
+    "Recording",
+    "ServedReplay",
     "compute_charge",
     "detect_task",
     "format_decimal",
     "new_generation_id",
     "parse_directives",
+    "replayed_generation",
     "to_json",
 ]
 
@@ -616,6 +621,136 @@ class GenerationRecord:
         return cost
 
 
+_EVENT_END: Final = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)")
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A recorded OpenRouter answer to ``POST /chat/completions``, to replay (see
+    :meth:`OpenRouterSimulator.replay_next`).
+
+    ``body`` is the response body exactly as recorded (an event stream's text, or the JSON), sent
+    unchanged with ``status`` and ``content_type``. An event stream is sent one event (up to and
+    including its blank line) per HTTP chunk, as OpenRouter sends it. ``name`` only labels it.
+    """
+
+    body: bytes
+    status: int = 200
+    content_type: str = "application/json"
+    name: str = ""
+
+    @property
+    def streamed(self) -> bool:
+        return self.content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+    def events(self) -> list[bytes]:
+        """The body cut after each blank line: the chunks a stream is sent in (they join to ``body``)."""
+        return [part for part in _EVENT_END.split(self.body) if part]
+
+    def payloads(self) -> list[Any]:
+        """Every JSON payload of the answer (each ``data:`` of a stream, or the body), numbers with
+        a fraction as :class:`~decimal.Decimal`, so money keeps the digits written. What does not
+        parse (``[DONE]``, a comment, a truncated body) is left out."""
+        texts = (
+            [
+                line.removeprefix("data:").strip()
+                for line in self.body.decode("utf-8", "replace").splitlines()
+                if line.startswith("data:")
+            ]
+            if self.streamed
+            else [self.body.decode("utf-8", "replace")]
+        )
+        found: list[Any] = []
+        for text in texts:
+            with contextlib.suppress(json.JSONDecodeError):
+                found.append(json.loads(text, parse_float=Decimal))
+        return found
+
+
+@dataclass(frozen=True)
+class ServedReplay:
+    """A queued :class:`Recording` and the chat request that was answered with it.
+
+    ``generation_id`` is the recording's ``gen-…`` id when the simulator also keeps it as a
+    generation for ``/generation`` (a 200 answer with an id and a ``usage.cost``), else None."""
+
+    recording: Recording
+    request: RecordedRequest
+    generation_id: str | None
+
+
+def _decimal_or_none(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
+        return None
+    try:
+        return Decimal(str(value))
+    except ArithmeticError:
+        return None
+
+
+def _count(mapping: Any, key: str) -> int:
+    value = mapping.get(key) if isinstance(mapping, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def replayed_generation(
+    recording: Recording, request_body: Any, headers: Mapping[str, str], started: float
+) -> GenerationRecord | None:
+    """What OpenRouter billed for ``recording``, as ``/generation`` and ``/key`` report it: its id,
+    tokens, ``cost``, ``upstream_inference_cost`` and ``is_byok`` read from its own (last) usage.
+
+    None when the answer is not a generation the simulator can price: not a 200, no ``gen-`` id,
+    or no ``usage.cost`` (the recording does not say what was billed, so a lookup finds nothing)."""
+    if recording.status != 200:
+        return None
+    gen_id, provider, model, finish, error, usage = "", "", "", None, None, None
+    for payload in recording.payloads():
+        if not isinstance(payload, dict):
+            continue
+        if not gen_id and isinstance(payload.get("id"), str) and payload["id"].startswith("gen-"):
+            gen_id = payload["id"]
+        provider = payload["provider"] if isinstance(payload.get("provider"), str) else provider
+        model = payload["model"] if isinstance(payload.get("model"), str) else model
+        error = payload["error"] if isinstance(payload.get("error"), dict) else error
+        usage = payload["usage"] if isinstance(payload.get("usage"), dict) else usage
+        for choice in payload.get("choices") or []:
+            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                finish = choice["finish_reason"]
+    cost = _decimal_or_none(usage.get("cost")) if usage is not None else None
+    if not gen_id or usage is None or cost is None:
+        return None
+    details = usage.get("cost_details")
+    upstream = _decimal_or_none(details.get("upstream_inference_cost")) if isinstance(details, dict) else None
+    prompt_details = usage.get("prompt_tokens_details")
+    body = request_body if isinstance(request_body, dict) else {}
+    now = time.time()
+    return GenerationRecord(
+        id=gen_id,
+        requested_model=str(body.get("model") or model),
+        served_model=model,
+        provider=provider,
+        streamed=recording.streamed,
+        usage=copy.deepcopy(usage),
+        cost=cost,
+        upstream_inference_cost=upstream,
+        is_byok=usage.get("is_byok") is True,
+        finish_reason=finish,
+        error=dict(error) if error else None,
+        created_at=started,
+        request_body=copy.deepcopy(request_body),
+        prompt_tokens=_count(usage, "prompt_tokens"),
+        completion_tokens=_count(usage, "completion_tokens"),
+        reasoning_tokens=_count(usage.get("completion_tokens_details"), "reasoning_tokens"),
+        cached_tokens=_count(prompt_details, "cached_tokens"),
+        cache_write_tokens=_count(prompt_details, "cache_write_tokens"),
+        completed_at=now,
+        latency_ms=round((now - started) * 1000),
+        generation_time_ms=round((now - started) * 1000),
+        request_headers=dict(headers),
+        api_key=_bearer_token(headers.get("authorization", "")),
+    )
+
+
 LookupEndpoint = Literal["generation", "key"]
 
 
@@ -881,13 +1016,14 @@ class _Handler(BaseHTTPRequestHandler):
         is_chat = self.command == "POST" and route == f"{API_PREFIX}/chat/completions"
         read = self.command in ("GET", "HEAD")
         task = detect_task(_last_user_text(body)) if is_chat and isinstance(body, dict) else None
-        self.sim._record_request(
-            RecordedRequest(self.command, path, query, headers, body, task, received_at=started)
-        )
+        recorded = RecordedRequest(self.command, path, query, headers, body, task, received_at=started)
+        self.sim._record_request(recorded)
         try:
             rejection = self.sim._rejection(self._api_key())
             if rejection is not None:
                 self._send_error(*rejection)
+            elif is_chat and self._api_key() and (replay := self.sim._take_replay(recorded)) is not None:
+                self._replay(replay, headers)
             elif is_chat:
                 self._chat(body, headers, task, body_ok=body_ok)
             elif read and route == f"{API_PREFIX}/models":
@@ -1035,6 +1171,38 @@ class _Handler(BaseHTTPRequestHandler):
             meta[key] = value.format(**fill) if isinstance(value, str) else value
         retry_after_s = RETRY_AFTER_SECONDS if status == 429 else None
         self._send_error(status, message.format(**fill), meta or None, retry_after_s=retry_after_s)
+
+    # ---- chat: a recorded answer ----------------------------------------------------------
+
+    def _replay(self, served: ServedReplay, headers: dict[str, str]) -> None:
+        """Answer with ``served.recording`` byte for byte; keep its generation (if it is one) for
+        ``/generation``: before a JSON answer is sent, after the last event of a stream."""
+        recording = served.recording
+        record = replayed_generation(recording, served.request.body, headers, served.request.received_at)
+        self._note = f" replay={recording.name or '-'}" + (f" {record.id}" if record else "")
+        self.send_response(recording.status)
+        self.send_header("Content-Type", recording.content_type)
+        if not recording.streamed:
+            if record is not None:
+                self.sim._store_generation(record)
+            self.send_header("Content-Length", str(len(recording.body)))
+            self.end_headers()
+            self._status, self._headers_sent = recording.status, True
+            self.wfile.write(recording.body)
+            return
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._status, self._headers_sent = recording.status, True
+        for event in recording.events():
+            self._write_chunk(event)
+        if record is not None:
+            self.sim._store_generation(replace(record, completed_at=time.time()))
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError as exc:
+            raise _ClientGoneError(str(exc)) from exc
 
     # ---- chat: non-streaming --------------------------------------------------------------
 
@@ -1800,6 +1968,8 @@ class OpenRouterSimulator:
         }
         self._rejected_keys: dict[str, tuple[int, str]] = {}
         self._successful_lookups: Counter[str] = Counter()
+        self._replays: deque[Recording] = deque()
+        self._served_replays: list[ServedReplay] = []
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._server: _SimHTTPServer | None = None
@@ -1869,13 +2039,39 @@ class OpenRouterSimulator:
             return gen_id in self._generations
 
     def clear(self) -> None:
-        """Forget requests, generations, queued faults and lookup counts (rejected keys stay)."""
+        """Forget requests, generations, queued faults and replays, served replays and lookup counts
+        (rejected keys stay)."""
         with self._lock:
             self._requests.clear()
             self._generations.clear()
+            self._replays.clear()
+            self._served_replays.clear()
             for faults in self._lookup_faults.values():
                 faults.clear()
             self._successful_lookups.clear()
+
+    # ---- replaying recorded answers ---------------------------------------------------------
+
+    def replay_next(self, *recordings: Recording) -> None:
+        """Queue ``recordings``: each following ``POST /chat/completions`` with an accepted key
+        takes the next one and gets it byte for byte (status, ``Content-Type``, body; a stream one
+        event per HTTP chunk) instead of a simulated answer, whatever it asked. Title, tag and
+        follow-up requests (:func:`detect_task`) take none. A recording that is a priced generation
+        (a 200 with a ``gen-`` id and ``usage.cost``) is also kept for ``/generation`` and ``/key``
+        with its own id, tokens and money (:func:`replayed_generation`)."""
+        with self._lock:
+            self._replays.extend(recordings)
+
+    def pending_replays(self) -> int:
+        """How many queued recordings no request has taken yet."""
+        with self._lock:
+            return len(self._replays)
+
+    @property
+    def served_replays(self) -> list[ServedReplay]:
+        """The recordings taken so far, in order, each with the request it answered."""
+        with self._lock:
+            return list(self._served_replays)
 
     # ---- steering the lookups -------------------------------------------------------------
 
@@ -1936,6 +2132,20 @@ class OpenRouterSimulator:
         if SELF_TEST_HEADER not in request.headers:
             with _PATHS_LOCK:
                 PATHS_SEEN_BY_ANY_SIMULATOR.append(request.path)
+
+    def _take_replay(self, request: RecordedRequest) -> ServedReplay | None:
+        """The next queued recording for chat request ``request``, or None for a task request
+        (title, tags, follow-ups) or when none is queued."""
+        if request.task is not None:
+            return None
+        with self._lock:
+            if not self._replays:
+                return None
+            recording = self._replays.popleft()
+            record = replayed_generation(recording, request.body, request.headers, request.received_at)
+            served = ServedReplay(recording, request, record.id if record else None)
+            self._served_replays.append(served)
+            return served
 
     def _store_generation(self, record: GenerationRecord) -> None:
         with self._lock:

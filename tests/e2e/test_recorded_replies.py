@@ -1,0 +1,135 @@
+"""Real OpenRouter replies (``tests/recordings/``), replayed byte for byte by the simulator into the
+real Open WebUI 0.12.4 with the real plugin: the ledger must hold each reply's own money to the
+pico-dollar, its tokens and its generation id (``tests/recordings/README.md``).
+
+One case per entry of ``tests/recordings/manifest.json``. Each is a direct API call (no chat, so
+no title or tag request competes for the queued reply), streamed when the recording is a stream.
+The plugin looks its rows up at the simulator, which answers ``/generation`` with the recording's
+own bill, so a priced streamed reply must also reach ``matched``.
+
+Known on Open WebUI 0.12.4 (docs/contract.md row 37): a non-streamed reply's generation id never
+reaches a filter, and a non-streamed reply with only tool calls runs no outlet. The cases for them
+assert what is right (the id recorded exactly, a row for the tool-call reply); they fail until the
+plugin works around both.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from scripts.build_manifest import PLUGIN, build_manifest
+from tests.e2e.owui import OpenWebUIClient, OpenWebUIHTTPError, OpenWebUIServer, eventually
+from tests.e2e.plugin_under_test import FUNCTION_ID, MODEL, export, install
+from tests.recorded_replies import CORPUS, PICO_PER_USD, CorpusEntry
+
+pytestmark = pytest.mark.e2e
+
+LOOKUP_KEY = "sk-or-v1-e2e-recorded-replies"
+ROW_WAIT_S = 20.0
+NO_ROW_WAIT_S = 3.0  # an error answer's outlet (if any ran) writes within this
+RECONCILE_WAIT_S = 30.0  # the first lookup comes 5 s after a completion
+
+
+@pytest.fixture(scope="module")
+def replaying(admin: OpenWebUIClient, simulator: Any) -> Iterator[None]:
+    """The plugin installed as an admin pastes it, looking its rows up at the simulator."""
+    (item,) = build_manifest(PLUGIN.read_text(encoding="utf-8"))
+    install(admin, {**item, "meta": {"description": item["meta"]["description"]}})
+    admin.update_valves(
+        FUNCTION_ID, {"openrouter_api_key": LOOKUP_KEY, "openrouter_api_base": simulator.base_url}, merge=True
+    )
+    yield
+    admin.delete_function(FUNCTION_ID)
+    if simulator.pending_replays():  # a case that failed before its request left one queued
+        simulator.clear()  # so no later module's chat gets it
+
+
+def pico(usd: str | None) -> int | None:
+    """A ledger export's decimal USD string in pico-dollars (exactly), None for unknown."""
+    if usd is None:
+        return None
+    value = Decimal(usd) * PICO_PER_USD
+    assert value == value.to_integral_value(), f"{usd} is not a whole number of pico-dollars"
+    return int(value)
+
+
+def send(admin: OpenWebUIClient, entry: CorpusEntry, marker: str) -> Any:
+    messages = [{"role": "user", "content": f"Replay {entry.name} {marker}"}]
+    if entry.stream:
+        return admin.chat_completion(MODEL, messages, stream=True)
+    return admin.chat_completion(MODEL, messages, stream=False)
+
+
+@pytest.mark.parametrize("entry", CORPUS, ids=lambda e: e.name)
+def test_a_recorded_reply_is_recorded_exactly(
+    admin: OpenWebUIClient,
+    openwebui: OpenWebUIServer,
+    simulator: Any,
+    replaying: None,
+    entry: CorpusEntry,
+) -> None:
+    expect = entry.expect
+    before = {row["id"] for row in export(openwebui, missing_ok=True)}
+    served_before = len(simulator.served_replays)
+    marker = f"rec-{uuid.uuid4().hex[:8]}"
+    simulator.replay_next(entry.recording)
+
+    if entry.recording.status >= 400:
+        with pytest.raises(OpenWebUIHTTPError) as failure:
+            send(admin, entry, marker)
+        assert failure.value.status_code == entry.recording.status
+    else:
+        answer = send(admin, entry, marker)
+        if entry.stream:
+            assert answer.done, "the stream reached data: [DONE]"
+
+    served = simulator.served_replays[served_before:]
+    assert [s.recording.name for s in served] == [entry.name], "this request, and only it, got the recording"
+    assert marker in str(served[0].request.body["messages"][-1]["content"])
+
+    def new_rows() -> list[dict[str, Any]]:
+        return [row for row in export(openwebui, missing_ok=True) if row["id"] not in before]
+
+    if not expect.row:
+        # An error before any generation bills nothing: no row, and no "cost unknown" row either.
+        time.sleep(NO_ROW_WAIT_S)  # long enough for an outlet, had one run, to write
+        assert new_rows() == [], "an error answer that billed nothing leaves no ledger row"
+        return
+
+    rows = eventually(new_rows, ROW_WAIT_S, f"a ledger row for the replayed {entry.name}")
+    assert len(rows) == 1, f"one row per billed generation, got {len(rows)}"
+    (row,) = rows
+    print(f"\n{entry.name}: row {row['generation_key']} cost={row['cost_usd']} spend={row['spend_usd']}")
+    assert pico(row["cost_usd"]) == expect.cost_pico  # None: cost unknown, never 0
+    assert pico(row["spend_usd"]) == expect.spend_pico
+    assert bool(row["is_byok"]) is expect.is_byok
+    if expect.is_byok:
+        assert pico(row["upstream_cost_usd"]) == int((expect.upstream_inference_cost or 0) * PICO_PER_USD)
+    tokens = (row["prompt_tokens"], row["completion_tokens"], row["reasoning_tokens"], row["cached_tokens"])
+    assert tokens == (
+        expect.prompt_tokens,
+        expect.completion_tokens,
+        expect.reasoning_tokens,
+        expect.cached_tokens,
+    )
+    assert row["status"] == expect.status
+    # Last among the ledger's checks, so the money and tokens above are checked even where the id
+    # cannot arrive (non-streamed replies on 0.12.4, docs/contract.md row 37).
+    assert row["generation_key"] == expect.generation_id
+    assert row["generation_ids"] == [expect.generation_id]
+
+    if expect.cost is not None:
+        # The simulator's /generation answers with the recording's own bill: no difference found.
+        def settled() -> dict[str, Any] | None:
+            current = {r["id"]: r for r in export(openwebui)}[row["id"]]
+            return current if current["reconcile_status"] != "pending" else None
+
+        checked = eventually(settled, RECONCILE_WAIT_S, f"{entry.name} checked against the bill")
+        assert checked["reconcile_status"] == "matched", checked["reconcile_error"]
+        assert pico(checked["billed_usd"]) == expect.spend_pico
