@@ -4956,7 +4956,9 @@ def reconcile_summary_line(view: ReconciliationView, money: Callable[[int], str]
             f"{format_count(unchecked)} waiting, the oldest from {view.oldest_pending:%Y-%m-%d %H:%M} UTC"
         )
     if no_id:
-        parts.append(f"{format_count(no_id)} without a generation id (an error before any reply) cannot be checked")
+        parts.append(
+            f"{format_count(no_id)} without a generation id (an error before any reply) cannot be checked"
+        )
     return "; ".join(parts) + "."
 
 
@@ -6966,6 +6968,8 @@ def provider_error_text(response: Any) -> str:
         with contextlib.suppress(ValueError):
             detail = json.loads(body[:MAX_ERROR_BODY_BYTES])
     error = detail.get("error", detail) if isinstance(detail, dict) else detail
+    if isinstance(error, dict) and str(error.get("code")) == str(response.status_code):
+        error = {**error, "code": None}  # said once, as the HTTP status
     text = describe_error(error) if error else ""
     return f"HTTP {response.status_code}: {text}" if text else f"HTTP {response.status_code}"
 

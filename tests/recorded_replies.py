@@ -25,11 +25,12 @@ PICO_PER_USD = 10**12
 
 @dataclass(frozen=True)
 class Expected:
-    """What the ledger must hold after the reply; ``row`` False: no row at all (nothing billed)."""
+    """What the ledger's one row must hold after the reply. ``generation_id`` "" for an error before
+    any generation, whose row carries ``error``."""
 
-    row: bool
     status: str = "ok"
     generation_id: str = ""
+    error: str = ""
     cost: Decimal | None = None
     upstream_inference_cost: Decimal | None = None
     is_byok: bool = False
@@ -66,12 +67,10 @@ def _money(value: Any) -> Decimal | None:
 
 
 def _expected(raw: dict[str, Any]) -> Expected:
-    if not raw.get("row"):
-        return Expected(row=False)
     return Expected(
-        row=True,
         status=str(raw["status"]),
-        generation_id=str(raw["generation_id"]),
+        generation_id=str(raw["generation_id"] or ""),
+        error=str(raw.get("error", "")),
         cost=_money(raw["cost"]),
         upstream_inference_cost=_money(raw["upstream_inference_cost"]),
         is_byok=bool(raw["is_byok"]),

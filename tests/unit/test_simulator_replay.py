@@ -233,8 +233,11 @@ def test_the_manifest_says_what_the_recording_says(entry: CorpusEntry) -> None:
     payloads = [p for p in entry.recording.payloads() if isinstance(p, dict)]
     assert payloads, "the body holds at least one JSON payload"
     expect = entry.expect
-    if not expect.row:
-        assert entry.recording.status >= 400 and all("error" in p for p in payloads)
+    if entry.recording.status >= 400:
+        assert all("error" in p for p in payloads) and expect.status == "error"
+        assert not expect.generation_id and expect.cost is None and expect.spend == 0
+        assert expect.error.startswith(f"HTTP {entry.recording.status}: ")
+        assert expect.error.removeprefix(f"HTTP {entry.recording.status}: ") in json.dumps(payloads)
         return
     assert {p["id"] for p in payloads} == {expect.generation_id}
     (usage,) = [p["usage"] for p in payloads if p.get("usage")][-1:]
