@@ -5,15 +5,17 @@ record of a completion.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 
+from scripts.build_manifest import PLUGIN, build_manifest
 from tests.e2e.owui import OpenWebUIClient, OpenWebUIServer
 from tests.factories import PLUGIN_PATH
 
@@ -29,6 +31,19 @@ def install(admin: OpenWebUIClient, item: dict[str, Any]) -> None:
     # The simulator listens on loopback; this makes it count as an OpenRouter connection, so
     # inlet asks it for usage exactly as it would ask openrouter.ai.
     admin.update_valves(FUNCTION_ID, {"openrouter_url_pattern": "openrouter.ai,127.0.0.1"})
+
+
+@contextlib.contextmanager
+def installed_looking_up_at(admin: OpenWebUIClient, simulator: Any, lookup_key: str) -> Iterator[None]:
+    """The plugin installed as an admin pastes it, looking its rows up at the simulator with
+    `lookup_key` (any key may look any generation up there); deleted afterwards."""
+    (item,) = build_manifest(PLUGIN.read_text(encoding="utf-8"))
+    install(admin, {**item, "meta": {"description": item["meta"]["description"]}})
+    admin.update_valves(
+        FUNCTION_ID, {"openrouter_api_key": lookup_key, "openrouter_api_base": simulator.base_url}, merge=True
+    )
+    yield
+    admin.delete_function(FUNCTION_ID)
 
 
 def run_cli(

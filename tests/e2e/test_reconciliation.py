@@ -20,14 +20,13 @@ from typing import Any
 
 import pytest
 
-from scripts.build_manifest import PLUGIN, build_manifest
 from tests.e2e.owui import OpenWebUIClient, OpenWebUIServer, eventually
 from tests.e2e.plugin_under_test import (
     FUNCTION_ID,
     MODEL,
     export,
     generation_for,
-    install,
+    installed_looking_up_at,
     rows_by_message,
     run_cli,
     usd,
@@ -48,14 +47,8 @@ def plugin(openwebui: OpenWebUIServer) -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def reconciling(admin: OpenWebUIClient, simulator: Any) -> Iterator[None]:
-    """The plugin installed as an admin pastes it, looking generations up at the simulator."""
-    (item,) = build_manifest(PLUGIN.read_text(encoding="utf-8"))
-    install(admin, {**item, "meta": {"description": item["meta"]["description"]}})
-    admin.update_valves(
-        FUNCTION_ID, {"openrouter_api_key": LOOKUP_KEY, "openrouter_api_base": simulator.base_url}, merge=True
-    )
-    yield
-    admin.delete_function(FUNCTION_ID)
+    with installed_looking_up_at(admin, simulator, LOOKUP_KEY):
+        yield
 
 
 def reconciled(

@@ -23,9 +23,8 @@ from typing import Any
 
 import pytest
 
-from scripts.build_manifest import PLUGIN, build_manifest
 from tests.e2e.owui import OpenWebUIClient, OpenWebUIHTTPError, OpenWebUIServer, eventually
-from tests.e2e.plugin_under_test import FUNCTION_ID, MODEL, export, install
+from tests.e2e.plugin_under_test import MODEL, export, installed_looking_up_at
 from tests.recorded_replies import CORPUS, PICO_PER_USD, CorpusEntry
 
 pytestmark = pytest.mark.e2e
@@ -38,14 +37,8 @@ RECONCILE_WAIT_S = 30.0  # the first lookup comes 5 s after a completion
 
 @pytest.fixture(scope="module")
 def replaying(admin: OpenWebUIClient, simulator: Any) -> Iterator[None]:
-    """The plugin installed as an admin pastes it, looking its rows up at the simulator."""
-    (item,) = build_manifest(PLUGIN.read_text(encoding="utf-8"))
-    install(admin, {**item, "meta": {"description": item["meta"]["description"]}})
-    admin.update_valves(
-        FUNCTION_ID, {"openrouter_api_key": LOOKUP_KEY, "openrouter_api_base": simulator.base_url}, merge=True
-    )
-    yield
-    admin.delete_function(FUNCTION_ID)
+    with installed_looking_up_at(admin, simulator, LOOKUP_KEY):
+        yield
     if simulator.pending_replays():  # a case that failed before its request left one queued
         simulator.clear()  # so no later module's chat gets it
 

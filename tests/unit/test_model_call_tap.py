@@ -64,6 +64,15 @@ def open_webui_chat(sim: OpenRouterSimulator, monkeypatch: pytest.MonkeyPatch) -
     return module
 
 
+def non_streamed(text: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "openai/gpt-4o-mini",
+        "stream": False,
+        "messages": [{"role": "user", "content": text}],
+        **extra,
+    }
+
+
 def rows(plugin: types.ModuleType, url: str) -> list[dict[str, Any]]:
     with plugin.ledger_for(url).engine.connect() as conn:
         if not sa.inspect(conn).has_table(plugin.ledger_table.name):
@@ -97,11 +106,7 @@ async def test_a_non_streamed_reply_is_recorded_under_its_generation_id_with_its
     plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator, open_webui_chat: types.ModuleType
 ) -> None:
     driver = HookDriver(plugin, valves={"database_url": database_url})
-    request = {
-        "model": "openai/gpt-4o-mini",
-        "stream": False,
-        "messages": [{"role": "user", "content": "Hi"}],
-    }
+    request = non_streamed("Hi")
     metadata: dict[str, Any] = {"chat_id": "", "message_id": None, "session_id": None}
     body = await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
     reply = await model_call(open_webui_chat, body, metadata)
@@ -121,12 +126,7 @@ async def test_a_reply_of_only_tool_calls_gets_one_row_though_open_webui_runs_no
     plugin: types.ModuleType, database_url: str, sim: OpenRouterSimulator, open_webui_chat: types.ModuleType
 ) -> None:
     driver = HookDriver(plugin, valves={"database_url": database_url})
-    request = {
-        "model": "openai/gpt-4o-mini",
-        "stream": False,
-        "messages": [{"role": "user", "content": "Weather in Paris? [sim:tool-call]"}],
-        "tools": [WEATHER_TOOL],
-    }
+    request = non_streamed("Weather in Paris? [sim:tool-call]", tools=[WEATHER_TOOL])
     metadata = {"chat_id": "", "message_id": "msg-tools", "user_id": "user-1"}
     body = await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
     reply = await asyncio.create_task(model_call(open_webui_chat, body, metadata))  # the request's task
@@ -156,11 +156,7 @@ async def test_calls_this_function_did_not_see_and_task_calls_pass_through_untou
     plugin: types.ModuleType, database_url: str, open_webui_chat: types.ModuleType
 ) -> None:
     driver = HookDriver(plugin, valves={"database_url": database_url})
-    request = {
-        "model": "openai/gpt-4o-mini",
-        "stream": False,
-        "messages": [{"role": "user", "content": "Hi"}],
-    }
+    request = non_streamed("Hi")
     metadata: dict[str, Any] = {"chat_id": "c", "message_id": "msg-seen", "user_id": "user-1"}
     await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
     # The function disabled (no inlet ran) and a title generation carrying the chat's metadata.
@@ -186,8 +182,7 @@ async def test_the_tap_wraps_once_however_often_inlet_runs_and_a_reload_replaces
     newer = open_webui_chat.generate_openai_chat_completion
     assert newer is not tap and getattr(newer, reloaded.TAP_ORIGINAL_ATTRIBUTE) is original
     assert newer.__globals__ is vars(reloaded)  # the old copy's code is no longer on the path
-    request = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
-    await model_call(open_webui_chat, request, {})
+    await model_call(open_webui_chat, non_streamed("Hi"), {})
     assert open_webui_chat.calls == 1
 
 
@@ -204,11 +199,7 @@ async def test_a_reply_the_tap_cannot_read_never_breaks_the_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     driver = HookDriver(plugin, valves={"database_url": database_url})
-    request = {
-        "model": "openai/gpt-4o-mini",
-        "stream": False,
-        "messages": [{"role": "user", "content": "Hi"}],
-    }
+    request = non_streamed("Hi")
     metadata: dict[str, Any] = {"chat_id": "", "message_id": "m", "user_id": "u"}
     body = await driver.call("inlet", dict(request), __metadata__=metadata, __model__=driver.model)
 
